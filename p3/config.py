@@ -1,0 +1,139 @@
+"""Configuration: frozen sections built once at the entry point and validated with ValueError."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope_scaling: RopeScaling | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        arch = _architecture(hf)
+        num_heads = hf["num_attention_heads"]
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rope_theta=float(_rope_parameters(hf).get("rope_theta", 10000.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+            rope_scaling=_rope_scaling(hf),
+        )
+
+
+def _architecture(hf: dict[str, Any]) -> str:
+    for name in hf.get("architectures") or []:
+        if name in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[name]
+    if hf.get("model_type") in SUPPORTED_ARCHITECTURES.values():
+        return hf["model_type"]
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    raise ValueError(f"unsupported architecture {hf.get('architectures')!r}; p3 runs {supported}")
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 nests rope settings in rope_parameters; 4.x keeps them top level."""
+    params = dict(hf.get("rope_scaling") or {})
+    params.update(hf.get("rope_parameters") or {})
+    if "rope_theta" in hf:
+        params.setdefault("rope_theta", hf["rope_theta"])
+    return params
+
+
+def _rope_scaling(hf: dict[str, Any]) -> RopeScaling | None:
+    params = _rope_parameters(hf)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope scaling {kind!r}; p3 supports default and llama3")
+    return RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine may use. KV blocks come from kv_cache_bytes, not a fixed count."""
+
+    dtype: str = "bfloat16"
+    device: str | None = None  # None: cuda when available, else cpu
+    block_size: int = 16
+    kv_cache_bytes: int = 2 * 1024**3
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context length
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def num_kv_blocks(self, model: ModelConfig) -> int:
+        """How many KV blocks fit in kv_cache_bytes for this model."""
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        per_block = 2 * model.num_layers * self.block_size * model.num_kv_heads * model.head_dim
+        return max(1, math.floor(self.kv_cache_bytes / (per_block * itemsize)))

@@ -1,0 +1,181 @@
+"""The engine facade: add(request), cancel(request_id), step() -> outputs batched per step.
+
+add and cancel may be called from any thread; step runs on one thread (the node's compute
+thread, or the caller's in the offline API) and is the only place that touches sequences.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from p3.config import EngineConfig, ModelConfig
+from p3.engine.block_manager import BlockManager
+from p3.engine.runner import ModelRunner
+from p3.engine.scheduler import ScheduledBatch, Scheduler
+from p3.engine.sequence import Request, Sequence, StepOutput
+from p3.kernels.sampling import SampleResult
+from p3.log import get_logger
+from p3.model import build_model
+from p3.weights import iter_state_dict, load_config, resolve_model
+
+log = get_logger(__name__)
+
+
+class Engine:
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        started = time.perf_counter()
+        self.model_dir = resolve_model(model)
+        hf = load_config(self.model_dir)
+        self.model_config = mcfg = ModelConfig.from_hf(hf)
+        self.eos_token_ids = _eos_ids(hf)
+        self.num_kv_blocks = cfg.num_kv_blocks(mcfg)
+        self.max_model_len = min(
+            cfg.max_model_len or mcfg.max_position_embeddings,
+            mcfg.max_position_embeddings,
+            self.num_kv_blocks * cfg.block_size,
+        )
+        weights = iter_state_dict(self.model_dir)
+        model_ = build_model(mcfg, weights, cfg.torch_dtype, cfg.torch_device, self.max_model_len)
+        self.runner = ModelRunner(model_, mcfg, cfg, self.num_kv_blocks, self.eos_token_ids)
+        self.block_manager = BlockManager(
+            self.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens
+        )
+        self.seqs: dict[str, Sequence] = {}
+        self._inbox: deque[tuple[str, Request | str]] = deque()
+        self._pending_ids: set[str] = set()
+        self._lock = threading.Lock()
+        self._arrivals = 0
+        self.num_steps = 0
+        self.load_time_s = time.perf_counter() - started
+        log.info("engine.ready", model=str(self.model_dir), kv_blocks=self.num_kv_blocks,
+                 max_model_len=self.max_model_len, load_time_s=round(self.load_time_s, 3))  # fmt: skip
+
+    # -- the three calls ------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request for the next step; ValueError if it can never run."""
+        self._validate(request)
+        with self._lock:
+            if request.request_id in self._pending_ids:
+                raise ValueError(f"request_id {request.request_id!r} is already in the engine")
+            self._pending_ids.add(request.request_id)
+            self._inbox.append(("add", request))
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request wherever it is and free its KV blocks (unknown ids are ignored)."""
+        self._inbox.append(("cancel", request_id))
+
+    def step(self) -> list[StepOutput]:
+        aborted = self._drain_inbox()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return aborted
+        seqs, result = self.runner.run(batch)
+        self.num_steps += 1
+        return aborted + self._postprocess(batch, seqs, result)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_unfinished()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- inside a step --------------------------------------------------------------------
+
+    def _validate(self, request: Request) -> None:
+        ids = request.prompt_token_ids
+        if not ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len}"
+            )
+        if any(not 0 <= t < vocab for t in request.params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+
+    def _drain_inbox(self) -> list[StepOutput]:
+        aborted: list[StepOutput] = []
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self._admit(item)
+            elif (seq := self.seqs.get(item)) is not None:
+                self._finish(seq, "abort")
+                aborted.append(StepOutput(seq.request_id, [], finish_reason="abort",
+                                          num_prompt_tokens=seq.num_prompt_tokens))  # fmt: skip
+        return aborted
+
+    def _admit(self, request: Request) -> None:
+        seq = Sequence(request, self.config.block_size, self._arrivals)
+        self._arrivals += 1
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        del self.seqs[seq.request_id]
+        with self._lock:
+            self._pending_ids.discard(seq.request_id)
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: list[Sequence],
+                     result: SampleResult | None) -> list[StepOutput]:  # fmt: skip
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += num_new
+            self.block_manager.register_full_blocks(seq)
+        outputs = []
+        for i, seq in enumerate(sampled):
+            token = result.token_ids[i]
+            seq.append_token(token)
+            out = StepOutput(seq.request_id, [token], num_prompt_tokens=seq.num_prompt_tokens,
+                             num_cached_tokens=seq.num_cached_tokens)  # fmt: skip
+            if result.logprobs[i] is not None:
+                out.logprobs, out.top_logprobs = [result.logprobs[i]], [result.top_logprobs[i]]
+            out.finish_reason = self._finish_reason(seq, token)
+            if out.finish_reason:
+                self._finish(seq, out.finish_reason)
+            outputs.append(out)
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids:
+            return "stop"
+        if token in self.eos_token_ids and not p.ignore_eos and seq.num_output_tokens > p.min_tokens:
+            return "stop"
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        if len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+
+def _eos_ids(hf: dict) -> frozenset[int]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)

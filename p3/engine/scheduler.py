@@ -1,0 +1,117 @@
+"""Continuous batching: every step admits, continues and finishes sequences under a token budget.
+
+Running sequences go first (each decode costs one token; a prompt still being prefilled takes
+what is left of the budget, so long prompts are split into chunks). Waiting sequences are then
+admitted in arrival order while budget, sequence slots and KV blocks last. When KV runs out,
+the most recently arrived running sequence is preempted: its blocks are freed and it goes back
+to the head of the queue to be recomputed (cheaply, where its blocks stay in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from p3.engine.block_manager import BlockManager
+from p3.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: each sequence with how many of its uncomputed tokens to run."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        if not batch.preempted:
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Remove seq wherever it is and give its blocks back."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if self._make_room(seq, num_new, batch):
+                self.block_manager.allocate(seq, num_new)
+                batch.add(seq, num_new)
+                budget -= num_new
+        return budget
+
+    def _make_room(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
+        """Preempt the newest running sequences until seq's next tokens fit; False if seq
+        itself had to go."""
+        bm = self.block_manager
+        while not bm.can_allocate(bm.blocks_needed(seq, num_new)):
+            victim = self.running[-1]
+            self._preempt(victim, batch)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = bm.find_cached_prefix(seq)
+            num_new = min(len(seq) - len(hits) * bm.block_size, budget)
+            uncached_blocks = -(-(len(hits) * bm.block_size + num_new) // bm.block_size) - len(hits)
+            if not bm.can_allocate(bm.num_revived(hits) + uncached_blocks):
+                break
+            self.waiting.popleft()
+            bm.share_prefix(seq, hits)
+            bm.allocate(seq, num_new)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_new)
+            budget -= num_new

@@ -1,0 +1,216 @@
+"""The Llama family (Llama, Mistral, Qwen2) as one flat transformer over a packed token batch.
+
+A step's tokens are packed into one sequence of T tokens: first the decode tokens (one per
+decoding sequence), then the prefill chunks. Linears run over all T at once; attention is the
+only place that knows where one sequence ends and the next begins (see AttentionContext).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from p3.config import ModelConfig, RopeScaling
+from p3.kernels.attention import paged_decode_attention, prefill_attention, store_kv
+
+
+@dataclass
+class AttentionContext:
+    """Where each sequence's tokens sit in the packed batch and in the paged KV cache."""
+
+    slot_mapping: Tensor  # [T] int64: cache slot of every new token
+    num_decode: int  # the first num_decode tokens each belong to their own decoding sequence
+    decode_block_tables: Tensor | None  # [num_decode, max_blocks] int32
+    decode_context_lens: Tensor | None  # [num_decode] int32, including the new token
+    prefill_cu_seqlens: list[int]  # offsets of the prefill chunks after the decode tokens
+    prefill_cached_lens: list[int]  # tokens of each prefilling sequence already in the cache
+    prefill_block_tables: Tensor | None  # [num_prefill_seqs, max_blocks] int32
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    return _llama3_scaled(inv_freq, cfg.rope_scaling) if cfg.rope_scaling else inv_freq
+
+
+def _llama3_scaled(inv_freq: Tensor, s: RopeScaling) -> Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by factor, blend in between."""
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, kvh, hd], set by runner
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)  # [T, H, hd]
+        k = k.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, hd]
+        v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, KVH, hd]
+        q = q * cos + rotate_half(q) * sin  # cos, sin: [T, 1, hd]
+        k = k * cos + rotate_half(k) * sin
+        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        out = self._attend(q, k, v, ctx)  # [T, H, hd]
+        return self.o_proj(out.view(T, self.q_size))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+        nd = ctx.num_decode
+        if nd == q.shape[0]:
+            return self._decode(q, ctx)
+        prefill = prefill_attention(
+            q[nd:], k[nd:], v[nd:], ctx.prefill_cu_seqlens, ctx.prefill_cached_lens,
+            ctx.prefill_block_tables, self.k_cache, self.v_cache, self.scale,
+        )  # fmt: skip
+        return torch.cat([self._decode(q[:nd], ctx), prefill]) if nd else prefill
+
+    def _decode(self, q: Tensor, ctx: AttentionContext) -> Tensor:
+        return paged_decode_attention(
+            q, self.k_cache, self.v_cache, ctx.decode_block_tables, ctx.decode_context_lens,
+            self.scale,
+        )  # fmt: skip
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, ctx)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_len = max_len
+        self.cos_sin = torch.empty(0)  # [2, max_len, hd], set by setup_rope
+
+    def setup_rope(self) -> None:
+        """Precompute cos/sin (in fp32, like transformers) for every position, once."""
+        device = self.embed.weight.device
+        inv_freq = rope_inv_freq(self.cfg).to(device)
+        t = torch.arange(self.max_len, device=device).float()
+        freqs = torch.outer(t, inv_freq)  # [max_len, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, hd]
+        self.cos_sin = torch.stack([emb.cos(), emb.sin()]).to(self.embed.weight.dtype)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
+        x = self.embed(input_ids)  # [T, D]
+        cos, sin = self.cos_sin[:, positions].unsqueeze(2)  # [T, 1, hd] each
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()  # [N, V]
+
+
+def weight_slots(cfg: ModelConfig) -> Iterator[tuple[str, str, int, int]]:
+    """(HF name, p3 parameter, row start, row end) for every checkpoint tensor p3 reads."""
+    qs, kvs, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    yield "model.embed_tokens.weight", "embed.weight", 0, cfg.vocab_size
+    yield "model.norm.weight", "norm.weight", 0, cfg.hidden_size
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", "lm_head.weight", 0, cfg.vocab_size
+    for i in range(cfg.num_layers):
+        hf, p3 = f"model.layers.{i}.", f"layers.{i}."
+        for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            yield hf + f"self_attn.q_proj.{suffix}", p3 + f"attn.qkv.{suffix}", 0, qs
+            yield hf + f"self_attn.k_proj.{suffix}", p3 + f"attn.qkv.{suffix}", qs, qs + kvs
+            yield hf + f"self_attn.v_proj.{suffix}", p3 + f"attn.qkv.{suffix}", qs + kvs, qs + 2 * kvs
+        yield hf + "self_attn.o_proj.weight", p3 + "attn.o_proj.weight", 0, cfg.hidden_size
+        yield hf + "mlp.gate_proj.weight", p3 + "mlp.gate_up.weight", 0, inter
+        yield hf + "mlp.up_proj.weight", p3 + "mlp.gate_up.weight", inter, 2 * inter
+        yield hf + "mlp.down_proj.weight", p3 + "mlp.down.weight", 0, cfg.hidden_size
+        yield hf + "input_layernorm.weight", p3 + "attn_norm.weight", 0, cfg.hidden_size
+        yield hf + "post_attention_layernorm.weight", p3 + "mlp_norm.weight", 0, cfg.hidden_size
+
+
+def load_weights(model: Transformer, tensors: Iterable[tuple[str, Tensor]]) -> None:
+    """Copy checkpoint tensors into (slices of) the model's parameters; every slot must be filled."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    slots: dict[str, list[tuple[str, int, int]]] = {}
+    for hf_name, name, start, end in weight_slots(model.cfg):
+        slots.setdefault(hf_name, []).append((name, start, end))
+    missing = {(n, s) for targets in slots.values() for n, s, _ in targets}
+    for hf_name, tensor in tensors:
+        for name, start, end in slots.get(hf_name, ()):
+            params[name].data[start:end].copy_(tensor)
+            missing.discard((name, start))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype,
+                device: torch.device, max_len: int) -> Transformer:  # fmt: skip
+    """Allocate on the meta device (no init), materialise uninitialised, fill from the checkpoint."""
+    with torch.device("meta"):
+        model = Transformer(cfg, max_len).to(dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    load_weights(model, tensors)
+    model.setup_rope()
+    return model.eval().requires_grad_(False)

