@@ -8,8 +8,19 @@ from collections.abc import Sequence
 
 from p3.log import setup_logging
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
-              "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}  # fmt: skip
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
 
 
 def parse_size(text: str) -> int:
@@ -22,11 +33,18 @@ def parse_size(text: str) -> int:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model dir or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model", default=None, help="model dir or .gguf (default: SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    p.add_argument("--kv-cache-memory", type=parse_size, default="2GiB", dest="kv_cache_bytes",
-                   help="memory for the paged KV cache (e.g. 2GiB)")  # fmt: skip
+    p.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default="2GiB",
+        dest="kv_cache_bytes",
+        help="memory for the paged KV cache (e.g. 2GiB)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -35,8 +53,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    names = ("device", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens",
-             "max_model_len", "block_size", "enable_prefix_caching")  # fmt: skip
+    names = (
+        "device",
+        "kv_cache_bytes",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_model_len",
+        "block_size",
+        "enable_prefix_caching",
+    )
     return {n: getattr(args, n) for n in names}
 
 
@@ -45,8 +70,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from p3.sampling_params import SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, **engine_options(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed)  # fmt: skip
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     prompt = args.prompt
     if not args.raw:
         text = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -73,8 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model(args.model)
     print(f"model ready at {model_dir}")
-    print("serving is not built yet (issue 3: the cluster and the OpenAI edge); "
-          "try: p3 generate 'What is the capital of France?'")  # fmt: skip
+    print(
+        "serving is not built yet (issue 3: the cluster and the OpenAI edge); "
+        "try: p3 generate 'What is the capital of France?'"
+    )
     return 1
 
 

@@ -51,8 +51,14 @@ class RequestOutput:
 class _Child:
     """One of a request's n samples as it streams out of the engine."""
 
-    def __init__(self, request_id: str, index: int, params: SamplingParams, tokenizer: Tokenizer,
-                 prompt_ids: list[int]):  # fmt: skip
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int],
+    ):
         self.request_id = request_id
         self.params = params
         self.tokenizer = tokenizer
@@ -80,10 +86,13 @@ class _Child:
         return text
 
     def _add_logprobs(self, step: StepOutput) -> None:
-        for token, lp, top in zip(step.new_token_ids, step.logprobs, step.top_logprobs,
-                                  strict=True):  # fmt: skip
-            entry = {t: Logprob(v, rank + 1, self.tokenizer.decode([t], False))
-                     for rank, (t, v) in enumerate(top or [])}  # fmt: skip
+        for token, lp, top in zip(
+            step.new_token_ids, step.logprobs, step.top_logprobs, strict=True
+        ):
+            entry = {
+                t: Logprob(v, rank + 1, self.tokenizer.decode([t], False))
+                for rank, (t, v) in enumerate(top or [])
+            }
             entry.setdefault(token, Logprob(lp, None, self.tokenizer.decode([token], False)))
             self.out.logprobs.append(entry)
             self.out.cumulative_logprob = (self.out.cumulative_logprob or 0.0) + lp
@@ -101,30 +110,43 @@ def child_seed(seed: int | None, index: int) -> int | None:
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, dtype: str = "bfloat16",
-                 **engine_options: Any):  # fmt: skip
+    def __init__(
+        self, model: str | Path | None = None, dtype: str = "bfloat16", **engine_options: Any
+    ):
         self.engine = Engine(model, EngineConfig(dtype=dtype, **engine_options))
         self.tokenizer = Tokenizer.from_dir(self.engine.model_dir)
         self._ids = itertools.count()
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 ) -> list[RequestOutput]:  # fmt: skip
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         outputs = self._add_all(prompts, sampling_params)
         for _ in self._run(outputs):
             pass
         return list(outputs.values())
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:  # fmt: skip
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate([{"prompt": p, "prompt_token_ids": self._encode_chat(p)}
-                              for p in prompts], sampling_params)  # fmt: skip
+        prompts = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in conversations
+        ]
+        return self.generate(
+            [{"prompt": p, "prompt_token_ids": self._encode_chat(p)} for p in prompts],
+            sampling_params,
+        )
 
-    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-               ) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams | None = None,
+    ) -> Iterator[str]:
         """Text of the first sample as it is generated."""
         outputs = self._add_all([prompt], sampling_params)
         for child, text in self._run(outputs):

@@ -32,11 +32,32 @@ class AttentionContext:
     prefill_block_tables: Tensor | None  # [num_prefill_seqs, max_blocks] int32
 
 
+class Linear(nn.Module):
+    """y = x W^T + b, with parameters left uninitialised: weights always come from a checkpoint."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
@@ -79,9 +100,11 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.k_cache = self.v_cache = torch.empty(0)  # [num_blocks, block_size, kvh, hd], set by runner
+        self.qkv = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.k_cache = self.v_cache = torch.empty(
+            0
+        )  # [num_blocks, block_size, kvh, hd], set by runner
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         T = x.shape[0]
@@ -100,23 +123,34 @@ class Attention(nn.Module):
         if nd == q.shape[0]:
             return self._decode(q, ctx)
         prefill = prefill_attention(
-            q[nd:], k[nd:], v[nd:], ctx.prefill_cu_seqlens, ctx.prefill_cached_lens,
-            ctx.prefill_block_tables, self.k_cache, self.v_cache, self.scale,
-        )  # fmt: skip
+            q[nd:],
+            k[nd:],
+            v[nd:],
+            ctx.prefill_cu_seqlens,
+            ctx.prefill_cached_lens,
+            ctx.prefill_block_tables,
+            self.k_cache,
+            self.v_cache,
+            self.scale,
+        )
         return torch.cat([self._decode(q[:nd], ctx), prefill]) if nd else prefill
 
     def _decode(self, q: Tensor, ctx: AttentionContext) -> Tensor:
         return paged_decode_attention(
-            q, self.k_cache, self.v_cache, ctx.decode_block_tables, ctx.decode_context_lens,
+            q,
+            self.k_cache,
+            self.v_cache,
+            ctx.decode_block_tables,
+            ctx.decode_context_lens,
             self.scale,
-        )  # fmt: skip
+        )
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
@@ -140,10 +174,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, max_len: int):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_len = max_len
         self.cos_sin = torch.empty(0)  # [2, max_len, hd], set by setup_rope
 
@@ -169,7 +203,11 @@ class Transformer(nn.Module):
 
 def weight_slots(cfg: ModelConfig) -> Iterator[tuple[str, str, int, int]]:
     """(HF name, p3 parameter, row start, row end) for every checkpoint tensor p3 reads."""
-    qs, kvs, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    qs, kvs, inter = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
     yield "model.embed_tokens.weight", "embed.weight", 0, cfg.vocab_size
     yield "model.norm.weight", "norm.weight", 0, cfg.hidden_size
     if not cfg.tie_word_embeddings:
@@ -179,7 +217,12 @@ def weight_slots(cfg: ModelConfig) -> Iterator[tuple[str, str, int, int]]:
         for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
             yield hf + f"self_attn.q_proj.{suffix}", p3 + f"attn.qkv.{suffix}", 0, qs
             yield hf + f"self_attn.k_proj.{suffix}", p3 + f"attn.qkv.{suffix}", qs, qs + kvs
-            yield hf + f"self_attn.v_proj.{suffix}", p3 + f"attn.qkv.{suffix}", qs + kvs, qs + 2 * kvs
+            yield (
+                hf + f"self_attn.v_proj.{suffix}",
+                p3 + f"attn.qkv.{suffix}",
+                qs + kvs,
+                qs + 2 * kvs,
+            )
         yield hf + "self_attn.o_proj.weight", p3 + "attn.o_proj.weight", 0, cfg.hidden_size
         yield hf + "mlp.gate_proj.weight", p3 + "mlp.gate_up.weight", 0, inter
         yield hf + "mlp.up_proj.weight", p3 + "mlp.gate_up.weight", inter, 2 * inter
@@ -189,7 +232,7 @@ def weight_slots(cfg: ModelConfig) -> Iterator[tuple[str, str, int, int]]:
 
 
 def load_weights(model: Transformer, tensors: Iterable[tuple[str, Tensor]]) -> None:
-    """Copy checkpoint tensors into (slices of) the model's parameters; every slot must be filled."""
+    """Copy checkpoint tensors into (slices of) the parameters; every slot must be filled."""
     params = dict(model.named_parameters(remove_duplicate=False))
     slots: dict[str, list[tuple[str, int, int]]] = {}
     for hf_name, name, start, end in weight_slots(model.cfg):
@@ -203,9 +246,14 @@ def load_weights(model: Transformer, tensors: Iterable[tuple[str, Tensor]]) -> N
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
 
 
-def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]], dtype: torch.dtype,
-                device: torch.device, max_len: int) -> Transformer:  # fmt: skip
-    """Allocate on the meta device (no init), materialise uninitialised, fill from the checkpoint."""
+def build_model(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_len: int,
+) -> Transformer:
+    """Allocate on the meta device (no init), materialise, fill from the checkpoint."""
     with torch.device("meta"):
         model = Transformer(cfg, max_len).to(dtype)
     model = model.to_empty(device=device)

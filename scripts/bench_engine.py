@@ -16,25 +16,47 @@ import time
 import torch
 
 QUESTIONS = [
-    "What is the capital of France?", "Explain photosynthesis in one paragraph.",
-    "Write a haiku about the sea.", "What is 17 times 23?", "Name three prime numbers.",
-    "Why is the sky blue?", "Give me a recipe for pancakes.", "What does a CPU do?",
-    "Translate 'good morning' into Spanish.", "Who wrote Hamlet?", "What is gravity?",
-    "Describe a cat to someone who has never seen one.", "List the planets of the solar system.",
-    "What is the boiling point of water?", "How do vaccines work?", "Tell me a short joke.",
-    "What is machine learning?", "Summarise the plot of Cinderella.", "What is a black hole?",
-    "How many legs does a spider have?", "Suggest a name for a pet goldfish.",
-    "What is the largest ocean?", "Explain what a noun is.", "Why do leaves change colour?",
-    "What is the speed of light?", "Write a limerick about a programmer.",
-    "What are the primary colours?", "How does a rainbow form?", "What is democracy?",
-    "Give two tips for better sleep.", "What is the tallest mountain?", "What is an atom?",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Explain photosynthesis in one paragraph.",
+    "Write a haiku about the sea.",
+    "What is 17 times 23?",
+    "Name three prime numbers.",
+    "Why is the sky blue?",
+    "Give me a recipe for pancakes.",
+    "What does a CPU do?",
+    "Translate 'good morning' into Spanish.",
+    "Who wrote Hamlet?",
+    "What is gravity?",
+    "Describe a cat to someone who has never seen one.",
+    "List the planets of the solar system.",
+    "What is the boiling point of water?",
+    "How do vaccines work?",
+    "Tell me a short joke.",
+    "What is machine learning?",
+    "Summarise the plot of Cinderella.",
+    "What is a black hole?",
+    "How many legs does a spider have?",
+    "Suggest a name for a pet goldfish.",
+    "What is the largest ocean?",
+    "Explain what a noun is.",
+    "Why do leaves change colour?",
+    "What is the speed of light?",
+    "Write a limerick about a programmer.",
+    "What are the primary colours?",
+    "How does a rainbow form?",
+    "What is democracy?",
+    "Give two tips for better sleep.",
+    "What is the tallest mountain?",
+    "What is an atom?",
+]
 MEMORY_BANDWIDTH_BYTES_S = 33e9  # two cores, ../shared/MACHINE.md
 
 
 def chat_prompt_ids(tokenizer, n: int) -> list[list[int]]:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 32]}])
-             for i in range(n)]  # fmt: skip
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % 32]}])
+        for i in range(n)
+    ]
     return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
@@ -50,9 +72,13 @@ def bench_p3(model_dir, prompts, new_tokens) -> dict:
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     elapsed = time.perf_counter() - started
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"load_s": load_s, "tok_s": generated / elapsed, "elapsed_s": elapsed,
-            "batch1_tok_s": p3_batch1_decode(llm, prompts[0], new_tokens * 2),
-            "text0": outs[0].outputs[0].text}  # fmt: skip
+    return {
+        "load_s": load_s,
+        "tok_s": generated / elapsed,
+        "elapsed_s": elapsed,
+        "batch1_tok_s": p3_batch1_decode(llm, prompts[0], new_tokens * 2),
+        "text0": outs[0].outputs[0].text,
+    }
 
 
 def p3_batch1_decode(llm, prompt, new_tokens) -> float:
@@ -87,8 +113,14 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> int:
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     return (out.shape[1] - width) * len(prompts)
 
 
@@ -128,9 +160,11 @@ def main() -> None:
 
     model_dir = resolve_model(args.model)
     prompts = chat_prompt_ids(Tokenizer.from_dir(model_dir), args.prompts)
-    print(f"model {model_dir.name}, bf16, {args.prompts} chat prompts "
-          f"(mean {statistics.mean(map(len, prompts)):.0f} tokens) x {args.new_tokens} new tokens, "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"model {model_dir.name}, bf16, {args.prompts} chat prompts "
+        f"(mean {statistics.mean(map(len, prompts)):.0f} tokens) x {args.new_tokens} new tokens, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     p3 = bench_p3(model_dir, prompts, args.new_tokens)
     hf = bench_hf(model_dir, prompts, args.new_tokens, [int(b) for b in args.hf_batches.split(",")])
     best_bs, best = max(hf["by_batch"].items(), key=lambda kv: kv[1])
@@ -138,13 +172,19 @@ def main() -> None:
     print(f"p3 load from cache        {p3['load_s']:.3f} s   (target < 0.5 s)")
     for bs, tok_s in hf["by_batch"].items():
         print(f"transformers batch {bs:<3}    {tok_s:8.1f} tok/s")
-    print(f"p3 continuous batching    {p3['tok_s']:8.1f} tok/s   "
-          f"= {p3['tok_s'] / best:.2f}x transformers' best (batch {best_bs}; target >= 2x)")
-    print(f"batch-1 decode            p3 {p3['batch1_tok_s']:.1f} tok/s, transformers "
-          f"{hf['batch1_tok_s']:.1f} tok/s = {p3['batch1_tok_s'] / hf['batch1_tok_s']:.2f}x "
-          "(target >= 1.3x)")
-    print(f"bf16 weight-bandwidth ceiling at batch 1: {ceiling:.0f} tok/s; p3 reaches "
-          f"{100 * p3['batch1_tok_s'] / ceiling:.0f}%")
+    print(
+        f"p3 continuous batching    {p3['tok_s']:8.1f} tok/s   "
+        f"= {p3['tok_s'] / best:.2f}x transformers' best (batch {best_bs}; target >= 2x)"
+    )
+    print(
+        f"batch-1 decode            p3 {p3['batch1_tok_s']:.1f} tok/s, transformers "
+        f"{hf['batch1_tok_s']:.1f} tok/s = {p3['batch1_tok_s'] / hf['batch1_tok_s']:.2f}x "
+        "(target >= 1.3x)"
+    )
+    print(
+        f"bf16 weight-bandwidth ceiling at batch 1: {ceiling:.0f} tok/s; p3 reaches "
+        f"{100 * p3['batch1_tok_s'] / ceiling:.0f}%"
+    )
     print(f"sample: {p3['text0'][:80]!r}")
 
 

@@ -48,9 +48,7 @@ class Engine:
         self.block_manager = BlockManager(
             self.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
-        self.scheduler = Scheduler(
-            self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens
-        )
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self._inbox: deque[tuple[str, Request | str]] = deque()
         self._pending_ids: set[str] = set()
@@ -58,8 +56,13 @@ class Engine:
         self._arrivals = 0
         self.num_steps = 0
         self.load_time_s = time.perf_counter() - started
-        log.info("engine.ready", model=str(self.model_dir), kv_blocks=self.num_kv_blocks,
-                 max_model_len=self.max_model_len, load_time_s=round(self.load_time_s, 3))  # fmt: skip
+        log.info(
+            "engine.ready",
+            model=str(self.model_dir),
+            kv_blocks=self.num_kv_blocks,
+            max_model_len=self.max_model_len,
+            load_time_s=round(self.load_time_s, 3),
+        )
 
     # -- the three calls ------------------------------------------------------------------
 
@@ -126,8 +129,14 @@ class Engine:
                 self._admit(item)
             elif (seq := self.seqs.get(item)) is not None:
                 self._finish(seq, "abort")
-                aborted.append(StepOutput(seq.request_id, [], finish_reason="abort",
-                                          num_prompt_tokens=seq.num_prompt_tokens))  # fmt: skip
+                aborted.append(
+                    StepOutput(
+                        seq.request_id,
+                        [],
+                        finish_reason="abort",
+                        num_prompt_tokens=seq.num_prompt_tokens,
+                    )
+                )
         return aborted
 
     def _admit(self, request: Request) -> None:
@@ -142,8 +151,9 @@ class Engine:
         with self._lock:
             self._pending_ids.discard(seq.request_id)
 
-    def _postprocess(self, batch: ScheduledBatch, sampled: list[Sequence],
-                     result: SampleResult | None) -> list[StepOutput]:  # fmt: skip
+    def _postprocess(
+        self, batch: ScheduledBatch, sampled: list[Sequence], result: SampleResult | None
+    ) -> list[StepOutput]:
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
             self.block_manager.register_full_blocks(seq)
@@ -151,8 +161,12 @@ class Engine:
         for i, seq in enumerate(sampled):
             token = result.token_ids[i]
             seq.append_token(token)
-            out = StepOutput(seq.request_id, [token], num_prompt_tokens=seq.num_prompt_tokens,
-                             num_cached_tokens=seq.num_cached_tokens)  # fmt: skip
+            out = StepOutput(
+                seq.request_id,
+                [token],
+                num_prompt_tokens=seq.num_prompt_tokens,
+                num_cached_tokens=seq.num_cached_tokens,
+            )
             if result.logprobs[i] is not None:
                 out.logprobs, out.top_logprobs = [result.logprobs[i]], [result.top_logprobs[i]]
             out.finish_reason = self._finish_reason(seq, token)
@@ -165,7 +179,11 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids:
             return "stop"
-        if token in self.eos_token_ids and not p.ignore_eos and seq.num_output_tokens > p.min_tokens:
+        if (
+            token in self.eos_token_ids
+            and not p.ignore_eos
+            and seq.num_output_tokens > p.min_tokens
+        ):
             return "stop"
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             return "length"

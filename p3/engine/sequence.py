@@ -1,4 +1,4 @@
-"""One request's state inside the engine: its tokens, its KV blocks, how far it has been computed."""
+"""One request inside the engine: its tokens, its KV blocks, how far it has been computed."""
 
 from __future__ import annotations
 

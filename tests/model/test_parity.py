@@ -95,8 +95,9 @@ def test_decode_logits_match_transformers(tiny, monkeypatch):
     prompt = prompts(lengths=(21,))[0]
     seen: list[torch.Tensor] = []
     original = engine.runner.model.compute_logits
-    monkeypatch.setattr(engine.runner.model, "compute_logits",
-                        lambda h: seen.append(original(h)) or seen[-1])  # fmt: skip
+    monkeypatch.setattr(
+        engine.runner.model, "compute_logits", lambda h: seen.append(original(h)) or seen[-1]
+    )
     tokens = run_to_end(engine, [Request("0", prompt, GREEDY)])["0"]
     with torch.inference_mode():
         want = ref(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]

@@ -32,11 +32,18 @@ CONFIGS = {
         **COMMON, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0
     ),
     "llama3-rope-scaling": lambda: LlamaConfig(
-        **COMMON, num_key_value_heads=1, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 64},
-    ),  # fmt: skip
+        **COMMON,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
     "qwen2-bias-tied": lambda: Qwen2Config(
         **COMMON, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0
     ),
@@ -76,5 +83,5 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int)
     for _ in range(num_tokens):
         token = int(out.logits[0, -1].argmax())
         tokens.append(token)
-        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[token]]), cache=out.past_key_values, use_cache=True)
     return tokens

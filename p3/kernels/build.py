@@ -1,0 +1,127 @@
+"""Builds p3's C++ kernels once per (source, torch, CPU) and caches them under p3_home().
+
+The extension name carries a hash of the source, the compiler flags, the torch version and
+the CPU's flags, so an edited source is rebuilt and a stale or foreign build is never
+loaded. A finished build leaves a marker next to the library; later processes import that
+library directly, without ninja or a compiler. Concurrent first builds are serialised by
+cpp_extension's lock file. A failed build is logged once and the callers fall back to torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import platform
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from p3.log import get_logger
+from p3.paths import p3_home
+
+log = get_logger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "paged_attention.cpp",)
+CFLAGS = ("-O3", "-march=native", "-fopenmp")  # OpenMP: at::parallel_for is header code
+LDFLAGS = ("-fopenmp",)  # resolves to the libgomp torch has already loaded
+STALE_LOCK_S = 15 * 60  # a lock older than this was left by a killed build
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failed: str | None = None
+
+
+def extension_name() -> str:
+    """`p3_kernels_<hash>` over the sources, flags, torch version and CPU."""
+    digest = hashlib.sha256()
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, platform.machine(), _cpu_flags()):
+        digest.update(part.encode())
+    return f"p3_kernels_{digest.hexdigest()[:16]}"
+
+
+def build_dir() -> Path:
+    return p3_home() / "torch_extensions" / extension_name()
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, building them on first use; None if they cannot be built."""
+    global _module, _failed
+    if _module is not None or _failed is not None:
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                _module = _import_or_build()
+            except Exception as exc:  # noqa: BLE001 - any build failure means "use torch"
+                _failed = f"{type(exc).__name__}: {exc}"
+                log.warning("kernels.build_failed", error=_failed[-2000:], fallback="torch")
+    return _module
+
+
+def warm() -> bool:
+    """Build (or load) the kernels now, e.g. at start-up; True if they are usable."""
+    return load() is not None
+
+
+def build_error() -> str | None:
+    """Why the kernels could not be built, if they could not."""
+    return _failed
+
+
+def _import_or_build() -> ModuleType:
+    name, directory = extension_name(), build_dir()
+    library = directory / f"{name}.so"
+    marker = directory / "built.ok"
+    if marker.exists() and library.exists():
+        return _import_library(name, library)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(directory / "lock")
+    from torch.utils import cpp_extension
+
+    started = time.monotonic()
+    log.info("kernels.building", name=name, build_dir=str(directory))
+    module = cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in SOURCES],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(directory),
+        verbose=False,
+    )
+    marker.write_text(torch.__version__)
+    log.info("kernels.built", name=name, build_s=round(time.monotonic() - started, 1))
+    return module
+
+
+def _import_library(name: str, library: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            log.warning("kernels.stale_lock_removed", lock=str(lock))
+    except FileNotFoundError:
+        pass
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,263 @@
+"""Text <-> token ids with the `tokenizers` package alone, plus the streaming helpers.
+
+`Tokenizer` reads tokenizer.json, tokenizer_config.json and the chat template the way
+transformers' AutoTokenizer does, without importing transformers. `IncrementalDetokenizer`
+turns a stream of token ids into text deltas; `StopStringMatcher` cuts that text at stop strings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import processors
+
+REPLACEMENT_CHAR = "\ufffd"
+DETOKENIZE_CONTEXT_TOKENS = 5  # prompt tokens decoded before the first output token
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer:
+    """A tokenizers.Tokenizer plus what tokenizer_config.json adds: special tokens, BOS, template.
+
+    all_special_ids are the ids decode(skip_special_tokens=True) drops (every added token
+    marked special); eos_token_ids adds generation_config.json's end ids to eos_token_id.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        config: dict[str, Any],
+        chat_template: str | None,
+        generation_eos: Iterable[int] = (),
+    ):
+        self.backend = backend
+        self.chat_template = chat_template
+        self.tokens = {key: _token_content(config.get(key)) for key in SPECIAL_TOKEN_KEYS}
+        self.bos_token_id = self._id_of("bos_token")
+        self.eos_token_id = self._id_of("eos_token")
+        self.pad_token_id = self._id_of("pad_token")
+        eos = [self.eos_token_id] if self.eos_token_id is not None else []
+        self.eos_token_ids = frozenset([*eos, *generation_eos])
+        added = backend.get_added_tokens_decoder()
+        self.all_special_ids = frozenset(i for i, token in added.items() if token.special)
+        if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
+            self._set_post_processor(config.get("add_bos_token"), config.get("add_eos_token"))
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> Tokenizer:
+        model_dir = Path(model_dir)
+        backend = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config = _read_json(model_dir / "tokenizer_config.json")
+        eos = _as_list(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
+        return cls(backend, config, _chat_template(model_dir, config), eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
+        return [self.backend.id_to_token(i) for i in ids]
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The prompt text for a chat, rendered like transformers' apply_chat_template."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template; send a plain prompt instead")
+        special_tokens = {key: token for key, token in self.tokens.items() if token is not None}
+        return self._compiled_template.render(
+            {**special_tokens, **kwargs},
+            messages=messages,
+            tools=tools,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    @cached_property
+    def _compiled_template(self) -> Any:
+        return _compile_template(self.chat_template)
+
+    def _id_of(self, key: str) -> int | None:
+        token = self.tokens[key]
+        return None if token is None else self.backend.token_to_id(token)
+
+    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        """What transformers does when tokenizer_config.json says add_bos_token/add_eos_token."""
+        bos = self._special_token("bos_token") if add_bos else []
+        eos = self._special_token("eos_token") if add_eos else []
+        single = " ".join([*(f"{t}:0" for t, _ in bos), "$A:0", *(f"{t}:0" for t, _ in eos)])
+        pair = " ".join([single, *(f"{t}:1" for t, _ in bos), "$B:1", *(f"{t}:1" for t, _ in eos)])
+        self.backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=bos + eos
+        )
+
+    def _special_token(self, key: str) -> list[tuple[str, int]]:
+        token, token_id = self.tokens[key], self._id_of(key)
+        return [] if token is None or token_id is None else [(token, token_id)]
+
+
+def _token_content(token: str | dict | None) -> str | None:
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """chat_template.jinja (transformers 5 saves it there) wins over tokenizer_config.json."""
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _compile_template(source: str) -> Any:
+    """The Jinja environment transformers renders chat templates in."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+class IncrementalDetokenizer:
+    """Token ids in, new text out; never ends a delta inside a multi-byte character.
+
+    vLLM's prefix/read offsets: decode a small window of ids twice, with and without the ids
+    not yet emitted, and emit the difference. Deltas join to `tokenizer.decode(output_ids)`,
+    or, when prompt ids are given, to the text the output adds after the prompt (these differ
+    only for tokenizers that drop the leading space of a text, like sentencepiece's).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int] | None = None,
+        skip_special_tokens: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = self._kept(prompt_token_ids or [])[-DETOKENIZE_CONTEXT_TOKENS:]  # the window
+        self.read_offset = len(self.ids)  # ids before it only give context: their text is out
+
+    def push(self, token_ids: Iterable[int]) -> str:
+        self.ids.extend(self._kept(token_ids))
+        prefix_text, text = self._decode_window()
+        if len(text) <= len(prefix_text) or text.endswith(REPLACEMENT_CHAR):
+            return ""
+        self._advance()
+        return text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        prefix_text, text = self._decode_window()
+        self._advance()
+        return text[len(prefix_text) :]
+
+    def _decode_window(self) -> tuple[str, str]:
+        """(text of the context ids, text of the whole window)."""
+        skip = self.skip_special_tokens
+        context_text = self.tokenizer.decode(self.ids[: self.read_offset], skip)
+        return context_text, self.tokenizer.decode(self.ids, skip)
+
+    def _advance(self) -> None:
+        """The ids just emitted become the next window's context; older ids are dropped."""
+        del self.ids[: self.read_offset]
+        self.read_offset = len(self.ids)
+
+    def _kept(self, token_ids: Iterable[int]) -> list[int]:
+        """Skipped special tokens add no text: leave them out so the window stays small."""
+        if not self.skip_special_tokens:
+            return list(token_ids)
+        return [t for t in token_ids if t not in self.tokenizer.all_special_ids]
+
+
+class StopStringMatcher:
+    """Cuts streamed text at the first stop string, holding back what may be the start of one."""
+
+    def __init__(self, stop: Iterable[str] = (), include_stop_str_in_output: bool = False):
+        self.stops = [s for s in stop if s]
+        self.include_stop_str_in_output = include_stop_str_in_output
+        self.prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
+        self.max_prefix_len = max((len(p) for p in self.prefixes), default=0)
+        self.pending = ""
+        self.stopped: str | None = None
+
+    def feed(self, delta: str) -> tuple[str, str | None]:
+        """(text safe to emit now, the stop string hit or None). After a hit, nothing more."""
+        if self.stopped is not None:
+            return "", self.stopped
+        text = self.pending + delta
+        if (hit := self._first_stop(text)) is not None:
+            start, stop = hit
+            self.pending, self.stopped = "", stop
+            end = start + len(stop) if self.include_stop_str_in_output else start
+            return text[:end], stop
+        held = self._held_back_len(text)
+        self.pending = text[len(text) - held :]
+        return text[: len(text) - held], None
+
+    def flush(self) -> str:
+        """The held-back tail, once the stream has ended without a stop string."""
+        text, self.pending = self.pending, ""
+        return text
+
+    def _first_stop(self, text: str) -> tuple[int, str] | None:
+        """The stop string that completes first in text (longest if several end together)."""
+        found = [(i + len(s), i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        if not found:
+            return None
+        _, start, stop = min(found)
+        return start, stop
+
+    def _held_back_len(self, text: str) -> int:
+        for length in range(min(len(text), self.max_prefix_len), 0, -1):
+            if text[-length:] in self.prefixes:
+                return length
+        return 0

@@ -1,0 +1,269 @@
+"""Tokenizer, streaming detokenizer and stop strings, on tiny offline tokenizers and SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from p3.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+TEXT = "Hello world 😀 你好, the cat! 🎉🎉 naïve café 日本語 👨‍👩‍👧 done."
+CORPUS = [TEXT, "the world says hello", "你好 世界 😀😀 🎉", "日本語のテキスト café"] * 20
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def byte_level_bpe() -> Tokenizer:
+    """GPT-2 style: tokens are bytes, so emoji and CJK characters span several tokens."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=330, special_tokens=SPECIALS, initial_alphabet=alphabet
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    return Tokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>"}, chat_template=None)
+
+
+def sentencepiece_like(style: str) -> Tokenizer:
+    """Unigram with byte fallback; '▁' marks a space and the text's first space is dropped."""
+    pieces = [(t, 0.0) for t in SPECIALS] + [(f"<0x{b:02X}>", -20.0) for b in range(256)]
+    pieces += [(p, -1.0) for p in ("▁", "▁Hello", "▁world", "▁the", "▁cat", "▁你好", "▁done")]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyzHW,.!"]
+    backend = tokenizers.Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    backend.add_special_tokens(SPECIALS)
+    if style == "llama2":
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+        backend.decoder = decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        backend.decoder = decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")]
+        )
+    config = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    return Tokenizer(backend, config, chat_template=None)
+
+
+TINY_TOKENIZERS = {
+    "byte-level-bpe": byte_level_bpe,
+    "llama2-sentencepiece": lambda: sentencepiece_like("llama2"),
+    "metaspace": lambda: sentencepiece_like("metaspace"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_TOKENIZERS))
+def tiny_tokenizer(request) -> Tokenizer:
+    return TINY_TOKENIZERS[request.param]()
+
+
+def stream(
+    tokenizer: Tokenizer,
+    ids: list[int],
+    prompt: list[int] | None = None,
+    skip_special_tokens: bool = True,
+    step: int = 1,
+) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens)
+    deltas = [detok.push(ids[i : i + step]) for i in range(0, len(ids), step)]
+    return [*deltas, detok.flush()]
+
+
+def test_characters_span_several_tokens(tiny_tokenizer):
+    ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
+    assert any("\ufffd" in tiny_tokenizer.decode([i]) for i in ids)  # so the tests below bite
+
+
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_deltas_join_to_full_decode(tiny_tokenizer, step):
+    ids = tiny_tokenizer.encode(TEXT, add_special_tokens=False)
+    deltas = stream(tiny_tokenizer, ids, step=step)
+    assert "".join(deltas) == tiny_tokenizer.decode(ids) == TEXT
+    assert not any("\ufffd" in delta for delta in deltas)
+
+
+def test_deltas_after_prompt_join_to_the_continuation(tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("the cat 你好", add_special_tokens=False)
+    ids = tiny_tokenizer.encode("Hello world 😀 done", add_special_tokens=False)
+    continuation = tiny_tokenizer.decode(prompt + ids)[len(tiny_tokenizer.decode(prompt)) :]
+    assert "".join(stream(tiny_tokenizer, ids, prompt)) == continuation
+    assert continuation.lstrip() == "Hello world 😀 done"  # sentencepiece keeps its "▁"
+
+
+def test_split_character_is_held_until_complete():
+    tokenizer = byte_level_bpe()
+    ids = tokenizer.encode("a😀", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.push([i]) for i in ids]
+    assert deltas[0] == "a" and deltas[-1].endswith("😀")
+    assert all(delta == "" for delta in deltas[1:-1])
+
+
+def test_flush_emits_an_unfinished_character():
+    tokenizer = byte_level_bpe()
+    ids = tokenizer.encode("ok 🦜", add_special_tokens=False)[:-1]  # unseen: several byte tokens
+    assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids)
+    assert tokenizer.decode(ids).endswith("\ufffd")
+
+
+def test_special_tokens_are_skipped_or_kept(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    ids = [*tiny_tokenizer.encode("the cat", add_special_tokens=False), eos, eos]
+    assert "".join(stream(tiny_tokenizer, ids)) == tiny_tokenizer.decode(ids) == "the cat"
+    kept = tiny_tokenizer.decode(ids, skip_special_tokens=False)
+    assert "".join(stream(tiny_tokenizer, ids, skip_special_tokens=False)) == kept
+
+
+def test_each_step_decodes_a_bounded_window():
+    tokenizer = byte_level_bpe()
+    ids = tokenizer.encode(TEXT * 30, add_special_tokens=False)
+    window_lengths = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda w, skip=True: window_lengths.append(len(w)) or decode(w, skip)
+    stream(tokenizer, ids, prompt=ids)
+    assert len(ids) > 500 and max(window_lengths) <= 16
+
+
+def test_bos_follows_the_tokenizer_config():
+    sentencepiece = sentencepiece_like("llama2")
+    assert sentencepiece.encode("the cat")[0] == sentencepiece.bos_token_id == 1
+    assert sentencepiece.encode("the cat", add_special_tokens=False)[0] != 1
+
+
+def test_no_chat_template_is_a_clear_error():
+    with pytest.raises(ValueError, match="no chat template"):
+        byte_level_bpe().apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# --- stop strings ---------------------------------------------------------------------------------
+
+
+def feed_all(matcher: StopStringMatcher, deltas: list[str]) -> tuple[str, str | None]:
+    out, hit = "", None
+    for delta in deltas:
+        text, hit = matcher.feed(delta)
+        out += text
+        if hit is not None:
+            return out, hit
+    return out + matcher.flush(), None
+
+
+def test_stop_matcher_holds_back_a_possible_stop_start():
+    matcher = StopStringMatcher(["</end>"])
+    assert matcher.feed("abc</e") == ("abc", None)
+    assert matcher.feed("x") == ("</ex", None)
+    assert matcher.feed("<") == ("", None)
+    assert matcher.flush() == "<"
+
+
+def test_stop_matcher_cuts_at_the_stop_string():
+    matcher = StopStringMatcher(["</end>"])
+    assert matcher.feed("abc</e") == ("abc", None)
+    assert matcher.feed("nd>tail") == ("", "</end>")
+    assert matcher.feed("more") == ("", "</end>")
+
+
+def test_stop_matcher_can_include_the_stop_string():
+    matcher = StopStringMatcher(["STOP"], include_stop_str_in_output=True)
+    assert feed_all(matcher, ["one ST", "OP two"]) == ("one STOP", "STOP")
+
+
+def test_first_completed_stop_string_wins():
+    text = "say hello, then goodbye"
+    for deltas in ([text], list(text)):
+        assert feed_all(StopStringMatcher(["goodbye", "lo,"]), deltas) == ("say hel", "lo,")
+
+
+def test_stream_without_stop_strings_passes_through():
+    assert feed_all(StopStringMatcher([]), ["a", "b"]) == ("ab", None)
+    assert feed_all(StopStringMatcher(["zz"]), ["a z", "b z"]) == ("a zb z", None)
+
+
+# --- the real SmolLM2 tokenizer ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2(default_model_dir) -> Tokenizer:
+    return Tokenizer.from_dir(default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+CHATS = [
+    [{"role": "user", "content": "Hi there 😀"}],
+    [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}],
+    [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another, in 中文."},
+    ],
+]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("chat", CHATS, ids=["user", "system", "multi-turn"])
+def test_chat_template_matches_transformers(smollm2, hf_smollm2, chat, add_generation_prompt):
+    ours = smollm2.apply_chat_template(chat, add_generation_prompt)
+    theirs = hf_smollm2.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    assert ours == theirs
+
+
+def test_chat_template_adds_smollm2_default_system_prompt(smollm2):
+    text = smollm2.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_smollm2_encodes_like_transformers(smollm2, hf_smollm2):
+    text = smollm2.apply_chat_template(CHATS[2]) + TEXT
+    assert smollm2.encode(text) == hf_smollm2(text).input_ids
+    assert smollm2.encode(text)[0] == 1  # <|im_start|> from the template, no BOS added
+    assert smollm2.encode("Hello")[0] != smollm2.bos_token_id
+
+
+def test_smollm2_streams_chat_output(smollm2):
+    prompt = smollm2.encode(smollm2.apply_chat_template(CHATS[0]))
+    ids = smollm2.encode(TEXT + "<|im_end|>")
+    deltas = stream(smollm2, ids, prompt)
+    assert "".join(deltas) == smollm2.decode(ids) == TEXT
+    assert not any("\ufffd" in delta for delta in deltas)
+
+
+def test_tokenizer_loads_fast_without_transformers(default_model_dir):
+    script = (
+        "import sys, time; from p3.tokenizer import Tokenizer; t = time.perf_counter(); "
+        f"Tokenizer.from_dir({str(default_model_dir)!r}); "
+        "print(time.perf_counter() - t, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    load_s, imported = out.stdout.split()
+    assert imported == "False" and float(load_s) < 0.3
+
+
+def test_from_dir_reads_eos_ids_from_generation_config(tmp_path, default_model_dir):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((Path(default_model_dir) / name).read_bytes())
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.eos_token_id == 2 and tokenizer.eos_token_ids == {0, 2}
