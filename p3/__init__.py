@@ -2,4 +2,12 @@
 
 from p3.sampling_params import SamplingParams
 
-__all__ = ["SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name: str):
+    if name in ("LLM", "CompletionOutput", "RequestOutput"):  # imports torch: only on demand
+        import p3.llm
+
+        return getattr(p3.llm, name)
+    raise AttributeError(f"module 'p3' has no attribute {name!r}")

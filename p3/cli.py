@@ -27,9 +27,13 @@ def parse_size(text: str) -> int:
     """'2GiB', '512m', '1000000' -> bytes."""
     number = text.rstrip("bBkKmMgGiI")
     unit = text[len(number) :].lower()
-    if unit not in SIZE_UNITS or not number:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MiB)")
-    return int(float(number) * SIZE_UNITS[unit])
+    try:
+        size = int(float(number) * SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MiB)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

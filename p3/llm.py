@@ -163,19 +163,17 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        outputs: dict[str, RequestOutput] = {}
+        pairs = list(zip(map(self._prompt_ids, prompts), params_list, strict=True))
+        for (_, ids), p in pairs:
+            self.engine.validate(Request("", ids, p))  # refuse the call before anything runs
         self._children: dict[str, tuple[RequestOutput, _Child]] = {}
-        for prompt, p in zip(prompts, params_list, strict=True):
-            out = self._add_one(prompt, p)
-            outputs[out.request_id] = out
-        return outputs
+        outputs = [self._add_one(text, ids, p) for (text, ids), p in pairs]
+        return {out.request_id: out for out in outputs}
 
-    def _add_one(self, prompt: PromptType, params: SamplingParams) -> RequestOutput:
-        text, ids = self._prompt_ids(prompt)
-        request_id = str(next(self._ids))
-        out = RequestOutput(request_id, text, ids, [])
+    def _add_one(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
+        out = RequestOutput(str(next(self._ids)), text, ids, [])
         for i in range(params.n):
-            child = _Child(f"{request_id}-{i}", i, params, self.tokenizer, ids)
+            child = _Child(f"{out.request_id}-{i}", i, params, self.tokenizer, ids)
             out.outputs.append(child.out)
             self._children[child.request_id] = (out, child)
             self.engine.add(Request(child.request_id, ids, params, child_seed(params.seed, i)))

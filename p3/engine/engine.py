@@ -68,7 +68,7 @@ class Engine:
 
     def add(self, request: Request) -> None:
         """Queue a request for the next step; ValueError if it can never run."""
-        self._validate(request)
+        self.validate(request)
         with self._lock:
             if request.request_id in self._pending_ids:
                 raise ValueError(f"request_id {request.request_id!r} is already in the engine")
@@ -107,7 +107,8 @@ class Engine:
 
     # -- inside a step --------------------------------------------------------------------
 
-    def _validate(self, request: Request) -> None:
+    def validate(self, request: Request) -> None:
+        """ValueError naming what is wrong if this request can never run."""
         ids = request.prompt_token_ids
         if not ids:
             raise ValueError("prompt must contain at least one token")

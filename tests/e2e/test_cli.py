@@ -1,0 +1,63 @@
+"""The real entry point, as a subprocess: p3 generate / convert / serve."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from p3.weights import iter_state_dict
+
+
+def p3(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "p3", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_generate_streams_the_answer(default_model_dir):
+    result = p3("generate", "What is the capital of France?", "--max-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_generate_refuses_a_bad_flag_value_clearly():
+    result = p3("generate", "hi", "--kv-cache-memory", "lots")
+    assert result.returncode == 2
+    assert "not a size" in result.stderr
+
+
+def test_convert_bin_checkpoint_to_safetensors(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlamaForCausalLM(cfg)
+    src = tmp_path / "bin"
+    src.mkdir()
+    cfg.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    result = p3("convert", str(src), str(tmp_path / "st"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "st" / "model.safetensors").exists()
+    converted = dict(iter_state_dict(tmp_path / "st"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(converted[name], tensor), name
+
+
+def test_convert_refuses_what_it_cannot_read(tmp_path):
+    result = p3("convert", str(tmp_path / "missing"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "p3: error" in result.stderr
+
+
+def test_serve_installs_the_default_model_and_says_serving_is_not_built(default_model_dir):
+    result = p3("serve")
+    assert str(default_model_dir) in result.stdout
+    assert "not built yet" in result.stdout
