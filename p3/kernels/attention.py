@@ -25,6 +25,7 @@ def store_kv(
     slot_mapping: torch.Tensor,  # int64 [T]
 ) -> None:
     """Write each token's key and value into its flat slot of the cache, in place."""
+    slot_mapping = slot_mapping.long()
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -64,11 +65,13 @@ def paged_decode_attention_torch(
     max_context = int(context_lens.max()) if context_lens.numel() else 0
     num_blocks = max(1, -(-max_context // block_size))
     tables = block_tables[:, :num_blocks].long().clamp(min=0)  # [B, nb]
-    k = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, kvh, nb*bs, hd]
-    v = v_cache[tables].flatten(1, 2).transpose(1, 2)
-    positions = torch.arange(k.shape[2], device=q.device)
+    positions = torch.arange(num_blocks * block_size, device=q.device)
     lens = context_lens.to(q.device).long()
     visible = positions[None, :] < lens.clamp(min=1)[:, None]  # [B, L]; no empty rows
+    # Slots past a context may hold anything, NaN included, and 0 * NaN poisons the sum.
+    hidden = ~visible[:, :, None, None]
+    k = k_cache[tables].flatten(1, 2).masked_fill(hidden, 0).transpose(1, 2)  # [B, kvh, L, hd]
+    v = v_cache[tables].flatten(1, 2).masked_fill(hidden, 0).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [B, H, 1, hd]
         k,

@@ -1,17 +1,21 @@
-"""Builds p3's C++ kernels once per (source, torch, CPU) and caches them under p3_home().
+"""Builds p3's C++ kernels once per (source, Python, torch, CPU), cached under p3_home().
 
-The extension name carries a hash of the source, the compiler flags, the torch version and
-the CPU's flags, so an edited source is rebuilt and a stale or foreign build is never
-loaded. A finished build leaves a marker next to the library; later processes import that
-library directly, without ninja or a compiler. Concurrent first builds are serialised by
-cpp_extension's lock file. A failed build is logged once and the callers fall back to torch.
+The extension name carries a hash of the sources, the compiler flags, the Python and torch
+versions and the CPU's flags, so an edited source is rebuilt and a stale or foreign build is
+never loaded. A finished build leaves a marker next to the library; later processes import
+that library directly, without ninja or a compiler. Concurrent first builds are serialised
+by cpp_extension's lock file. A failed build is logged once; callers then fall back to torch.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import os
 import platform
+import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -35,12 +39,14 @@ _module: ModuleType | None = None
 _failed: str | None = None
 
 
+@functools.cache
 def extension_name() -> str:
-    """`p3_kernels_<hash>` over the sources, flags, torch version and CPU."""
+    """`p3_kernels_<hash>` over the sources, flags, Python and torch versions, and CPU."""
     digest = hashlib.sha256()
     for source in SOURCES:
         digest.update(source.read_bytes())
-    for part in (*CFLAGS, *LDFLAGS, torch.__version__, platform.machine(), _cpu_flags()):
+    python = sysconfig.get_config_var("EXT_SUFFIX") or sys.version
+    for part in (*CFLAGS, *LDFLAGS, python, torch.__version__, platform.machine(), _cpu_flags()):
         digest.update(part.encode())
     return f"p3_kernels_{digest.hexdigest()[:16]}"
 
@@ -79,9 +85,14 @@ def _import_or_build() -> ModuleType:
     library = directory / f"{name}.so"
     marker = directory / "built.ok"
     if marker.exists() and library.exists():
-        return _import_library(name, library)
+        try:
+            return _import_library(name, library)
+        except ImportError as exc:
+            log.warning("kernels.cached_build_unusable", library=str(library), error=str(exc))
+            marker.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_lock(directory / "lock")
+    _put_venv_bin_on_path()  # where pip's `ninja` lands when the venv is not activated
     from torch.utils import cpp_extension
 
     started = time.monotonic()
@@ -106,6 +117,13 @@ def _import_library(name: str, library: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _put_venv_bin_on_path() -> None:
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if venv_bin not in path.split(os.pathsep):
+        os.environ["PATH"] = venv_bin + os.pathsep + path
 
 
 def _remove_stale_lock(lock: Path) -> None:
