@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -200,12 +201,15 @@ SAFETENSORS_DTYPES = {
 def _read_populated(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors viewed straight from a private mapping that the kernel fills in one go
     (MAP_POPULATE): page-faulting a checkpoint in 4 KiB at a time costs more than reading it."""
-    with open(file, "rb") as f:
-        prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_POPULATE
-        mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=prot)
+    with open(file, "rb") as f:  # shared + read-only populates ~7x faster than private
+        mapped = mmap.mmap(
+            f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
+        )
     header_len = struct.unpack("<Q", mapped[:8])[0]
     header = json.loads(mapped[8 : 8 + header_len])
-    data = torch.frombuffer(mapped, dtype=torch.uint8)[8 + header_len :]
+    with warnings.catch_warnings():  # read-only buffer: tensors are only ever read from
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        data = torch.frombuffer(mapped, dtype=torch.uint8)[8 + header_len :]
     for name, info in header.items():
         if name == "__metadata__":
             continue
