@@ -1,0 +1,222 @@
+"""Every message that crosses a cluster socket, and one tagged union per socket direction.
+
+Rules (DESIGN.md): msgspec Structs, array_like (positional: small and fast), frozen, gc=False,
+tagged. Fields are only ever appended, each with a default, so an older peer's shorter message
+still decodes. A Hello carries PROTOCOL_VERSION; a peer with another version is refused.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Msg(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=True):
+    pass
+
+
+# -- sampling, as it travels --------------------------------------------------------------------
+
+
+class WireSamplingParams(Msg, tag="sampling"):
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = {}
+    logprobs: int | None = None
+
+
+# -- node -> coordinator -----------------------------------------------------------------------
+
+
+class Capacity(Msg, tag="capacity"):
+    device: str = "cpu"
+    memory_bytes: int = 0
+    num_threads: int = 0
+
+
+class Hello(Msg, tag="hello"):
+    protocol_version: int
+    node_id: str
+    host: str = ""
+    pid: int = 0
+    address: str = ""  # where edges reach this node (its ROUTER socket)
+    capacity: Capacity = Capacity()
+    model: str = ""  # the model this node was started with ("" = let the coordinator place)
+
+
+class Ready(Msg, tag="ready"):
+    node_id: str
+    epoch: int
+    model: str = ""
+    num_kv_blocks: int = 0
+    block_size: int = 0
+    max_model_len: int = 0
+    load_time_s: float = 0.0
+
+
+class Heartbeat(Msg, tag="heartbeat"):
+    """Liveness with progress: a node whose compute thread hangs is caught too."""
+
+    node_id: str
+    epoch: int
+    num_steps: int = 0
+    last_step_age_s: float = 0.0
+    busy: bool = False  # requests are in flight, so num_steps should be moving
+    num_free_blocks: int = 0
+    num_waiting: int = 0
+    num_running: int = 0
+    num_tokens_in_flight: int = 0
+
+
+class Fatal(Msg, tag="fatal"):
+    """A node's last word before it exits."""
+
+    node_id: str
+    epoch: int
+    reason: str = ""
+
+
+class Goodbye(Msg, tag="goodbye"):
+    node_id: str
+    epoch: int
+
+
+class EdgeHello(Msg, tag="edge_hello"):
+    protocol_version: int
+    edge_id: str
+
+
+ToCoordinator = Hello | Ready | Heartbeat | Fatal | Goodbye | EdgeHello
+
+
+# -- coordinator -> node -----------------------------------------------------------------------
+
+
+class Welcome(Msg, tag="welcome"):
+    """Registration accepted: the epoch to stamp on everything, and what to load."""
+
+    epoch: int
+    model: str = ""
+    replica: int = 0
+    heartbeat_interval_s: float = 0.1
+
+
+class Refused(Msg, tag="refused"):
+    reason: str
+
+
+class Fence(Msg, tag="fence"):
+    """You were declared dead under this epoch: stop serving it and register again."""
+
+    epoch: int
+    reason: str = ""
+
+
+class Shutdown(Msg, tag="shutdown"):
+    mode: str = "drain"  # "drain" | "abort"
+
+
+ToNodeFromCoordinator = Welcome | Refused | Fence | Shutdown
+
+
+# -- coordinator -> edge -----------------------------------------------------------------------
+
+
+class Route(Msg, tag="route"):
+    node_id: str
+    epoch: int
+    address: str
+    model: str
+    replica: int = 0
+    max_model_len: int = 0
+    num_kv_blocks: int = 0
+    num_free_blocks: int = 0
+    num_waiting: int = 0
+    num_running: int = 0
+    num_tokens_in_flight: int = 0
+    host: str = ""
+    pid: int = 0
+
+
+class Routes(Msg, tag="routes"):
+    """The whole routing table; version grows with every change."""
+
+    version: int
+    routes: list[Route] = []
+    dead: list[str] = []  # node ids declared dead since the previous table
+
+
+ToEdgeFromCoordinator = Routes | Refused
+
+
+# -- edge -> node ------------------------------------------------------------------------------
+
+
+class Submit(Msg, tag="submit"):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: WireSamplingParams = WireSamplingParams()
+    seed: int = 0  # the effective seed (the edge draws one when the client gave none)
+    epoch: int = 0  # the node's epoch as the edge's routing table knows it
+
+
+class Cancel(Msg, tag="cancel"):
+    request_id: str
+
+
+class Ping(Msg, tag="ping"):
+    nonce: int = 0
+
+
+ToNodeFromEdge = Submit | Cancel | Ping
+
+
+# -- node -> edge ------------------------------------------------------------------------------
+
+
+class TokenDelta(Msg, tag="delta"):
+    request_id: str
+    token_ids: list[int]
+    index: int = 0  # output position of token_ids[0]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class Tokens(Msg, tag="tokens"):
+    """Everything one engine step produced for one edge: one message per step, not per token."""
+
+    node_id: str
+    epoch: int
+    step: int
+    deltas: list[TokenDelta] = []
+
+
+class Rejected(Msg, tag="rejected"):
+    """Definite: nothing was generated; safe to retry elsewhere."""
+
+    request_id: str
+    reason: str
+    code: str = "rejected"  # "bad_request" | "overloaded" | "stale_epoch" | "draining"
+
+
+class Pong(Msg, tag="pong"):
+    nonce: int = 0
+    node_id: str = ""
+    epoch: int = 0
+
+
+ToEdgeFromNode = Tokens | Rejected | Pong

@@ -1,0 +1,81 @@
+"""The wire: every message round-trips, older shorter messages decode, bad frames drop."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from p3.protocol import messages as m
+from p3.protocol import wire
+
+EXAMPLES = [
+    m.WireSamplingParams(max_tokens=5, temperature=0.5, stop_token_ids=[2], logit_bias={3: 1.5}),
+    m.Capacity(device="cuda:0", memory_bytes=1 << 30, num_threads=8),
+    m.Hello(m.PROTOCOL_VERSION, "n1", "host", 42, "tcp://1.2.3.4:5", m.Capacity(), "tiny"),
+    m.Ready("n1", 3, "tiny", 100, 16, 2048, 0.25),
+    m.Heartbeat("n1", 3, 10, 0.01, True, 90, 1, 2, 300),
+    m.Fatal("n1", 3, "boom"),
+    m.Goodbye("n1", 3),
+    m.EdgeHello(m.PROTOCOL_VERSION, "e1"),
+    m.Welcome(3, "tiny", 0, 0.1),
+    m.Refused("version mismatch"),
+    m.Fence(3, "declared dead"),
+    m.Shutdown("abort"),
+    m.Route("n1", 3, "tcp://1.2.3.4:5", "tiny", 0, 2048, 100, 90, 1, 2, 300, "host", 42),
+    m.Routes(7, [m.Route("n1", 3, "tcp://x:1", "tiny")], ["n0"]),
+    m.Submit("r1", [1, 2, 3], m.WireSamplingParams(), 99, 3),
+    m.Cancel("r1"),
+    m.Ping(5),
+    m.TokenDelta("r1", [4, 5], 0, [-0.1, -0.2], [[(4, -0.1)], [(5, -0.2)]], "stop", 3, 0),
+    m.Tokens("n1", 3, 12, [m.TokenDelta("r1", [4])]),
+    m.Rejected("r1", "queue full", "overloaded"),
+    m.Pong(5, "n1", 3),
+]
+UNIONS = [
+    m.ToCoordinator,
+    m.ToNodeFromCoordinator,
+    m.ToEdgeFromCoordinator,
+    m.ToNodeFromEdge,
+    m.ToEdgeFromNode,
+]
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda x: type(x).__name__)
+def test_every_message_round_trips(msg):
+    assert msgspec.msgpack.decode(wire.encode(msg), type=type(msg)) == msg
+
+
+def test_every_union_member_has_a_distinct_tag():
+    for union in UNIONS:
+        tags = [t.__struct_config__.tag for t in union.__args__]
+        assert len(tags) == len(set(tags))
+
+
+def test_an_older_shorter_message_decodes_with_defaults():
+    old_heartbeat = msgspec.msgpack.encode(["heartbeat", "n1", 4])  # only the first fields
+    msg = wire.to_coordinator().decode(old_heartbeat)
+    assert msg == m.Heartbeat("n1", 4)
+
+
+def test_a_hello_carries_the_protocol_version():
+    msg = wire.to_coordinator().decode(wire.encode(m.Hello(m.PROTOCOL_VERSION, "n1")))
+    assert msg.protocol_version == m.PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\xc1",
+        b"not msgpack at all",
+        msgspec.msgpack.encode(["nope", 1]),
+        msgspec.msgpack.encode(["submit"]),
+        msgspec.msgpack.encode(["submit", 5, "x"]),
+        msgspec.msgpack.encode({"a": 1}),
+        wire.encode(m.Tokens("n", 1, 1)),
+    ],
+)
+def test_a_malformed_frame_is_dropped_not_raised(frame):
+    decoder = wire.node_from_edge()
+    assert decoder.decode(frame) is None
+    assert decoder.num_dropped == 1
