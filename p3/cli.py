@@ -1,4 +1,4 @@
-"""The one entry point: p3 serve | generate | convert."""
+"""The one entry point: p3 serve | coordinator | node | edge | generate | convert."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from p3.launch import watch_parent
 from p3.log import setup_logging
 
 SIZE_UNITS = {
@@ -56,6 +57,29 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_false", dest="enable_prefix_caching")
 
 
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags again, as a command line (p3 serve passes them down to its nodes)."""
+    argv = ["--dtype", args.dtype, "--kv-cache-memory", str(args.kv_cache_bytes)]
+    argv += ["--max-num-seqs", str(args.max_num_seqs)]
+    argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    argv += ["--block-size", str(args.block_size)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.max_model_len:
+        argv += ["--max-model-len", str(args.max_model_len)]
+    if not args.enable_prefix_caching:
+        argv.append("--no-prefix-caching")
+    return argv
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heartbeat-interval", type=float, default=0.1, help="seconds")
+    p.add_argument("--heartbeat-misses", type=int, default=3, help="missed intervals = dead")
+    p.add_argument(
+        "--hung-after", type=float, default=30.0, help="busy with no step this long = dead (s)"
+    )
+
+
 def engine_options(args: argparse.Namespace) -> dict:
     names = (
         "device",
@@ -99,15 +123,55 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from p3.weights import resolve_model
+    from p3.serve import serve
 
-    model_dir = resolve_model(args.model)
-    print(f"model ready at {model_dir}")
-    print(
-        "serving is not built yet (issue 3: the cluster and the OpenAI edge); "
-        "try: p3 generate 'What is the capital of France?'"
+    if args.nodes < 1:
+        raise ValueError(f"--nodes must be at least 1, got {args.nodes}")
+    return serve(args, engine_argv(args))
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from p3.nodes.coordinator import Coordinator, CoordinatorConfig
+    from p3.nodes.process import run_actor
+
+    config = CoordinatorConfig(
+        bind=args.bind,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_misses=args.heartbeat_misses,
+        hung_after_s=args.hung_after,
     )
-    return 1
+    return run_actor(Coordinator(config))
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from p3.config import EngineConfig
+    from p3.nodes.node import Node
+    from p3.nodes.node_config import NodeConfig, default_node_id
+    from p3.nodes.process import run_actor
+
+    engine = EngineConfig(dtype=args.dtype, num_threads=args.threads, **engine_options(args))
+    config = NodeConfig(
+        coordinator=args.coordinator,
+        node_id=args.node_id or default_node_id(),
+        bind=args.bind,
+        advertise_host=args.advertise_host,
+        model=args.model,
+        engine=engine,
+        max_in_flight=args.max_in_flight,
+        drain_timeout_s=args.drain_timeout,
+    )
+    return run_actor(Node(config))
+
+
+def cmd_edge(args: argparse.Namespace, rest: list[str]) -> int:
+    try:
+        from p3.nodes import edge
+    except ImportError as exc:
+        print(f"p3 edge: the edge is not available ({exc})", file=sys.stderr)
+        return 1
+    parser = argparse.ArgumentParser(prog="p3 edge", description="the OpenAI HTTP edge")
+    edge.add_arguments(parser)
+    return edge.main(parser.parse_args(rest))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,11 +180,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-json", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the OpenAI API")
+    serve = sub.add_parser("serve", help="a whole cluster on this machine, serving the OpenAI API")
     add_engine_args(serve)
+    add_cluster_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port")
+    serve.add_argument("--nodes", type=int, default=1, help="replicas, one node process each")
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--threads", type=int, default=None, help="per node (default: cores/N)")
+    serve.add_argument("--ready-timeout", type=float, default=300.0, help="per start-up stage")
+    serve.add_argument("--stop-timeout", type=float, default=30.0)
     serve.set_defaults(func=cmd_serve)
+
+    coord = sub.add_parser("coordinator", help="the cluster's membership and routing table")
+    coord.add_argument("--bind", default="tcp://127.0.0.1:5555", help="tcp://HOST:PORT")
+    add_cluster_args(coord)
+    coord.set_defaults(func=cmd_coordinator)
+
+    node = sub.add_parser("node", help="one replica's engine, registered with a coordinator")
+    add_engine_args(node)
+    node.add_argument("--coordinator", required=True, help="tcp://HOST:PORT")
+    node.add_argument("--node-id", default=None, help="default: HOSTNAME-PID")
+    node.add_argument("--bind", default="tcp://127.0.0.1:0", help="where edges reach this node")
+    node.add_argument("--advertise-host", default=None, help="host edges dial (default: bind's)")
+    node.add_argument("--threads", type=int, default=None, help="torch threads")
+    node.add_argument("--max-in-flight", type=int, default=1024)
+    node.add_argument("--drain-timeout", type=float, default=30.0, help="seconds")
+    node.set_defaults(func=cmd_node)
+
+    edge = sub.add_parser("edge", help="the OpenAI HTTP edge (p3 edge --help)", add_help=False)
+    edge.set_defaults(func=cmd_edge)
 
     gen = sub.add_parser("generate", help="generate from one prompt, streamed to the terminal")
     add_engine_args(gen)
@@ -141,9 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.func is not cmd_edge:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging(args.log_level, args.log_json)
+    watch_parent()
     try:
+        if args.func is cmd_edge:
+            return cmd_edge(args, rest)
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"p3: error: {exc}", file=sys.stderr)

@@ -53,6 +53,7 @@ class Hello(Msg, tag="hello"):
     address: str = ""  # where edges reach this node (its ROUTER socket)
     capacity: Capacity = Capacity()
     model: str = ""  # the model this node was started with ("" = let the coordinator place)
+    epoch: int = 0  # the epoch this node held before (0: none); a new epoch is always higher
 
 
 class Ready(Msg, tag="ready"):
@@ -77,6 +78,7 @@ class Heartbeat(Msg, tag="heartbeat"):
     num_waiting: int = 0
     num_running: int = 0
     num_tokens_in_flight: int = 0
+    draining: bool = False  # stopping: finishing in-flight requests, accepting no new ones
 
 
 class Fatal(Msg, tag="fatal"):
@@ -127,7 +129,14 @@ class Shutdown(Msg, tag="shutdown"):
     mode: str = "drain"  # "drain" | "abort"
 
 
-ToNodeFromCoordinator = Welcome | Refused | Fence | Shutdown
+class Reregister(Msg, tag="reregister"):
+    """I do not know you under this epoch (I restarted): say Hello again, keep your streams."""
+
+    epoch: int = 0
+    reason: str = ""
+
+
+ToNodeFromCoordinator = Welcome | Refused | Fence | Shutdown | Reregister
 
 
 # -- coordinator -> edge -----------------------------------------------------------------------

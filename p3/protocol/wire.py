@@ -74,8 +74,13 @@ def make_socket(
     bind: str | None = None,
     connect: str | None = None,
     identity: str | None = None,
+    immediate: bool = False,
 ) -> zmq.asyncio.Socket:
-    """A ROUTER/DEALER socket that never blocks shutdown (linger 0) and keeps TCP alive."""
+    """A ROUTER/DEALER socket that never blocks shutdown (linger 0) and keeps TCP alive.
+
+    immediate: queue nothing while the peer is not connected (a Hello retried while the
+    coordinator is down must not pile up and arrive as a burst).
+    """
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
@@ -85,6 +90,9 @@ def make_socket(
         sock.setsockopt(zmq.IDENTITY, identity.encode())
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer that reconnects takes its identity back
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
     if bind is not None:
         sock.bind(bind)
     if connect is not None:
@@ -95,3 +103,42 @@ def make_socket(
 def bound_address(sock: zmq.asyncio.Socket) -> str:
     """The address a socket bound to, with the port the OS picked for tcp://host:0."""
     return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+
+def send(sock: zmq.asyncio.Socket, msg: m.Msg, identity: bytes | None = None) -> bool:
+    """Send without ever waiting: False (logged) if the peer is gone or its queue is full."""
+    frames = [encode(msg)] if identity is None else [identity, encode(msg)]
+    sent = sock.send_multipart(frames, flags=zmq.NOBLOCK)  # with NOBLOCK: resolved at once
+    if not sent.done():
+        sent.cancel()
+        return False
+    exc = sent.exception()
+    if exc is not None:  # zmq.Again, or EHOSTUNREACH (ROUTER_MANDATORY)
+        log.debug(
+            "wire.send_failed",
+            msg=type(msg).__name__,
+            peer=identity.decode(errors="replace") if identity else None,
+            error=str(exc),
+        )
+        return False
+    return True
+
+
+async def recv_routed(sock: zmq.asyncio.Socket, decoder: Decoder) -> tuple[bytes, Any | None]:
+    """One message on a ROUTER socket: (sender identity, message or None if malformed)."""
+    frames = await sock.recv_multipart(copy=True)
+    if len(frames) != 2:
+        decoder.num_dropped += 1
+        log.warning("wire.frame_dropped", socket=decoder.socket_name, num_frames=len(frames))
+        return frames[0], None
+    return frames[0], decoder.decode(frames[1], peer=frames[0])
+
+
+async def recv_dealt(sock: zmq.asyncio.Socket, decoder: Decoder) -> Any | None:
+    """One message on a DEALER socket, or None if malformed."""
+    frames = await sock.recv_multipart(copy=True)
+    if len(frames) != 1:
+        decoder.num_dropped += 1
+        log.warning("wire.frame_dropped", socket=decoder.socket_name, num_frames=len(frames))
+        return None
+    return decoder.decode(frames[0])

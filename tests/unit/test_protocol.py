@@ -7,13 +7,17 @@ import pytest
 
 from p3.protocol import messages as m
 from p3.protocol import wire
+from p3.protocol.sampling import from_wire, to_wire
+from p3.sampling_params import SamplingParams
 
 EXAMPLES = [
     m.WireSamplingParams(max_tokens=5, temperature=0.5, stop_token_ids=[2], logit_bias={3: 1.5}),
     m.Capacity(device="cuda:0", memory_bytes=1 << 30, num_threads=8),
     m.Hello(m.PROTOCOL_VERSION, "n1", "host", 42, "tcp://1.2.3.4:5", m.Capacity(), "tiny"),
+    m.Hello(m.PROTOCOL_VERSION, "n1", "host", 42, "tcp://1.2.3.4:5", m.Capacity(), "tiny", 7),
     m.Ready("n1", 3, "tiny", 100, 16, 2048, 0.25),
     m.Heartbeat("n1", 3, 10, 0.01, True, 90, 1, 2, 300),
+    m.Heartbeat("n1", 3, 10, 0.01, True, 90, 1, 2, 300, True),
     m.Fatal("n1", 3, "boom"),
     m.Goodbye("n1", 3),
     m.EdgeHello(m.PROTOCOL_VERSION, "e1"),
@@ -21,6 +25,7 @@ EXAMPLES = [
     m.Refused("version mismatch"),
     m.Fence(3, "declared dead"),
     m.Shutdown("abort"),
+    m.Reregister(3, "unknown node"),
     m.Route("n1", 3, "tcp://1.2.3.4:5", "tiny", 0, 2048, 100, 90, 1, 2, 300, "host", 42),
     m.Routes(7, [m.Route("n1", 3, "tcp://x:1", "tiny")], ["n0"]),
     m.Submit("r1", [1, 2, 3], m.WireSamplingParams(), 99, 3),
@@ -79,3 +84,29 @@ def test_a_malformed_frame_is_dropped_not_raised(frame):
     decoder = wire.node_from_edge()
     assert decoder.decode(frame) is None
     assert decoder.num_dropped == 1
+
+
+def test_a_hello_from_before_epochs_decodes_with_no_epoch():
+    old = msgspec.msgpack.encode(["hello", m.PROTOCOL_VERSION, "n1", "h", 1, "tcp://h:1"])
+    assert wire.to_coordinator().decode(old).epoch == 0
+
+
+def test_a_heartbeat_from_before_draining_decodes_as_not_draining():
+    old = msgspec.msgpack.encode(["heartbeat", "n1", 4, 10, 0.5, True, 1, 2, 3, 4])
+    assert wire.to_coordinator().decode(old).draining is False
+
+
+def test_sampling_params_survive_the_wire():
+    params = SamplingParams(
+        max_tokens=9, min_tokens=2, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=3,
+        stop_token_ids=(2, 7), ignore_eos=True, presence_penalty=0.5, frequency_penalty=-0.5,
+        repetition_penalty=1.1, logit_bias={5: -2.0}, logprobs=3,
+    )  # fmt: skip
+    wire_params = to_wire(params)
+    decoded = msgspec.msgpack.decode(wire.encode(wire_params), type=m.WireSamplingParams)
+    assert from_wire(decoded) == params
+
+
+def test_out_of_range_wire_sampling_params_raise_value_error():
+    with pytest.raises(ValueError, match="temperature"):
+        from_wire(m.WireSamplingParams(temperature=-1.0))

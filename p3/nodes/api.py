@@ -1,0 +1,301 @@
+"""The edge's HTTP routes: OpenAI completions and chat, models, tokenize, health, metrics.
+
+Every refusal is an OpenAI-shaped error; a streamed failure ends the stream with an error
+event and `data: [DONE]`. Anything unexpected becomes a 500 of the same shape, logged with
+its traceback (bad input must never get there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from p3.log import get_logger
+from p3.nodes.generation import Generation, RequestFailed
+from p3.nodes.metrics import kv_usage
+from p3.nodes.openai import ApiError, bad_request
+from p3.nodes.prompts import Prepared, prepare
+from p3.nodes.requests import Sample, make_samples
+from p3.nodes.responses import Choice, new_id
+
+if TYPE_CHECKING:
+    from p3.nodes.edge import Edge
+
+log = get_logger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+FAILURE_STATUS = {"bad_request": 400, "no_replica": 503, "overloaded": 503, "timeout": 504}
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(body), status=status, content_type="application/json"
+    )
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), error.status)
+
+
+def failure_error(failure: RequestFailed) -> ApiError:
+    status = FAILURE_STATUS.get(failure.code, 500 if not failure.definite else 503)
+    return ApiError(status, failure.message, code=failure.code)
+
+
+def make_app(edge: Edge) -> web.Application:
+    api = Api(edge)
+    app = web.Application(
+        client_max_size=edge.config.max_body_bytes, middlewares=[api.errors, api.auth]
+    )
+    app.router.add_post("/v1/chat/completions", api.on_chat)
+    app.router.add_post("/v1/completions", api.on_completions)
+    app.router.add_get("/v1/models", api.on_models)
+    app.router.add_post("/tokenize", api.on_tokenize)
+    app.router.add_post("/detokenize", api.on_detokenize)
+    app.router.add_get("/health", api.on_health)
+    app.router.add_get("/ready", api.on_ready)
+    app.router.add_get("/metrics", api.on_metrics)
+    app.router.add_get("/cluster", api.on_cluster)
+    return app
+
+
+class Api:
+    def __init__(self, edge: Edge):
+        self.edge = edge
+        self.cluster = edge.cluster
+        self.metrics = edge.metrics
+        self.num_pending = 0
+
+    # -- middlewares -----------------------------------------------------------------------
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.edge.config.max_body_bytes
+            return error_response(
+                ApiError(413, f"request body over {limit} bytes", code="too_large")
+            )
+        except web.HTTPException as exc:
+            return error_response(
+                ApiError(exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_"))
+            )
+        except Exception:
+            log.exception("edge.internal_error", path=request.path)
+            return error_response(
+                ApiError(500, "internal error in the edge", code="internal_error")
+            )
+
+    @web.middleware
+    async def auth(self, request: web.Request, handler) -> web.StreamResponse:
+        keys = self.edge.config.api_keys
+        if keys and request.path not in OPEN_PATHS and not _key_ok(request, keys):
+            raise ApiError(401, "missing or wrong API key", code="invalid_api_key")
+        return await handler(request)
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def on_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def on_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if self.num_pending >= self.edge.config.max_pending:
+            raise ApiError(429, "too many requests in this edge; retry later", code="queue_full")
+        self.num_pending += 1
+        self.metrics.edge_pending.inc()
+        try:
+            prepared = await prepare(self.edge, await _read_json(request), chat)
+            samples = make_samples(
+                new_id("req"),
+                prepared.model,
+                prepared.prompt_ids,
+                prepared.params,
+                prepared.tokenizer,
+            )
+            generation = Generation(self.cluster, samples, self.edge.config.token_timeout_s)
+            try:
+                await generation.start()
+            except RequestFailed as failure:
+                raise failure_error(failure) from None
+            if prepared.request.stream:
+                return await self._stream(request, prepared, generation)
+            return await self._whole(prepared, generation)
+        finally:
+            self.num_pending -= 1
+            self.metrics.edge_pending.dec()
+
+    async def _whole(self, prepared: Prepared, generation: Generation) -> web.Response:
+        responder = prepared.responder(chat=prepared.chat)
+        choices = [Choice(s.index) for s in generation.samples]
+        try:
+            async with contextlib.aclosing(generation.stream()) as deltas:
+                async for delta in deltas:
+                    choices[delta.index].add(delta)
+        except RequestFailed as failure:
+            self._failed(failure)
+            raise failure_error(failure) from None
+        self._finished(generation)
+        return json_response(responder.response(choices, generation.samples))
+
+    async def _stream(
+        self, request: web.Request, prepared: Prepared, generation: Generation
+    ) -> web.StreamResponse:
+        responder = prepared.responder(chat=prepared.chat)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            for chunk in responder.first_chunks(len(generation.samples)):
+                await _send(response, chunk)
+            async with contextlib.aclosing(generation.stream()) as deltas:
+                async for delta in deltas:
+                    if delta.text or delta.finish_reason or delta.logprobs:
+                        await _send(response, responder.chunk(delta))
+            if prepared.request.include_usage:
+                await _send(response, responder.usage_chunk(generation.samples))
+            self._finished(generation)
+        except RequestFailed as failure:
+            self._failed(failure)
+            await _send(response, failure_error(failure).body())
+        except ConnectionError:
+            log.info("edge.client_gone", request_ids=generation.request_ids)
+            return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _finished(self, generation: Generation) -> None:
+        m = self.metrics
+        for sample in generation.samples:
+            m.request_success.labels(sample.finish_reason or "abort").inc()
+            m.generation_tokens.inc(sample.num_output_tokens)
+        m.prompt_tokens.inc(_num_prompt_tokens(generation.samples))
+        if generation.first_token_s is not None:
+            m.ttft.observe(generation.first_token_s)
+        for gap in generation.inter_token_s:
+            m.itl.observe(gap)
+        m.e2e.observe(time.perf_counter() - generation.started)
+
+    def _failed(self, failure: RequestFailed) -> None:
+        self.metrics.request_failure.labels(failure.code).inc()
+        log.warning("edge.request_failed", code=failure.code, message=failure.message)
+
+    # -- the rest --------------------------------------------------------------------------
+
+    async def on_models(self, request: web.Request) -> web.Response:
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.edge.started,
+                "owned_by": "p3",
+                "root": self.edge.models.resolve(name),
+                "max_model_len": self.edge.max_model_len(self.edge.models.resolve(name)),
+            }
+            for name in self.edge.models.names()
+        ]
+        return json_response({"object": "list", "data": data})
+
+    async def on_tokenize(self, request: web.Request) -> web.Response:
+        prepared = await prepare(self.edge, await _read_json(request), chat=None)
+        ids = prepared.prompt_ids[0]
+        max_len = self.edge.max_model_len(prepared.model)
+        return json_response({"tokens": ids, "count": len(ids), "max_model_len": max_len})
+
+    async def on_detokenize(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        model, tokenizer = await self.edge.model_for(body)
+        tokens = body.get("tokens")
+        ok = isinstance(tokens, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size
+            for t in tokens
+        )
+        if not ok:
+            raise bad_request("tokens", "tokens must be a list of token ids in the vocabulary")
+        return json_response({"prompt": tokenizer.decode(tokens)})
+
+    async def on_health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def on_ready(self, request: web.Request) -> web.Response:
+        if self.cluster.routes:
+            return json_response({"status": "ready", "replicas": len(self.cluster.routes)})
+        return json_response({"status": "not ready", "replicas": 0}, 503)
+
+    async def on_metrics(self, request: web.Request) -> web.Response:
+        self.metrics.observe_routes(list(self.cluster.routes.values()))
+        return web.Response(body=self.metrics.render(), content_type="text/plain")
+
+    async def on_cluster(self, request: web.Request) -> web.Response:
+        nodes = [_node_json(self.cluster, r) for r in self.cluster.routes.values()]
+        nodes += [
+            {"id": n, "status": "dead"}
+            for n in self.cluster.dead_nodes
+            if n not in self.cluster.routes
+        ]
+        edge = {"id": self.edge.edge_id, "num_pending": self.num_pending}
+        return json_response({"version": self.cluster.routes_version, "nodes": nodes, "edge": edge})
+
+
+def _node_json(cluster, route) -> dict[str, Any]:
+    return {
+        "id": route.node_id,
+        "host": route.host,
+        "pid": route.pid,
+        "status": "ready",
+        "epoch": route.epoch,
+        "address": route.address,
+        "model": route.model,
+        "replica": route.replica,
+        "max_model_len": route.max_model_len,
+        "load": {
+            "num_running": route.num_running,
+            "num_waiting": route.num_waiting,
+            "num_tokens_in_flight": route.num_tokens_in_flight,
+            "num_free_blocks": route.num_free_blocks,
+            "num_kv_blocks": route.num_kv_blocks,
+            "kv_cache_usage": kv_usage(route),
+            "edge_load": cluster.load(route),
+        },
+    }
+
+
+def _num_prompt_tokens(samples: list[Sample]) -> int:
+    return sum(
+        len(p)
+        for p in {
+            id(s.journal.prompt_token_ids): s.journal.prompt_token_ids for s in samples
+        }.values()
+    )
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise bad_request(None, f"the body is not valid JSON: {exc}", "invalid_json") from None
+
+
+async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:
+    await response.write(b"data: " + msgspec.json.encode(body) + b"\n\n")
+
+
+def _key_ok(request: web.Request, keys: tuple[str, ...]) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys)

@@ -1,0 +1,237 @@
+"""The coordinator: membership, epochs, failure detection, fencing, the routing table.
+
+One ROUTER socket. Nodes and edges connect DEALERs whose identity is their id. The
+coordinator is off the token path: it hears Hello/Ready/Heartbeat/Fatal/Goodbye from nodes
+and EdgeHello from edges, and publishes Routes (every ready node, with its latest load) to
+every edge it knows, on every change and at least once per heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from p3.log import get_logger
+from p3.nodes.actor import Actor
+from p3.nodes.membership import Member, Membership, NodeStatus, Verdict
+from p3.protocol import messages as m
+from p3.protocol import wire
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    bind: str = "tcp://127.0.0.1:0"
+    heartbeat_interval_s: float = 0.1
+    heartbeat_misses: int = 3
+    hung_after_s: float = 30.0
+    edge_timeout_s: float = 5.0  # an edge silent this long is forgotten (it says hello every 1 s)
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat interval must be positive: {self.heartbeat_interval_s}")
+        if self.heartbeat_misses < 1:
+            raise ValueError(f"heartbeat misses must be at least 1, got {self.heartbeat_misses}")
+        if self.hung_after_s <= 0:
+            raise ValueError(f"hung-after must be positive, got {self.hung_after_s}")
+
+
+class Coordinator(Actor):
+    kind = "coordinator"
+
+    def __init__(self, config: CoordinatorConfig | None = None, name: str = "coordinator"):
+        super().__init__(name)
+        self.config = cfg = config or CoordinatorConfig()
+        self.membership = Membership(
+            cfg.heartbeat_interval_s, cfg.heartbeat_misses, cfg.hung_after_s
+        )
+        self.edges: dict[bytes, float] = {}  # identity -> when last heard
+        self.routes_version = 0
+        self.address = ""
+        self._decoder = wire.to_coordinator()
+        self._changed_dead: list[str] = []
+        self._changed = asyncio.Event()
+        self._last_publish_at = 0.0
+        self.serving = asyncio.Event()  # bound and listening
+
+    async def setup(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._sock = wire.make_socket(self._ctx, zmq.ROUTER, bind=self.config.bind)
+        self.address = wire.bound_address(self._sock)
+        log.info("coordinator.listening", address=self.address)
+        self.serving.set()
+
+    def ready_info(self) -> dict:
+        return {"address": self.address}
+
+    def loops(self):
+        return [self.receive(), self.monitor(), self.publish_changes()]
+
+    async def teardown(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    # -- inbound ----------------------------------------------------------------------------
+
+    async def receive(self) -> None:
+        while True:
+            identity, msg = await wire.recv_routed(self._sock, self._decoder)
+            if msg is not None:
+                self.dispatch(identity, msg)
+
+    def dispatch(self, identity: bytes, msg: m.Msg) -> None:
+        match msg:
+            case m.Hello():
+                self.on_hello(identity, msg)
+            case m.Ready():
+                self.on_ready(identity, msg)
+            case m.Heartbeat():
+                self.on_heartbeat(identity, msg)
+            case m.Fatal():
+                self.on_fatal(identity, msg)
+            case m.Goodbye():
+                self.on_goodbye(identity, msg)
+            case m.EdgeHello():
+                self.on_edge_hello(identity, msg)
+
+    def on_hello(self, identity: bytes, hello: m.Hello) -> None:
+        if hello.protocol_version != m.PROTOCOL_VERSION:
+            reason = f"protocol version {hello.protocol_version} != {m.PROTOCOL_VERSION}"
+            log.warning("coordinator.refused", node_id=hello.node_id, reason=reason)
+            wire.send(self._sock, m.Refused(reason), identity)
+            return
+        old = self.membership.members.get(hello.node_id)
+        if old is not None and old.status is NodeStatus.READY:
+            self._mark_changed()  # its old epoch leaves the table
+        member = self.membership.register(identity, hello)
+        log.info(
+            "coordinator.node_welcomed",
+            node_id=member.node_id,
+            epoch=member.epoch,
+            replica=member.replica,
+            model=hello.model,
+            address=hello.address,
+            host=hello.host,
+            pid=hello.pid,
+            previous_epoch=hello.epoch,
+        )
+        welcome = m.Welcome(
+            member.epoch, hello.model, member.replica, self.config.heartbeat_interval_s
+        )
+        wire.send(self._sock, welcome, identity)
+
+    def on_ready(self, identity: bytes, ready: m.Ready) -> None:
+        member = self._current(identity, ready.node_id, ready.epoch)
+        if member is None or member.status is NodeStatus.READY:
+            return
+        self.membership.mark_ready(member, ready)
+        log.info(
+            "coordinator.node_ready",
+            node_id=member.node_id,
+            epoch=member.epoch,
+            num_kv_blocks=ready.num_kv_blocks,
+            max_model_len=ready.max_model_len,
+            load_time_s=round(ready.load_time_s, 3),
+        )
+        self._mark_changed()
+
+    def on_heartbeat(self, identity: bytes, hb: m.Heartbeat) -> None:
+        member = self._current(identity, hb.node_id, hb.epoch)
+        if member is None:
+            return
+        before = self.membership.record_heartbeat(member, hb)
+        if member.status is not before:
+            log.info("coordinator.node_draining", node_id=member.node_id, epoch=member.epoch)
+            self._mark_changed()
+
+    def on_fatal(self, identity: bytes, fatal: m.Fatal) -> None:
+        member = self._current(identity, fatal.node_id, fatal.epoch)
+        if member is not None:
+            self._declare_dead(member, f"fatal: {fatal.reason}")
+
+    def on_goodbye(self, identity: bytes, bye: m.Goodbye) -> None:
+        member = self._current(identity, bye.node_id, bye.epoch)
+        if member is None:
+            return
+        log.info("coordinator.node_left", node_id=member.node_id, epoch=member.epoch)
+        self.membership.remove(member)
+        self._mark_changed()
+
+    def on_edge_hello(self, identity: bytes, hello: m.EdgeHello) -> None:
+        if hello.protocol_version != m.PROTOCOL_VERSION:
+            reason = f"protocol version {hello.protocol_version} != {m.PROTOCOL_VERSION}"
+            log.warning("coordinator.edge_refused", edge_id=hello.edge_id, reason=reason)
+            wire.send(self._sock, m.Refused(reason), identity)
+            return
+        is_new = identity not in self.edges
+        self.edges[identity] = time.monotonic()
+        if is_new:
+            log.info("coordinator.edge_joined", edge_id=hello.edge_id)
+            wire.send(self._sock, self._table(dead=[]), identity)
+
+    def _current(self, identity: bytes, node_id: str, epoch: int) -> Member | None:
+        """The member if this epoch is its live one; otherwise answer as the epoch deserves."""
+        verdict, member = self.membership.classify(node_id, epoch)
+        if verdict is Verdict.CURRENT:
+            member.identity = identity
+            return member
+        if verdict is Verdict.FENCED:
+            log.info("coordinator.fenced", node_id=node_id, epoch=epoch, cause=member.cause)
+            wire.send(self._sock, m.Fence(epoch, member.cause), identity)
+        elif verdict is Verdict.UNKNOWN:
+            log.info("coordinator.unknown_node", node_id=node_id, epoch=epoch)
+            wire.send(self._sock, m.Reregister(epoch, "unknown node or epoch"), identity)
+        return None
+
+    # -- failure detection and publishing -----------------------------------------------------
+
+    async def monitor(self) -> None:
+        """Every half interval: declare the dead; every interval: refresh the edges' load."""
+        interval_s = self.config.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval_s / 2)
+            for member, cause in self.membership.find_dead():
+                self._declare_dead(member, cause)
+            self._forget_silent_edges()
+            if time.monotonic() - self._last_publish_at >= interval_s:
+                self._publish()
+
+    async def publish_changes(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            self._publish()
+
+    def _declare_dead(self, member: Member, cause: str) -> None:
+        self.membership.declare_dead(member, cause)
+        log.warning(
+            "coordinator.node_dead", node_id=member.node_id, epoch=member.epoch, cause=cause
+        )
+        self._changed_dead.append(member.node_id)
+        self._mark_changed()
+
+    def _mark_changed(self) -> None:
+        self._changed.set()
+
+    def _publish(self) -> None:
+        table = self._table(dead=self._changed_dead)
+        self._changed_dead = []
+        self._last_publish_at = time.monotonic()
+        for identity in list(self.edges):
+            wire.send(self._sock, table, identity)
+
+    def _table(self, dead: list[str]) -> m.Routes:
+        self.routes_version += 1
+        return m.Routes(self.routes_version, self.membership.routes(), list(dead))
+
+    def _forget_silent_edges(self) -> None:
+        now = time.monotonic()
+        for identity, heard_at in list(self.edges.items()):
+            if now - heard_at > self.config.edge_timeout_s:
+                log.info("coordinator.edge_forgotten", edge_id=identity.decode(errors="replace"))
+                del self.edges[identity]

@@ -1,0 +1,202 @@
+"""The edge: the OpenAI HTTP API in front of the cluster (aiohttp, one Actor per process).
+
+    client --HTTP/SSE--> edge --Submit/Cancel--> node leader
+                          ^  <------Tokens------
+                          +------ Routes ------- coordinator
+
+The cluster side (routes, node links, least-loaded routing, journals) is p3.nodes.router,
+shared with p3.client; the HTTP routes are p3.nodes.api. `python -m p3 edge` calls
+`add_arguments` and `main`; `main` prints `P3_READY {"url": ...}` once it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from p3.log import get_logger
+from p3.nodes.actor import Actor
+from p3.nodes.generation import DEFAULT_TIMEOUT_S
+from p3.nodes.metrics import EdgeMetrics
+from p3.nodes.models import Models
+from p3.nodes.openai import ApiError, Fields, Limits
+from p3.nodes.router import Cluster
+from p3.tokenizer import Tokenizer
+
+log = get_logger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    coordinator: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # tokenizers to load at start (others load when routed)
+    model_name: str | None = None  # an API alias for the first of models
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_pending: int = 1024
+    limits: Limits = field(default_factory=Limits)
+    token_timeout_s: float = DEFAULT_TIMEOUT_S
+    drain_timeout_s: float = 30.0
+    edge_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {self.max_pending}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.token_timeout_s <= 0:
+            raise ValueError(f"token_timeout_s must be positive, got {self.token_timeout_s}")
+        if self.model_name and not self.models:
+            raise ValueError("model_name needs a model to name (--model)")
+
+
+def new_edge_id(kind: str = "edge") -> str:
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Edge(Actor):
+    kind = "edge"
+
+    def __init__(self, config: EdgeConfig):
+        self.edge_id = config.edge_id or new_edge_id()
+        super().__init__(self.edge_id)
+        self.config = config
+        self.limits = config.limits
+        self.started = int(time.time())
+        aliases = {config.model_name: config.models[0]} if config.model_name else {}
+        self.models = Models(aliases)
+        self.metrics = EdgeMetrics()
+        self.cluster = Cluster(config.coordinator, self.edge_id)
+        self.cluster.on_models = self.models.learn
+        self.url = ""
+        self.serving = asyncio.Event()  # listening: run_actor announces ready_info() then
+        self._runner: web.AppRunner | None = None
+
+    def preload(self) -> None:
+        """Load the named models' tokenizers (blocking: call before the loop serves)."""
+        for model in self.config.models:
+            self.models.preload(model)
+
+    async def model_for(self, body: Any) -> tuple[str, Tokenizer]:
+        """The routed model string and tokenizer for body["model"]; 404 if unknown."""
+        name = Fields(body).str("model")
+        if not name:
+            raise ApiError(400, "model is required", "model", "missing_required_parameter")
+        model = self.models.resolve(name)
+        if model is None:
+            raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
+        return model, await self.models.tokenizer(model)
+
+    def max_model_len(self, model: str | None) -> int:
+        """The smallest context among the model's ready replicas (0 with none ready)."""
+        lengths = [r.max_model_len for r in self.cluster.replicas(model or "") if r.max_model_len]
+        return min(lengths, default=0)
+
+    # -- Actor -----------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        from p3.nodes.api import make_app
+
+        self.cluster.open()
+        self._runner = web.AppRunner(make_app(self), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{_url_host(host)}:{port}"
+        log.info("edge.listening", url=self.url, edge_id=self.edge_id)
+        self.serving.set()
+
+    def ready_info(self) -> dict[str, str]:
+        return {"url": self.url, "edge_id": self.edge_id}
+
+    def loops(self) -> list:
+        return self.cluster.loops()
+
+    async def drain(self) -> None:
+        """Let in-flight requests finish, up to drain_timeout_s."""
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while self.cluster.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def teardown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.cluster.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", required=True, help="tcp://HOST:PORT of the coordinator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--api-key", action="append", default=[], dest="api_keys")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        dest="models",
+        help="load this model's tokenizer at start (others load when routed)",
+    )
+    parser.add_argument("--model-name", default=None, help="API name for the first --model")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        default=1024,
+        help="requests this edge holds at once; more get 429",
+    )
+    parser.add_argument("--max-n", type=int, default=Limits.max_n)
+    parser.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens)
+    parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
+    parser.add_argument(
+        "--token-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        dest="token_timeout_s",
+        help="fail a request whose tokens stop this long",
+    )
+    parser.add_argument("--edge-id", default="")
+
+
+def config_from_args(args: argparse.Namespace) -> EdgeConfig:
+    return EdgeConfig(
+        coordinator=args.coordinator,
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(args.api_keys),
+        models=tuple(args.models),
+        model_name=args.model_name,
+        max_body_bytes=args.max_body_bytes,
+        max_pending=args.max_pending,
+        limits=Limits(args.max_n, args.max_tokens_limit, args.max_prompt_tokens),
+        token_timeout_s=args.token_timeout_s,
+        edge_id=args.edge_id,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run an edge until SIGTERM/SIGINT; prints `P3_READY {"kind": "edge", "url": ...}`."""
+    from p3.nodes.process import run_actor
+
+    edge = Edge(config_from_args(args))
+    edge.preload()
+    return run_actor(edge)

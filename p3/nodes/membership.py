@@ -1,0 +1,164 @@
+"""The coordinator's membership table: who is in the cluster, under which epoch, how alive.
+
+Pure bookkeeping (no sockets, a clock passed in), so every rule here is testable as plain
+Python. Epochs only grow: every Hello gets a new one, higher than any this table issued and
+than the one the node says it held before (so a restarted coordinator never reissues one).
+A member declared dead keeps its dead epochs: anything it later says under one is fenced.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from p3.protocol import messages as m
+
+
+class NodeStatus(Enum):
+    JOINING = "joining"  # welcomed, loading its engine
+    READY = "ready"  # routable
+    DRAINING = "draining"  # finishing in-flight work, not routable
+    DEAD = "dead"  # declared dead; its epoch is fenced
+
+
+class Verdict(Enum):
+    CURRENT = "current"  # the member's live epoch: accept
+    FENCED = "fenced"  # an epoch declared dead: answer with Fence
+    STALE = "stale"  # an epoch superseded by a newer Hello: ignore
+    UNKNOWN = "unknown"  # never heard of it (we restarted): ask it to register again
+
+
+@dataclass
+class Member:
+    node_id: str
+    identity: bytes
+    epoch: int
+    hello: m.Hello
+    replica: int
+    last_heard_at: float
+    status: NodeStatus = NodeStatus.JOINING
+    ready: m.Ready | None = None
+    heartbeat: m.Heartbeat | None = None
+    dead_epochs: set[int] = field(default_factory=set)
+    cause: str = ""
+
+    @property
+    def is_live(self) -> bool:
+        return self.status is not NodeStatus.DEAD
+
+    def route(self) -> m.Route:
+        hb = self.heartbeat or m.Heartbeat(self.node_id, self.epoch)
+        ready = self.ready or m.Ready(self.node_id, self.epoch)
+        return m.Route(
+            node_id=self.node_id,
+            epoch=self.epoch,
+            address=self.hello.address,
+            model=ready.model or self.hello.model,
+            replica=self.replica,
+            max_model_len=ready.max_model_len,
+            num_kv_blocks=ready.num_kv_blocks,
+            num_free_blocks=hb.num_free_blocks if self.heartbeat else ready.num_kv_blocks,
+            num_waiting=hb.num_waiting,
+            num_running=hb.num_running,
+            num_tokens_in_flight=hb.num_tokens_in_flight,
+            host=self.hello.host,
+            pid=self.hello.pid,
+        )
+
+
+class Membership:
+    def __init__(
+        self,
+        heartbeat_interval_s: float,
+        heartbeat_misses: int,
+        hung_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.heartbeat_timeout_s = heartbeat_interval_s * heartbeat_misses
+        self.hung_after_s = hung_after_s
+        self.clock = clock
+        self.members: dict[str, Member] = {}
+        self.last_epoch = 0
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def register(self, identity: bytes, hello: m.Hello) -> Member:
+        """A Hello: a new epoch, and the lowest replica index free for its model."""
+        self.last_epoch = max(self.last_epoch, hello.epoch) + 1
+        old = self.members.get(hello.node_id)
+        member = Member(
+            node_id=hello.node_id,
+            identity=identity,
+            epoch=self.last_epoch,
+            hello=hello,
+            replica=self._free_replica(hello.model, hello.node_id),
+            last_heard_at=self.clock(),
+            dead_epochs=old.dead_epochs if old else set(),
+        )
+        self.members[hello.node_id] = member
+        return member
+
+    def mark_ready(self, member: Member, ready: m.Ready) -> None:
+        member.ready = ready
+        member.status = NodeStatus.READY
+        member.last_heard_at = self.clock()
+
+    def record_heartbeat(self, member: Member, hb: m.Heartbeat) -> NodeStatus:
+        """Note a heartbeat; returns the status before it (draining changes are a change)."""
+        before = member.status
+        member.heartbeat = hb
+        member.last_heard_at = self.clock()
+        if hb.draining and member.status is NodeStatus.READY:
+            member.status = NodeStatus.DRAINING
+        return before
+
+    def declare_dead(self, member: Member, cause: str) -> None:
+        member.status = NodeStatus.DEAD
+        member.dead_epochs.add(member.epoch)
+        member.cause = cause
+
+    def remove(self, member: Member) -> None:
+        del self.members[member.node_id]
+
+    # -- questions --------------------------------------------------------------------------
+
+    def classify(self, node_id: str, epoch: int) -> tuple[Verdict, Member | None]:
+        member = self.members.get(node_id)
+        if member is None:
+            return Verdict.UNKNOWN, None
+        if epoch in member.dead_epochs:
+            return Verdict.FENCED, member
+        if epoch == member.epoch:
+            return Verdict.CURRENT, member
+        if epoch < member.epoch:
+            return Verdict.STALE, member
+        return Verdict.UNKNOWN, member
+
+    def find_dead(self) -> list[tuple[Member, str]]:
+        """Live members that missed too many heartbeats, or are busy with no step progress."""
+        now = self.clock()
+        found = []
+        for member in self.members.values():
+            if not member.is_live:
+                continue
+            silence_s = now - member.last_heard_at
+            hb = member.heartbeat
+            if silence_s > self.heartbeat_timeout_s:
+                found.append((member, f"heartbeat-timeout ({silence_s:.3f}s silent)"))
+            elif hb is not None and hb.busy and hb.last_step_age_s > self.hung_after_s:
+                found.append((member, f"no-progress ({hb.last_step_age_s:.3f}s without a step)"))
+        return found
+
+    def routes(self) -> list[m.Route]:
+        ready = [mb for mb in self.members.values() if mb.status is NodeStatus.READY]
+        return [mb.route() for mb in sorted(ready, key=lambda mb: (mb.hello.model, mb.replica))]
+
+    def _free_replica(self, model: str, node_id: str) -> int:
+        taken = {
+            mb.replica
+            for mb in self.members.values()
+            if mb.is_live and mb.hello.model == model and mb.node_id != node_id
+        }
+        return next(i for i in range(len(taken) + 1) if i not in taken)

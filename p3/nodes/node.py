@@ -1,0 +1,298 @@
+"""A node: one replica's engine behind a ROUTER for edges, a DEALER to the coordinator.
+
+    Hello -> Welcome(epoch) -> load the engine (in a thread; heartbeats keep flowing)
+          -> Ready(KV blocks, max length) -> Heartbeat every interval, carrying progress.
+
+The engine steps on its own thread (stepper.py); the event loop only does I/O. Each step's
+outputs become one Tokens message per edge. Fence: abort that epoch's requests (their
+edges have moved them) and register again. Reregister (the coordinator restarted): register
+again, keep streaming. Stop "drain" finishes in-flight requests (bounded), "abort" ends them
+with finish_reason "abort"; both end with Goodbye. An error in a step sends Fatal and fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import zmq
+import zmq.asyncio
+
+from p3.engine.engine import Engine
+from p3.engine.sequence import Request, StepOutput
+from p3.log import get_logger
+from p3.nodes import reports
+from p3.nodes.actor import Actor
+from p3.nodes.inflight import InFlight, InFlightTable
+from p3.nodes.node_config import NodeConfig, advertised_address
+from p3.nodes.stepper import StepFaults, StepThread
+from p3.protocol import messages as m
+from p3.protocol import wire
+from p3.protocol.sampling import from_wire
+
+log = get_logger(__name__)
+
+
+class NodeFailed(RuntimeError):
+    pass
+
+
+class Node(Actor):
+    kind = "node"
+
+    def __init__(self, config: NodeConfig, faults: StepFaults | None = None):
+        super().__init__(config.node_id)
+        self.config = config
+        self.faults = faults or StepFaults.from_env()
+        self.epoch = 0  # the latest epoch we were welcomed under
+        self.fenced_epoch = 0  # the highest epoch we were fenced under
+        self.registered = False  # the coordinator knows us under self.epoch
+        self.draining = False
+        self.heartbeat_interval_s = 0.1
+        self.engine: Engine | None = None
+        self.stepper: StepThread | None = None
+        self.inflight = InFlightTable()
+        self.address = ""
+        self.serving = asyncio.Event()  # welcomed, engine loaded, Ready sent
+        self._welcomed = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        cfg = self.config
+        self._ctx = zmq.asyncio.Context()
+        self._edges = wire.make_socket(self._ctx, zmq.ROUTER, bind=cfg.bind)
+        self._coordinator = wire.make_socket(
+            self._ctx, zmq.DEALER, connect=cfg.coordinator, identity=cfg.node_id, immediate=True
+        )
+        self.address = advertised_address(wire.bound_address(self._edges), cfg.advertise_host)
+        self._edge_decoder = wire.node_from_edge()
+        self._coordinator_decoder = wire.node_from_coordinator()
+        log.info("node.listening", node_id=cfg.node_id, address=self.address)
+
+    def loops(self):
+        return [
+            self.receive_edges(),
+            self.receive_coordinator(),
+            self.tick(),
+            self.load_engine(),
+            self.watch_failure(),
+        ]
+
+    async def drain(self) -> None:
+        self.draining = True
+        self._kick.set()  # tell the coordinator now, so routes drop us
+        log.info("node.draining", node_id=self.name, num_in_flight=len(self.inflight))
+        try:
+            async with asyncio.timeout(self.config.drain_timeout_s):
+                while len(self.inflight):
+                    self._idle.clear()
+                    await self._idle.wait()
+        except TimeoutError:
+            log.warning("node.drain_timeout", num_in_flight=len(self.inflight))
+
+    async def teardown(self) -> None:
+        if self._failure is None:
+            self._abort_all("stop")
+            if self.registered:
+                wire.send(self._coordinator, m.Goodbye(self.name, self.epoch))
+        if self.stepper is not None:
+            await asyncio.to_thread(self.stepper.stop)
+        self._edges.close(linger=500)  # let the last Tokens and Goodbye leave
+        self._coordinator.close(linger=500)
+        await asyncio.to_thread(self._ctx.term)
+
+    # -- the coordinator ------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Hello with backoff until welcomed, then a Heartbeat every interval."""
+        backoff_s = 0.05
+        while True:
+            if self.registered:
+                wire.send(self._coordinator, reports.heartbeat(self))
+                delay_s, backoff_s = self.heartbeat_interval_s, 0.05
+            else:
+                wire.send(self._coordinator, reports.hello(self))
+                delay_s, backoff_s = backoff_s, min(backoff_s * 2, self.config.hello_backoff_max_s)
+            started = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay_s):
+                    await self._kick.wait()
+            self._kick.clear()
+            if (late_s := time.monotonic() - started - delay_s) > self.heartbeat_interval_s:
+                log.warning("node.heartbeat_late", node_id=self.name, late_s=round(late_s, 3))
+
+    async def receive_coordinator(self) -> None:
+        while True:
+            match await wire.recv_dealt(self._coordinator, self._coordinator_decoder):
+                case m.Welcome() as welcome:
+                    self.on_welcome(welcome)
+                case m.Fence() as fence:
+                    self.on_fence(fence)
+                case m.Reregister() as again:
+                    self.on_reregister(again)
+                case m.Refused(reason=reason):
+                    log.error("node.refused", node_id=self.name, reason=reason)
+                    self._fail(NodeFailed(f"refused by the coordinator: {reason}"))
+                case m.Shutdown(mode=mode):
+                    log.info("node.shutdown_requested", node_id=self.name, mode=mode)
+                    self.stop(mode if mode in ("drain", "abort") else "drain")
+
+    def on_welcome(self, welcome: m.Welcome) -> None:
+        if welcome.epoch <= self.epoch:
+            return  # an answer to an older Hello
+        self.epoch, self.registered = welcome.epoch, True
+        self.heartbeat_interval_s = welcome.heartbeat_interval_s
+        log.info("node.welcomed", node_id=self.name, epoch=self.epoch, replica=welcome.replica)
+        self._welcomed.set()
+        self._kick.set()
+        if self.engine is not None:
+            self._send_ready()
+
+    def on_fence(self, fence: m.Fence) -> None:
+        self.fenced_epoch = max(self.fenced_epoch, fence.epoch)
+        aborted = self.inflight.pop_where(lambda e: e.epoch > fence.epoch)
+        self._cancel_in_engine(aborted)
+        log.warning(
+            "node.fenced", node_id=self.name, epoch=fence.epoch, reason=fence.reason,
+            num_aborted=len(aborted),
+        )  # fmt: skip
+        if fence.epoch >= self.epoch and self.registered:
+            self.registered = False
+            self._kick.set()
+
+    def on_reregister(self, again: m.Reregister) -> None:
+        if again.epoch != self.epoch or not self.registered:
+            return
+        log.info("node.reregistering", node_id=self.name, epoch=self.epoch, reason=again.reason)
+        self.registered = False
+        self._kick.set()
+
+    def _send_ready(self) -> None:
+        wire.send(self._coordinator, reports.ready(self.name, self.epoch, self.config, self.engine))
+
+    # -- the engine -------------------------------------------------------------------------
+
+    async def load_engine(self) -> None:
+        await self._welcomed.wait()
+        log.info("node.loading", node_id=self.name, model=self.config.model_name)
+        try:
+            engine = await asyncio.to_thread(Engine, self.config.model, self.config.engine)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self.engine = engine
+        loop = asyncio.get_running_loop()
+        self.stepper = StepThread(engine, loop, self.on_step, self._fail, self.faults)
+        self.stepper.start()
+        if self.registered:
+            self._send_ready()
+        self.serving.set()
+
+    def ready_info(self) -> dict:
+        return {"node_id": self.name, "address": self.address, "epoch": self.epoch}
+
+    def on_step(self, step: int, outputs: list[StepOutput]) -> None:
+        for (edge, epoch), deltas in self.inflight.batch(outputs).items():
+            if not self._send_edge(edge, m.Tokens(self.name, epoch, step, deltas)):
+                self._forget_edge(edge)
+        self._note_if_idle()
+
+    async def watch_failure(self) -> None:
+        await self._failed.wait()
+        raise self._failure
+
+    def _fail(self, exc: BaseException) -> None:
+        """Node-fatal: a last Fatal to the coordinator, then the actor fails (exit non-zero)."""
+        if self._failure is not None:
+            return
+        self._failure = exc
+        log.error("node.fatal", node_id=self.name, epoch=self.epoch, error=repr(exc))
+        wire.send(self._coordinator, m.Fatal(self.name, self.epoch, repr(exc)[:500]))
+        self._failed.set()
+
+    # -- edges ------------------------------------------------------------------------------
+
+    async def receive_edges(self) -> None:
+        while True:
+            edge, msg = await wire.recv_routed(self._edges, self._edge_decoder)
+            match msg:
+                case m.Submit():
+                    self.on_submit(edge, msg)
+                case m.Cancel(request_id=request_id):
+                    self.on_cancel(request_id)
+                case m.Ping(nonce=nonce):
+                    self._send_edge(edge, m.Pong(nonce, self.name, self.epoch))
+
+    def on_submit(self, edge: bytes, submit: m.Submit) -> None:
+        refusal = self._refusal(submit)
+        if refusal is None:
+            try:
+                params = from_wire(submit.params)
+                request = Request(submit.request_id, submit.prompt_token_ids, params, submit.seed)
+                self.engine.add(request)
+            except ValueError as exc:
+                refusal = ("bad_request", str(exc))
+        if refusal is not None:
+            code, reason = refusal
+            log.info("node.rejected", request_id=submit.request_id, code=code, reason=reason)
+            self._send_edge(edge, m.Rejected(submit.request_id, reason, code))
+            return
+        num_prompt = len(submit.prompt_token_ids)
+        self.inflight.add(InFlight(submit.request_id, edge, submit.epoch, num_prompt))
+        self.stepper.wake()
+
+    def _refusal(self, submit: m.Submit) -> tuple[str, str] | None:
+        if self.draining or not self.is_running:
+            return "draining", "node is stopping"
+        if self.engine is None:
+            return "overloaded", "node is still loading its model"
+        if submit.epoch != self.epoch or self.epoch <= self.fenced_epoch:
+            return "stale_epoch", f"epoch {submit.epoch} is not this node's epoch {self.epoch}"
+        if submit.request_id in self.inflight:
+            return "bad_request", f"request_id {submit.request_id!r} is already running here"
+        if len(self.inflight) >= self.config.max_in_flight:
+            return "overloaded", f"{len(self.inflight)} requests in flight"
+        return None
+
+    def on_cancel(self, request_id: str) -> None:
+        entry = self.inflight.pop(request_id)
+        if entry is not None:
+            self._cancel_in_engine([entry])
+            log.debug("node.cancelled", request_id=request_id)
+
+    def _send_edge(self, edge: bytes, msg: m.Msg) -> bool:
+        return wire.send(self._edges, msg, edge)
+
+    def _forget_edge(self, edge: bytes) -> None:
+        gone = self.inflight.pop_where(lambda e: e.edge != edge)
+        log.warning("node.edge_unreachable", edge=edge.decode(errors="replace"), num=len(gone))
+        self._cancel_in_engine(gone)
+
+    def _abort_all(self, cause: str) -> None:
+        """End every in-flight request with finish_reason "abort", telling its edge."""
+        batches = self.inflight.abort_deltas()
+        step = self.engine.num_steps if self.engine is not None else 0
+        for (edge, epoch), deltas in batches.items():
+            self._send_edge(edge, m.Tokens(self.name, epoch, step, deltas))
+            self._cancel_in_engine(deltas)
+        if batches:
+            log.info("node.aborted", cause=cause, num=sum(map(len, batches.values())))
+        self._note_if_idle()
+
+    def _cancel_in_engine(self, entries) -> None:
+        if self.engine is None or not entries:
+            return
+        for entry in entries:
+            self.engine.cancel(entry.request_id)
+        self.stepper.wake()
+        self._note_if_idle()
+
+    def _note_if_idle(self) -> None:
+        if not len(self.inflight):
+            self._idle.set()

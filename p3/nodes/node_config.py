@@ -1,0 +1,41 @@
+"""What a node is told at start, and how it names itself and its address to the cluster."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from p3.config import EngineConfig
+from p3.weights import DEFAULT_MODEL
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    coordinator: str
+    node_id: str = field(default_factory=default_node_id)
+    bind: str = "tcp://127.0.0.1:0"
+    advertise_host: str | None = None  # None: the bind host (the hostname if it is a wildcard)
+    model: str | None = None  # None: the embedded default model
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_in_flight: int = 1024  # Submits beyond this are Rejected "overloaded"
+    drain_timeout_s: float = 30.0
+    hello_backoff_max_s: float = 2.0
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODEL
+
+
+def advertised_address(bound: str, advertise_host: str | None) -> str:
+    """tcp://0.0.0.0:PORT as the edges should dial it: the advertised host, the real port."""
+    parts = urlsplit(bound)
+    host = advertise_host or parts.hostname
+    if host in (None, "0.0.0.0", "*", "::"):
+        host = socket.gethostname()
+    return f"{parts.scheme}://{host}:{parts.port}"

@@ -1,0 +1,66 @@
+"""What a node tells the coordinator about itself: Hello, Ready, and Heartbeat with progress.
+
+A heartbeat's progress is what catches a hung compute thread: while the node is busy
+(requests in flight, or a step under way), last_step_age_s counts from the later of the last
+finished step and the moment work arrived; it grows without bound if the step thread hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from p3.engine.engine import Engine
+from p3.nodes.node_config import NodeConfig
+from p3.protocol import messages as m
+
+if TYPE_CHECKING:
+    from p3.nodes.node import Node
+
+
+def hello(node: Node) -> m.Hello:
+    cfg = node.config
+    num_threads = cfg.engine.num_threads or len(os.sched_getaffinity(0))
+    return m.Hello(
+        protocol_version=m.PROTOCOL_VERSION,
+        node_id=node.name,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        address=node.address,
+        capacity=m.Capacity(cfg.engine.device or "cpu", 0, num_threads),
+        model=cfg.model_name,
+        epoch=node.epoch,
+    )
+
+
+def ready(node_id: str, epoch: int, config: NodeConfig, engine: Engine) -> m.Ready:
+    return m.Ready(
+        node_id=node_id,
+        epoch=epoch,
+        model=config.model_name,
+        num_kv_blocks=engine.num_kv_blocks,
+        block_size=engine.config.block_size,
+        max_model_len=engine.max_model_len,
+        load_time_s=engine.load_time_s,
+    )
+
+
+def heartbeat(node: Node) -> m.Heartbeat:
+    engine, stepper = node.engine, node.stepper
+    if engine is None or stepper is None:
+        return m.Heartbeat(node.name, node.epoch, draining=node.draining)
+    progress_at = max(stepper.last_step_at, node.inflight.busy_since)
+    return m.Heartbeat(
+        node_id=node.name,
+        epoch=node.epoch,
+        num_steps=engine.num_steps,
+        last_step_age_s=time.monotonic() - progress_at,
+        busy=bool(len(node.inflight)) or stepper.in_step,
+        num_free_blocks=engine.num_free_blocks,
+        num_waiting=engine.num_waiting,
+        num_running=engine.num_running,
+        num_tokens_in_flight=node.inflight.num_tokens_in_flight,
+        draining=node.draining,
+    )

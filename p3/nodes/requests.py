@@ -1,0 +1,169 @@
+"""One sample of an in-flight request: its journal, and the text it streams.
+
+A request with n samples (or several prompts) becomes one `Sample` per stream. The `Journal`
+holds everything needed to submit it to any replica (prompt ids, wire params, effective
+seed) and what came back so far; `Sample.apply` turns a node's TokenDelta into a `Delta`
+(new text through the incremental detokenizer and the stop-string matcher, logprobs,
+finish reason), the same way p3.llm does in-process. Shared by the edge and p3.client.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from p3.llm import child_seed
+from p3.protocol import messages as m
+from p3.protocol.sampling import to_wire
+from p3.sampling_params import SamplingParams
+from p3.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+SEED_BITS = 63
+
+
+def effective_seed(seed: int | None) -> int:
+    """The client's seed (folded into 63 bits), or a fresh random one: every Submit has one."""
+    if seed is None:
+        return random.getrandbits(SEED_BITS)
+    return seed & ((1 << SEED_BITS) - 1)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # best first; empty when only the sampled token was asked
+
+
+@dataclass
+class Delta:
+    """What one sample added: text (final, stop strings cut), tokens, logprobs, the finish."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class Journal:
+    """One sample as the cluster sees it: enough to (re)submit it anywhere, and its progress."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: m.WireSamplingParams
+    seed: int
+    node_id: str | None = None
+    epoch: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    num_attempts: int = 0
+    tried_nodes: set[str] = field(default_factory=set)
+
+    def submit_message(self) -> m.Submit:
+        return m.Submit(self.request_id, self.prompt_token_ids, self.params, self.seed, self.epoch)
+
+
+class Sample:
+    """One stream of one request: TokenDeltas in, Deltas out; remembers how it finished."""
+
+    def __init__(
+        self,
+        index: int,
+        journal: Journal,
+        tokenizer: Tokenizer,
+        params: SamplingParams,
+    ):
+        self.index = index
+        self.journal = journal
+        self.tokenizer = tokenizer
+        self.params = params
+        self.detok = IncrementalDetokenizer(
+            tokenizer, journal.prompt_token_ids, params.skip_special_tokens
+        )
+        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.finish_reason: str | None = None
+        self.num_prompt_tokens = len(journal.prompt_token_ids)
+        self.num_cached_tokens = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.journal.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.journal.token_ids)
+
+    def apply(self, delta: m.TokenDelta) -> Delta | None:
+        """The Delta this step's tokens make; None for a repeat or anything after the end."""
+        if self.finished or delta.index + len(delta.token_ids) <= self.num_output_tokens:
+            return None
+        skip = max(0, self.num_output_tokens - delta.index)  # overlap already seen
+        token_ids = delta.token_ids[skip:]
+        self.journal.token_ids += token_ids
+        self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
+        out = Delta(self.index, "", token_ids, _logprobs(delta, skip))
+        self._add_text(out, delta.finish_reason is not None)
+        if out.finish_reason is None and delta.finish_reason is not None:
+            out.finish_reason = delta.finish_reason
+            out.stop_reason = self._stop_token(token_ids)
+        self.finish_reason = out.finish_reason
+        return out
+
+    def fail(self) -> Delta:
+        """The sample ends without its node: nothing more will come."""
+        self.finish_reason = "abort"
+        return Delta(self.index, "", [], finish_reason="abort")
+
+    def _add_text(self, out: Delta, last: bool) -> None:
+        text = self.detok.push(out.token_ids)
+        if last:
+            text += self.detok.flush()
+        if self.num_output_tokens <= self.params.min_tokens and not last:
+            out.text = text  # stop strings count only after min_tokens
+            return
+        out.text, hit = self.stops.feed(text)
+        if hit is not None:
+            out.finish_reason, out.stop_reason = "stop", hit
+        elif last:
+            out.text += self.stops.flush()
+
+    def _stop_token(self, token_ids: list[int]) -> int | None:
+        if token_ids and token_ids[-1] in self.params.stop_token_ids:
+            return token_ids[-1]
+        return None
+
+
+def _logprobs(delta: m.TokenDelta, skip: int) -> list[TokenLogprob] | None:
+    if delta.logprobs is None:
+        return None
+    tops = delta.top_logprobs or [[] for _ in delta.logprobs]
+    return [
+        TokenLogprob(t, lp, [tuple(pair) for pair in top])
+        for t, lp, top in zip(delta.token_ids, delta.logprobs, tops, strict=False)
+    ][skip:]
+
+
+def make_samples(
+    request_id: str,
+    model: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    tokenizer: Tokenizer,
+) -> list[Sample]:
+    """n samples per prompt, ids `<id>-<i>`, seeds child_seed(seed, i) from one effective seed."""
+    seed = effective_seed(params.seed)
+    wire = to_wire(params)
+    samples = []
+    for p, prompt_ids in enumerate(prompts):
+        for i in range(params.n):
+            index = p * params.n + i
+            journal = Journal(f"{request_id}-{index}", model, prompt_ids, wire, child_seed(seed, i))
+            samples.append(Sample(index, journal, tokenizer, params))
+    return samples

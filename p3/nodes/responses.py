@@ -1,0 +1,220 @@
+"""OpenAI response bodies and stream chunks, field for field, from a request's Deltas.
+
+`Responder` knows one request (chat or completion, its id, model name and tokenizer) and
+builds: the first chunk, a chunk per Delta, the usage chunk, and the whole non-streamed
+body from the accumulated `Choice`s.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from p3.nodes.requests import Delta, Sample, TokenLogprob
+from p3.tokenizer import Tokenizer
+
+SYSTEM_FINGERPRINT = "p3-0.1.0"
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs or []
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Responder:
+    def __init__(
+        self,
+        chat: bool,
+        model_name: str,
+        tokenizer: Tokenizer,
+        logprobs: int | None,
+        echo_texts: list[str] | None = None,
+    ):
+        self.chat = chat
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs  # None: off
+        self.echo_texts = echo_texts  # completions with echo: the prompt text of each choice
+        self.text_offsets: dict[int, int] = {}
+
+    # -- streamed ---------------------------------------------------------------------------
+
+    def first_chunks(self, num_choices: int) -> list[dict[str, Any]]:
+        """Chat: the assistant role on every choice; completions: the echoed prompts."""
+        if self.chat:
+            return [
+                self._chunk(i, {"role": "assistant", "content": ""}) for i in range(num_choices)
+            ]
+        if self.echo_texts is None:
+            return []
+        return [self._chunk(i, self.echo_texts[i]) for i in range(num_choices)]
+
+    def chunk(self, delta: Delta) -> dict[str, Any]:
+        body = {"content": delta.text} if self.chat else delta.text
+        if self.chat and delta.finish_reason is not None and not delta.text:
+            body = {}
+        return self._chunk(
+            delta.index, body, delta.logprobs, delta.finish_reason, delta.stop_reason
+        )
+
+    def usage_chunk(self, samples: list[Sample]) -> dict[str, Any]:
+        return {**self._envelope(chunk=True), "choices": [], "usage": usage(samples)}
+
+    def _chunk(self, index, body, logprobs=None, finish=None, stop_reason=None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index}
+        choice["delta" if self.chat else "text"] = body
+        choice["logprobs"] = self._logprobs(index, logprobs) if logprobs else None
+        choice["finish_reason"] = finish
+        if not self.chat:
+            choice["stop_reason"] = stop_reason
+        return {**self._envelope(chunk=True), "choices": [choice]}
+
+    # -- whole ------------------------------------------------------------------------------
+
+    def response(self, choices: list[Choice], samples: list[Sample]) -> dict[str, Any]:
+        return {
+            **self._envelope(chunk=False),
+            "choices": [self._choice(c) for c in choices],
+            "usage": usage(samples),
+        }
+
+    def _choice(self, choice: Choice) -> dict[str, Any]:
+        logprobs = (
+            self._logprobs(choice.index, choice.logprobs) if self.logprobs is not None else None
+        )
+        if self.chat:
+            message = {"role": "assistant", "content": choice.text}
+            return {
+                "index": choice.index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": choice.finish_reason,
+            }
+        echo = self.echo_texts[choice.index] if self.echo_texts else ""
+        return {
+            "index": choice.index,
+            "text": echo + choice.text,
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
+        }
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": f"{kind}.chunk" if chunk and self.chat else kind,
+            "created": self.created,
+            "model": self.model_name,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+    # -- logprobs ---------------------------------------------------------------------------
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            return {"content": [self._chat_entry(e) for e in entries]}
+        return self._completion_logprobs(index, entries)
+
+    def _chat_entry(self, entry: TokenLogprob) -> dict[str, Any]:
+        top = [self._chat_top(t, lp) for t, lp in entry.top[: self.logprobs or 0]]
+        return {**self._chat_top(entry.token_id, entry.logprob), "top_logprobs": top}
+
+    def _chat_top(self, token_id: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(self.tokenizer, token_id)
+        return {
+            "token": token_text(self.tokenizer, token_id),
+            "logprob": _finite(logprob),
+            "bytes": raw,
+        }
+
+    def _completion_logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
+        offset = self.text_offsets.get(index, len(self.echo_texts[index]) if self.echo_texts else 0)
+        tokens, offsets = [], []
+        for entry in entries:
+            text = token_text(self.tokenizer, entry.token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        self.text_offsets[index] = offset
+        return {
+            "tokens": tokens,
+            "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": [self._top_dict(e) for e in entries],
+            "text_offset": offsets,
+        }
+
+    def _top_dict(self, entry: TokenLogprob) -> dict[str, float]:
+        top = {token_text(self.tokenizer, t): _finite(lp) for t, lp in entry.top[: self.logprobs]}
+        top.setdefault(token_text(self.tokenizer, entry.token_id), _finite(entry.logprob))
+        return top
+
+
+def usage(samples: list[Sample]) -> dict[str, Any]:
+    """Exact counts: each prompt once (n samples share it), every sample's output tokens."""
+    prompts: dict[int, tuple[int, int]] = {}
+    for sample in samples:
+        key = id(sample.journal.prompt_token_ids)
+        num_cached = max(prompts.get(key, (0, 0))[1], sample.num_cached_tokens)
+        prompts[key] = (sample.num_prompt_tokens, num_cached)
+    prompt_tokens = sum(n for n, _ in prompts.values())
+    completion_tokens = sum(s.num_output_tokens for s in samples)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(c for _, c in prompts.values())},
+    }
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
+    """The token's own bytes: byte-level BPE pieces map back through GPT-2's byte table."""
+    piece = tokenizer.id_to_token(token_id) or ""
+    table = _byte_decoder()
+    if piece and all(ch in table for ch in piece):
+        return [table[ch] for ch in piece]
+    return list(token_text(tokenizer, token_id).encode())
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)

@@ -1,0 +1,220 @@
+"""An edge's view of the cluster: routes from the coordinator, one DEALER per node, routing.
+
+`Cluster` is the part of an edge that has no HTTP in it, shared by p3.nodes.edge and
+p3.client. It says EdgeHello to the coordinator every second, keeps the latest routing
+table, connects a DEALER to every routed node, picks the least-loaded replica of a model
+(the table's load plus what this edge sent since that table, so a burst does not herd onto
+one replica), and hands each Tokens/Rejected message to the request that owns the sample.
+A node listed dead fails its samples; Tokens under another epoch than the routed one drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from p3.log import get_logger
+from p3.nodes.requests import Sample
+from p3.protocol import messages as m
+from p3.protocol import wire
+
+log = get_logger(__name__)
+
+HELLO_INTERVAL_S = 1.0
+FIRST_HELLO_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class NodeLost:
+    """Put on a request's queue when the node serving one of its samples is declared dead."""
+
+    node_id: str
+    reason: str
+
+
+Event = tuple[Sample, m.TokenDelta | m.Rejected | NodeLost]
+
+
+class NodeLink:
+    """One DEALER to one node, and the task that reads it."""
+
+    def __init__(self, cluster: Cluster, route: m.Route):
+        self.node_id = route.node_id
+        self.address = route.address
+        self.socket = wire.make_socket(
+            cluster.ctx, zmq.DEALER, connect=route.address, identity=cluster.edge_id
+        )
+        self.reader = asyncio.create_task(cluster.read_node(self), name=f"read.{self.node_id}")
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.socket.close(linger=0)
+
+
+class Cluster:
+    def __init__(self, coordinator: str, edge_id: str):
+        self.coordinator = coordinator
+        self.edge_id = edge_id
+        self.ctx = zmq.asyncio.Context()
+        self.routes: dict[str, m.Route] = {}  # READY nodes, by node id
+        self.epochs: dict[str, int] = {}  # the routed epoch of every node we may hear from
+        self.links: dict[str, NodeLink] = {}
+        self.sent_load: dict[str, int] = {}  # tokens this edge sent since the last table
+        self.inflight: dict[str, tuple[Sample, asyncio.Queue[Event]]] = {}
+        self.routes_version = -1
+        self.dead_nodes: set[str] = set()  # declared dead and not routed since
+        self.routes_changed = asyncio.Event()
+        self.on_models: Callable[[set[str]], Any] | None = None  # called with the routed models
+        self.on_tokens: Callable[[m.Tokens], Any] | None = None
+        self._coordinator_socket: zmq.asyncio.Socket | None = None
+        self._decode_coordinator = wire.edge_from_coordinator()
+        self._decode_node = wire.edge_from_node()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self._coordinator_socket = wire.make_socket(
+            self.ctx, zmq.DEALER, connect=self.coordinator, identity=self.edge_id, immediate=True
+        )
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+        if self._coordinator_socket is not None:
+            self._coordinator_socket.close(linger=0)
+        self.ctx.term()
+
+    def loops(self) -> list:
+        return [self.hello_loop(), self.coordinator_loop()]
+
+    async def hello_loop(self) -> None:
+        hello = m.EdgeHello(m.PROTOCOL_VERSION, self.edge_id)
+        while True:
+            wire.send(self._coordinator_socket, hello)
+            heard = self.routes_version >= 0  # until the first table, say it often
+            await asyncio.sleep(HELLO_INTERVAL_S if heard else FIRST_HELLO_INTERVAL_S)
+
+    async def coordinator_loop(self) -> None:
+        while True:
+            match await wire.recv_dealt(self._coordinator_socket, self._decode_coordinator):
+                case m.Routes() as routes:
+                    self.on_routes(routes)
+                case m.Refused(reason=reason):
+                    log.error("edge.refused", coordinator=self.coordinator, reason=reason)
+
+    async def read_node(self, link: NodeLink) -> None:
+        while True:
+            match await wire.recv_dealt(link.socket, self._decode_node):
+                case m.Tokens() as tokens:
+                    self.on_node_tokens(link.node_id, tokens)
+                case m.Rejected() as rejected:
+                    self._deliver(rejected.request_id, rejected)
+
+    # -- the routing table -----------------------------------------------------------------
+
+    def on_routes(self, table: m.Routes) -> None:
+        members = {(r.node_id, r.epoch) for r in table.routes}
+        if members != {(r.node_id, r.epoch) for r in self.routes.values()} or table.dead:
+            log.info("edge.routes", version=table.version, nodes=sorted(members), dead=table.dead)
+        self.routes_version = table.version
+        for node_id in table.dead:
+            self._node_dead(node_id)
+        self.routes = {r.node_id: r for r in table.routes}
+        self.dead_nodes -= self.routes.keys()
+        self.sent_load.clear()
+        for route in table.routes:
+            self._link(route)
+        self.routes_changed.set()
+        self.routes_changed = asyncio.Event()
+        if self.on_models is not None:
+            self.on_models({r.model for r in table.routes})
+
+    def _link(self, route: m.Route) -> None:
+        self.epochs[route.node_id] = route.epoch
+        link = self.links.get(route.node_id)
+        if link is not None and link.address == route.address:
+            return
+        if link is not None:
+            link.close()
+        self.links[route.node_id] = NodeLink(self, route)
+
+    def _node_dead(self, node_id: str) -> None:
+        log.warning("edge.node_dead", node_id=node_id)
+        self.dead_nodes.add(node_id)
+        self.epochs.pop(node_id, None)
+        if (link := self.links.pop(node_id, None)) is not None:
+            link.close()
+        for sample, queue in list(self.inflight.values()):
+            if sample.journal.node_id == node_id:
+                queue.put_nowait((sample, NodeLost(node_id, "node declared dead")))
+
+    def replicas(self, model: str) -> list[m.Route]:
+        return [r for r in self.routes.values() if r.model == model]
+
+    def load(self, route: m.Route) -> int:
+        base = route.num_tokens_in_flight + route.num_waiting
+        return base + self.sent_load.get(route.node_id, 0)
+
+    def pick(self, model: str, exclude: set[str] = frozenset()) -> m.Route | None:
+        """The least-loaded ready replica of model (ties broken at random), or None."""
+        candidates = [r for r in self.replicas(model) if r.node_id not in exclude]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda r: (self.load(r), random.random()))
+
+    # -- requests --------------------------------------------------------------------------
+
+    def submit(self, sample: Sample, queue: asyncio.Queue[Event]) -> bool:
+        """Send a sample to the least-loaded replica it has not tried; False if none is left."""
+        journal = sample.journal
+        route = self.pick(journal.model, journal.tried_nodes)
+        if route is None:
+            return False
+        journal.node_id, journal.epoch = route.node_id, route.epoch
+        journal.tried_nodes.add(route.node_id)
+        journal.num_attempts += 1
+        self.inflight[sample.request_id] = (sample, queue)
+        cost = len(journal.prompt_token_ids) + 1
+        self.sent_load[route.node_id] = self.sent_load.get(route.node_id, 0) + cost
+        if not wire.send(self.links[route.node_id].socket, journal.submit_message()):
+            self.inflight.pop(sample.request_id, None)
+            return self.submit(sample, queue)  # try the next replica
+        return True
+
+    def cancel(self, sample: Sample) -> None:
+        """Forget a sample; tell its node to stop it (unknown ids are ignored there)."""
+        self.inflight.pop(sample.request_id, None)
+        link = self.links.get(sample.journal.node_id or "")
+        if link is not None:
+            wire.send(link.socket, m.Cancel(sample.request_id))
+
+    def forget(self, sample: Sample) -> None:
+        self.inflight.pop(sample.request_id, None)
+
+    def on_node_tokens(self, node_id: str, tokens: m.Tokens) -> None:
+        if self.epochs.get(node_id) != tokens.epoch or tokens.node_id != node_id:
+            log.warning(
+                "edge.tokens_dropped",
+                node_id=node_id,
+                epoch=tokens.epoch,
+                routed_epoch=self.epochs.get(node_id),
+            )
+            return
+        if self.on_tokens is not None:
+            self.on_tokens(tokens)
+        for delta in tokens.deltas:
+            self._deliver(delta.request_id, delta)
+
+    def _deliver(self, request_id: str, msg: m.TokenDelta | m.Rejected) -> None:
+        entry = self.inflight.get(request_id)
+        if entry is None:
+            return  # cancelled, finished, or never ours: nothing waits for it
+        sample, queue = entry
+        queue.put_nowait((sample, msg))

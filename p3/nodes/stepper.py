@@ -1,0 +1,121 @@
+"""The node's compute thread: runs Engine.step while there is work, sleeps on an Event when not.
+
+The event loop never steps the engine; it calls `wake()` after add/cancel. Each step's
+outputs go back to the loop with `call_soon_threadsafe`. An exception inside a step is
+fatal: it is handed to the loop (which sends Fatal and exits) and the thread ends.
+
+Fault points for chaos and tests (real code paths, not mocks): `faults.hang()` blocks the
+thread inside its next step until `faults.release()`; env P3_FAULT_HANG_STEP=N and
+P3_FAULT_RAISE_STEP=N hang or raise at step N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from p3.engine.engine import Engine
+from p3.engine.sequence import StepOutput
+from p3.log import get_logger
+
+log = get_logger(__name__)
+
+
+class StepFaults:
+    def __init__(self, hang_at_step: int | None = None, raise_at_step: int | None = None):
+        self.hang_at_step = hang_at_step
+        self.raise_at_step = raise_at_step
+        self._hang = threading.Event()
+        self._release = threading.Event()
+
+    @classmethod
+    def from_env(cls) -> StepFaults:
+        def step(name: str) -> int | None:
+            value = os.environ.get(name)
+            return int(value) if value else None
+
+        return cls(step("P3_FAULT_HANG_STEP"), step("P3_FAULT_RAISE_STEP"))
+
+    def hang(self) -> None:
+        """Block the step thread inside its next step (until release)."""
+        self._release.clear()
+        self._hang.set()
+
+    def release(self) -> None:
+        self._hang.clear()
+        self._release.set()
+
+    def before_step(self, step: int) -> None:
+        if self._hang.is_set() or step == self.hang_at_step:
+            log.warning("node.fault_hang", step=step)
+            self._release.wait()
+        if step == self.raise_at_step:
+            raise RuntimeError(f"injected fault at step {step}")
+
+
+class StepThread:
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        on_outputs: Callable[[int, list[StepOutput]], None],
+        on_fatal: Callable[[BaseException], None],
+        faults: StepFaults | None = None,
+    ):
+        self.engine = engine
+        self.faults = faults or StepFaults()
+        self.in_step = False
+        self.last_step_at = time.monotonic()
+        self._loop = loop
+        self._on_outputs = on_outputs
+        self._on_fatal = on_fatal
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="p3-step", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the thread to end after its current step (blocking: call it off the loop)."""
+        self._stopping = True
+        self.faults.release()
+        self._wake.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("node.step_thread_stuck", timeout_s=timeout_s)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                if not self.engine.has_unfinished():
+                    self._wake.wait()
+                    continue
+                self._step_once()
+        except BaseException as exc:  # noqa: BLE001 - any error in a step is node-fatal
+            log.exception("node.step_failed", error=repr(exc))
+            self._hand_to_loop(self._on_fatal, exc)
+
+    def _step_once(self) -> None:
+        self.in_step = True
+        try:
+            self.faults.before_step(self.engine.num_steps)
+            outputs = self.engine.step()
+        finally:
+            self.in_step = False
+        self.last_step_at = time.monotonic()
+        if outputs and not self._stopping:
+            self._hand_to_loop(self._on_outputs, self.engine.num_steps, outputs)
+
+    def _hand_to_loop(self, callback: Callable, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop has closed: the node is gone already
+            self._stopping = True

@@ -1,0 +1,146 @@
+"""`p3 serve`: a coordinator, N nodes (each a replica) and an edge on this machine.
+
+Starts them in order (coordinator on an ephemeral port, then the nodes, then the edge),
+waiting for each to be ready; prints the URL; on Ctrl-C or SIGTERM stops the edge, the
+nodes, then the coordinator (each drains, then is killed after a timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import socket
+import sys
+import threading
+
+from p3.launch import Child, LaunchError, python_m_p3, stop_all, wait_ready
+from p3.log import get_logger
+
+log = get_logger(__name__)
+
+EDGE_MODULE = "p3.nodes.edge"
+
+
+def threads_per_node(num_nodes: int) -> int:
+    """Cores split evenly: oversubscribed torch threads make every op many times slower."""
+    return max(1, len(os.sched_getaffinity(0)) // num_nodes)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
+    if importlib.util.find_spec(EDGE_MODULE) is None:
+        print(f"p3 serve: the edge ({EDGE_MODULE}) is not built yet", file=sys.stderr)
+        return 1
+    _prepare_model(args.model)
+    port = args.port or free_port(args.host)
+    children: list[Child] = []
+    stop = _stop_on_signals()
+    try:
+        _start_cluster(args, engine_argv, port, children)
+        print(f"p3 serving {args.model or 'the default model'} at http://{args.host}:{port}/v1")
+        sys.stdout.flush()
+        return _supervise(children, stop)
+    except LaunchError as exc:
+        print(f"p3 serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all(list(reversed(children)), timeout_s=args.stop_timeout)
+
+
+def _prepare_model(model: str | None) -> None:
+    """Convert the model once here, not N times in racing nodes."""
+    from p3.weights import resolve_model
+
+    resolve_model(model)
+
+
+def _common(args: argparse.Namespace) -> list[str]:
+    return ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
+
+
+def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child]) -> None:
+    common = _common(args)
+    coordinator = Child(
+        "coordinator",
+        python_m_p3(
+            *common, "coordinator", "--bind", "tcp://127.0.0.1:0",
+            "--heartbeat-interval", str(args.heartbeat_interval),
+            "--heartbeat-misses", str(args.heartbeat_misses),
+            "--hung-after", str(args.hung_after),
+        ),
+    )  # fmt: skip
+    children.append(coordinator)
+    wait_ready([coordinator], args.ready_timeout)
+    address = coordinator.info["address"]
+    threads = args.threads or threads_per_node(args.nodes)
+    model = ["--model", args.model] if args.model else []
+    nodes = [
+        Child(
+            f"node-{i}",
+            python_m_p3(
+                *common,
+                "node",
+                "--coordinator",
+                address,
+                "--node-id",
+                f"node-{i}",
+                "--threads",
+                str(threads),
+                *model,
+                *engine_argv,
+            ),
+        )  # fmt: skip
+        for i in range(args.nodes)
+    ]
+    children.extend(nodes)
+    wait_ready(nodes, args.ready_timeout)
+    api_key = ["--api-key", args.api_key] if args.api_key else []
+    edge = Child(
+        "edge",
+        python_m_p3(
+            *common, "edge", "--coordinator", address, "--host", args.host, "--port", str(port),
+            *api_key, *model,
+        ),
+        ready_url=f"http://{_dial_host(args.host)}:{port}/ready",
+    )  # fmt: skip
+    children.append(edge)
+    wait_ready([edge], args.ready_timeout)
+
+
+def _dial_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum, frame) -> None:
+        log.info("serve.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def _supervise(children: list[Child], stop: threading.Event) -> int:
+    """Until a signal: a dead node is logged (the others serve on); a dead edge or
+    coordinator ends the cluster."""
+    reported: set[str] = set()
+    while not stop.wait(0.5):
+        for child in children:
+            if child.proc.poll() is None or child.name in reported:
+                continue
+            reported.add(child.name)
+            log.warning("serve.child_exited", child=child.name, code=child.proc.returncode)
+            if not child.name.startswith("node-"):
+                print(f"p3 serve: {child.describe_failure('exited')}", file=sys.stderr)
+                return 1
+    return 0

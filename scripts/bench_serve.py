@@ -1,0 +1,162 @@
+"""Serving benchmark: concurrent streaming clients through REST (the edge) and the native client.
+
+    python scripts/bench_serve.py [--clients 1 8 32 64] [--max-tokens 64] [--nodes 1]
+
+Starts `p3 coordinator`, N `p3 node` and `p3 edge` on ephemeral ports (or uses --coordinator
+and --url), then for each concurrency runs that many streaming requests at once, first over
+HTTP/SSE, then with p3.client over ZeroMQ. Prints total tokens/s, TTFT and inter-token
+p50/p99, and the edge's overhead: REST TTFT minus native-client TTFT at the same load (the
+native client is the engine's path without HTTP). Not a test: numbers swing on a busy host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from p3.client import Client
+from p3.launch import READY_MARKER
+from p3.sampling_params import SamplingParams
+from p3.weights import DEFAULT_MODEL
+
+
+@dataclass
+class Run:
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    num_tokens: int = 0
+    wall_s: float = 0.0
+
+
+def spawn(*args: str) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-m", "p3", *args], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith(READY_MARKER):
+            return proc, json.loads(line[len(READY_MARKER) :])
+    raise RuntimeError(f"p3 {args[0]} exited before it was ready")
+
+
+def start_cluster(num_nodes: int) -> tuple[list[subprocess.Popen], str, str]:
+    coord, info = spawn("coordinator", "--bind", "tcp://127.0.0.1:0")
+    procs = [coord]
+    for i in range(num_nodes):
+        node, _ = spawn("node", "--coordinator", info["address"], "--node-id", f"bench-{i}")
+        procs.append(node)
+    edge, edge_info = spawn("edge", "--coordinator", info["address"], "--port", "0")
+    procs.append(edge)
+    return procs, info["address"], edge_info["url"]
+
+
+def prompt(i: int) -> str:
+    return f"Request {i}: write a long story about a lighthouse keeper."
+
+
+async def rest_one(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int, run: Run):
+    body = {"model": DEFAULT_MODEL, "prompt": prompt(i), "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": True, "temperature": 0}  # fmt: skip
+    started = last = time.perf_counter()
+    async with session.post(url + "/v1/completions", json=body) as response:
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            now = time.perf_counter()
+            if last == started:
+                run.ttft_s.append(now - started)
+            else:
+                run.itl_s.append(now - last)
+            last = now
+    run.num_tokens += max_tokens  # ignore_eos: every request makes exactly max_tokens
+
+
+async def native_one(client: Client, i: int, max_tokens: int, run: Run) -> None:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+    started = last = time.perf_counter()
+    async for delta in client.stream(prompt(i), params):
+        if not delta.text:
+            continue  # as over SSE: a step whose text is held back sends nothing
+        now = time.perf_counter()
+        if last == started:
+            run.ttft_s.append(now - started)
+        else:
+            run.itl_s.append(now - last)
+        last = now
+        run.num_tokens += len(delta.token_ids)
+
+
+async def bench(kind: str, url: str, client: Client, clients: int, args) -> Run:
+    """`rounds` rounds of `clients` concurrent requests; the client is connected beforehand."""
+    run = Run()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            if kind == "rest":
+                jobs = [rest_one(session, url, i, args.max_tokens, run) for i in range(clients)]
+            else:
+                jobs = [native_one(client, i, args.max_tokens, run) for i in range(clients)]
+            await asyncio.gather(*jobs)
+            run.wall_s += time.perf_counter() - started
+    return run
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    procs: list[subprocess.Popen] = []
+    url, coordinator = args.url, args.coordinator
+    if url is None:
+        procs, coordinator, url = start_cluster(args.nodes)
+    try:
+        async with Client(coordinator) as client:
+            await bench_all(args, url, client)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in reversed(procs):
+            proc.wait(timeout=30)
+
+
+async def bench_all(args: argparse.Namespace, url: str, client: Client) -> None:
+    warm_up = argparse.Namespace(rounds=1, max_tokens=4)
+    await bench("rest", url, client, 2, warm_up)
+    await bench("native", url, client, 2, warm_up)
+    print(f"{'clients':>7} {'path':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
+          f"{'itl p50':>8} {'itl p99':>8}   (ms)")  # fmt: skip
+    for clients in args.clients:
+        runs = {}
+        for kind in ("rest", "native"):
+            run = runs[kind] = await bench(kind, url, client, clients, args)
+            print(f"{clients:>7} {kind:>6} {run.num_tokens / run.wall_s:>8.1f} "
+                  f"{pct(run.ttft_s, .5):>9.1f} {pct(run.ttft_s, .99):>9.1f} "
+                  f"{pct(run.itl_s, .5):>8.2f} {pct(run.itl_s, .99):>8.2f}")  # fmt: skip
+        overhead = [
+            pct(runs["rest"].ttft_s, q) - pct(runs["native"].ttft_s, q) for q in (0.5, 0.99)
+        ]
+        print(f"{'':>7} edge TTFT overhead (rest - native): p50 {overhead[0]:.2f} ms, "
+              f"p99 {overhead[1]:.2f} ms")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency and path")
+    parser.add_argument("--url", default=None, help="an edge already running")
+    parser.add_argument("--coordinator", default=None, help="its coordinator (with --url)")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

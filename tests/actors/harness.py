@@ -1,0 +1,85 @@
+"""Test peers on real sockets: an edge (or a fake node) that speaks the wire to the actors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from p3.protocol import messages as m
+from p3.protocol import wire
+
+TIMEOUT_S = 5.0
+
+
+class Peer:
+    """A DEALER with an identity, connected to one actor's ROUTER."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: str, decoder):
+        self.identity = identity
+        self.sock = wire.make_socket(ctx, zmq.DEALER, connect=address, identity=identity)
+        self.decoder = decoder
+
+    def send(self, msg: m.Msg) -> None:
+        self.sock.send(wire.encode(msg))
+
+    def send_raw(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    async def recv(self, timeout_s: float = TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
+            while True:
+                msg = self.decoder.decode(await self.sock.recv())
+                if msg is not None:
+                    return msg
+
+    async def recv_until(self, match: Callable[[object], bool], timeout_s: float = TIMEOUT_S):
+        """The first message that matches; the others are skipped."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                msg = await self.recv(timeout_s)
+                if match(msg):
+                    return msg
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class TestEdge:
+    """An edge: EdgeHello to the coordinator, Routes back; one DEALER per node it talks to."""
+
+    __test__ = False
+
+    def __init__(self, coordinator_address: str, edge_id: str = "edge-test"):
+        self.ctx = zmq.asyncio.Context()
+        self.edge_id = edge_id
+        self.coordinator = Peer(
+            self.ctx, coordinator_address, edge_id, wire.edge_from_coordinator()
+        )
+        self.coordinator.send(m.EdgeHello(m.PROTOCOL_VERSION, edge_id))
+        self.nodes: dict[str, Peer] = {}
+
+    async def routes_until(self, match: Callable[[m.Routes], bool], timeout_s: float = TIMEOUT_S):
+        return await self.coordinator.recv_until(
+            lambda msg: isinstance(msg, m.Routes) and match(msg), timeout_s
+        )
+
+    def node(self, address: str) -> Peer:
+        if address not in self.nodes:
+            self.nodes[address] = Peer(self.ctx, address, self.edge_id, wire.edge_from_node())
+        return self.nodes[address]
+
+    def close(self) -> None:
+        for peer in [self.coordinator, *self.nodes.values()]:
+            peer.close()
+        self.ctx.term()
+
+
+def node_ids(routes: m.Routes) -> set[str]:
+    return {r.node_id for r in routes.routes}
+
+
+def route_of(routes: m.Routes, node_id: str) -> m.Route | None:
+    return next((r for r in routes.routes if r.node_id == node_id), None)

@@ -1,0 +1,124 @@
+"""The coordinator against scripted nodes on real sockets: handshake, death, fencing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from p3.protocol import messages as m
+from p3.protocol import wire
+from tests.actors.conftest import HEARTBEAT_INTERVAL_S
+from tests.actors.harness import Peer, node_ids, route_of
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.fixture
+def fake_node(coordinator, edge):
+    peers = []
+
+    def make(node_id: str = "n1") -> Peer:
+        peer = Peer(edge.ctx, coordinator.address, node_id, wire.node_from_coordinator())
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()
+
+
+async def join(peer: Peer, model: str = "tiny", epoch: int = 0) -> m.Welcome:
+    peer.send(m.Hello(m.PROTOCOL_VERSION, peer.identity, "h", 7, "tcp://h:1", m.Capacity(),
+                      model, epoch))  # fmt: skip
+    welcome = await peer.recv()
+    assert isinstance(welcome, m.Welcome)
+    peer.send(m.Ready(peer.identity, welcome.epoch, model, 100, 16, 512, 0.1))
+    return welcome
+
+
+async def test_hello_welcome_ready_puts_the_node_in_the_routes(fake_node, edge):
+    peer = fake_node("n1")
+    welcome = await join(peer)
+    assert welcome.epoch >= 1 and welcome.model == "tiny"
+    assert welcome.heartbeat_interval_s == HEARTBEAT_INTERVAL_S
+    routes = await edge.routes_until(lambda r: "n1" in node_ids(r))
+    route = route_of(routes, "n1")
+    assert (route.epoch, route.address, route.model) == (welcome.epoch, "tcp://h:1", "tiny")
+    assert (route.max_model_len, route.num_kv_blocks, route.host, route.pid) == (512, 100, "h", 7)
+
+
+async def test_heartbeat_load_reaches_the_edges(fake_node, edge):
+    peer = fake_node("n1")
+    welcome = await join(peer)
+    peer.send(m.Heartbeat("n1", welcome.epoch, 5, 0.01, True, 42, 3, 2, 77))
+    routes = await edge.routes_until(lambda r: (x := route_of(r, "n1")) and x.num_waiting == 3)
+    route = route_of(routes, "n1")
+    assert (route.num_free_blocks, route.num_running, route.num_tokens_in_flight) == (42, 2, 77)
+
+
+async def test_another_protocol_version_is_refused(fake_node, coordinator):
+    peer = fake_node("old")
+    peer.send(m.Hello(m.PROTOCOL_VERSION + 1, "old"))
+    assert isinstance(await peer.recv(), m.Refused)
+    assert "old" not in coordinator.membership.members
+
+
+async def test_a_silent_node_is_declared_dead_in_time_and_listed_once(fake_node, edge):
+    peer = fake_node("n1")
+    await join(peer)
+    await edge.routes_until(lambda r: "n1" in node_ids(r))
+    silent_since = time.monotonic()
+    routes = await edge.routes_until(lambda r: "n1" in r.dead)
+    detection_s = time.monotonic() - silent_since
+    assert "n1" not in node_ids(routes)
+    assert detection_s < 3 * HEARTBEAT_INTERVAL_S + 0.2, detection_s
+    following = await edge.routes_until(lambda r: True)
+    assert "n1" not in following.dead and following.version > routes.version
+
+
+async def test_a_fenced_epoch_gets_fence_and_a_new_hello_gets_a_higher_epoch(fake_node, edge):
+    peer = fake_node("n1")
+    old = await join(peer)
+    await edge.routes_until(lambda r: "n1" in r.dead)
+    peer.send(m.Heartbeat("n1", old.epoch))
+    fence = await peer.recv()
+    assert isinstance(fence, m.Fence) and fence.epoch == old.epoch
+    new = await join(peer, epoch=old.epoch)
+    assert new.epoch > old.epoch
+    await edge.routes_until(lambda r: (x := route_of(r, "n1")) and x.epoch == new.epoch)
+    peer.send(m.Ready("n1", old.epoch, "tiny", 100, 16, 512))  # the old epoch, again
+    assert isinstance(await peer.recv(), m.Fence)
+    routes = await edge.routes_until(lambda r: True)
+    assert route_of(routes, "n1").epoch == new.epoch
+
+
+async def test_an_unknown_node_is_asked_to_register_again(fake_node):
+    peer = fake_node("stranger")
+    peer.send(m.Heartbeat("stranger", 41))
+    again = await peer.recv()
+    assert isinstance(again, m.Reregister) and again.epoch == 41
+    welcome = await join(peer, epoch=41)
+    assert welcome.epoch > 41
+
+
+async def test_goodbye_removes_the_node_from_the_routes(fake_node, edge, coordinator):
+    peer = fake_node("n1")
+    welcome = await join(peer)
+    await edge.routes_until(lambda r: "n1" in node_ids(r))
+    peer.send(m.Goodbye("n1", welcome.epoch))
+    routes = await edge.routes_until(lambda r: "n1" not in node_ids(r))
+    assert "n1" not in routes.dead and "n1" not in coordinator.membership.members
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [[b"\xc1"], [b"not msgpack"], [wire.encode(m.Submit("r", [1]))], [b"a", b"b"], [b""]],
+    ids=["invalid", "text", "wrong-direction", "two-frames", "empty"],
+)
+async def test_a_malformed_frame_leaves_the_coordinator_serving(fake_node, coordinator, frames):
+    peer = fake_node("n1")
+    peer.send_raw(*frames)
+    welcome = await join(peer)
+    assert welcome.epoch >= 1
+    assert coordinator.is_running

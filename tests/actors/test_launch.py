@@ -1,0 +1,102 @@
+"""Launching: readiness, failures named with their stderr, children that die with the parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from p3.launch import Child, LaunchError, python_m_p3, stop_all, wait_ready
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_a_child_that_exits_before_ready_is_named_with_its_stderr():
+    child = Child("broken", python("import sys; sys.stderr.write('no model here\\n'); exit(3)"))
+    with pytest.raises(LaunchError, match=r"(?s)broken .*code 3.*no model here"):
+        wait_ready([child], timeout_s=20)
+    stop_all([child])
+
+
+def test_a_silent_child_fails_the_launch_after_the_timeout():
+    child = Child("silent", python("import time; time.sleep(60)"))
+    try:
+        with pytest.raises(LaunchError, match="silent .*not ready after 0.5s"):
+            wait_ready([child], timeout_s=0.5)
+    finally:
+        stop_all([child], timeout_s=2)
+    assert child.proc.returncode is not None
+
+
+def test_a_ready_line_carries_what_the_child_announced():
+    child = Child("coordinator", python_m_p3("coordinator", "--bind", "tcp://127.0.0.1:0"))
+    try:
+        wait_ready([child], timeout_s=20)
+        assert child.info["kind"] == "coordinator"
+        assert child.info["address"].startswith("tcp://127.0.0.1:")
+    finally:
+        stop_all([child], timeout_s=5)
+    assert child.proc.returncode == 0, "SIGTERM drains and exits cleanly"
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_children_die_when_their_parent_is_killed():
+    parent = subprocess.Popen(
+        python(f"""
+            import sys, time
+            sys.path.insert(0, {str(ROOT)!r})
+            from p3.launch import Child, python_m_p3, wait_ready
+            child = Child("coordinator", python_m_p3("coordinator", "--bind", "tcp://127.0.0.1:0"))
+            wait_ready([child], 20)
+            print(child.pid, flush=True)
+            time.sleep(60)
+        """),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        grandchild = int(parent.stdout.readline())
+        assert is_alive(grandchild)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while is_alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_alive(grandchild)
+    finally:
+        parent.kill()
+        if "grandchild" in locals() and is_alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+def test_launch_cluster_dry_run_prints_every_command_in_start_order():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/launch_cluster.py"),
+         str(ROOT / "scripts/cluster.hosts.example"), "--dry-run"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    roles = [next(r for r in ("coordinator", "node", "edge") if f" {r} " in c) for c in commands]
+    assert roles == ["coordinator", "node", "node", "edge"]
+    assert all("--coordinator tcp://10.0.0.1:5555" in c for c in commands[1:])
+    assert "--advertise-host 10.0.0.2" in commands[1] and "-tt 10.0.0.2" in commands[1]

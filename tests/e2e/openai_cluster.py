@@ -1,0 +1,152 @@
+"""Start a real cluster for the OpenAI end-to-end tests, as subprocesses on ephemeral ports.
+
+`p3 serve --port 0` when the CLI has it (it prints `P3_READY {"url": ...}`); until then, a
+coordinator + node process (this file run as a script) and an edge process started through
+p3.nodes.edge.main, each waited for by its P3_READY line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+READY_PREFIX = "P3_READY "
+SERVING_LINE = re.compile(r"^p3 serving .* at (http://\S+?)/v1\s*$")
+START_TIMEOUT_S = 180.0
+
+EDGE_SCRIPT = (
+    "import argparse, sys; from p3.log import setup_logging; from p3.nodes import edge; "
+    "p = argparse.ArgumentParser(); edge.add_arguments(p); setup_logging('warning'); "
+    "sys.exit(edge.main(p.parse_args(sys.argv[1:])))"
+)
+
+
+@dataclass
+class Cluster:
+    url: str
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    coordinator: str = ""
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def serve_available() -> bool:
+    """Whether the CLI has grown its cluster commands (`p3 edge` and `p3 serve` with --nodes)."""
+    import argparse
+
+    from p3.cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return "edge" in action.choices
+    return False
+
+
+def start(num_nodes: int = 1, edge_args: tuple[str, ...] = (), own: bool = False) -> Cluster:
+    """own: our launcher even when `p3 serve` exists (to pass edge-only flags)."""
+    if not own and serve_available() and not os.environ.get("P3_TEST_OWN_LAUNCHER"):
+        args = ["serve", "--port", "0", "--nodes", str(num_nodes), *edge_args]
+        proc = _spawn([sys.executable, "-m", "p3", *args])
+        cluster = Cluster(_wait_ready(proc)["url"], [proc])
+        wait_routed(cluster.url)
+        return cluster
+    cluster_proc = _spawn([sys.executable, __file__, str(num_nodes)])
+    coordinator = _wait_ready(cluster_proc)["coordinator"]
+    edge_cmd = [sys.executable, "-c", EDGE_SCRIPT, "--coordinator", coordinator, "--port", "0"]
+    edge_proc = _spawn([*edge_cmd, *edge_args])
+    try:
+        url = _wait_ready(edge_proc)["url"]
+        wait_routed(url)
+    except Exception:
+        Cluster("", [cluster_proc, edge_proc]).stop()
+        raise
+    return Cluster(url, [cluster_proc, edge_proc], coordinator)
+
+
+def wait_routed(url: str, timeout_s: float = 60.0) -> None:
+    """Until the edge has a ready replica (GET /ready answers 200)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} has no ready replica after {timeout_s} s")
+
+
+def _spawn(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+
+
+def _wait_ready(proc: subprocess.Popen, timeout_s: float = START_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout_s
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=0.5):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+            continue
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        if line.startswith(READY_PREFIX):
+            return json.loads(line[len(READY_PREFIX) :])
+        if (served := SERVING_LINE.search(line)) is not None:  # `p3 serve` says it this way
+            return {"url": served.group(1)}
+    proc.kill()
+    raise TimeoutError(f"{proc.args} not ready after {timeout_s} s")
+
+
+async def _run_cluster(num_nodes: int) -> None:
+    """A coordinator and num_nodes nodes in one process (the fallback before `p3 serve`)."""
+    from p3.config import EngineConfig
+    from p3.log import setup_logging
+    from p3.nodes.coordinator import Coordinator, CoordinatorConfig
+    from p3.nodes.node import Node, NodeConfig
+
+    setup_logging("warning")
+    coordinator = Coordinator(CoordinatorConfig(bind="tcp://127.0.0.1:0"))
+    actors = [coordinator]
+    tasks = [asyncio.create_task(coordinator.run())]
+    await coordinator.wait_ready()
+    engine = EngineConfig(kv_cache_bytes=256 << 20)
+    for i in range(num_nodes):
+        node = Node(NodeConfig(coordinator.address, node_id=f"node-{i}", engine=engine))
+        actors.append(node)
+        tasks.append(asyncio.create_task(node.run()))
+        await node.wait_ready()
+    print(READY_PREFIX + json.dumps({"coordinator": coordinator.address}), flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for actor in reversed(actors):
+        actor.stop("abort")
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(_run_cluster(int(sys.argv[1])))
