@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from p3.config import ModelConfig, RopeScaling
-from p3.kernels.attention import paged_decode_attention, prefill_attention, store_kv
+from p3.kernels.attention import paged_decode_attention, prefill_attention
+from p3.kernels.fused import fused_add_rms_norm, rms_norm, rope_store_kv, silu_mul
 
 
 @dataclass
@@ -80,10 +81,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        # normalised in fp32, rounded, then scaled: transformers' numerics, in 4 ops instead of 8
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        return self.weight * normed.to(x.dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """norm(x); given the residual stream, (norm(x + residual), x + residual) instead."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> Tensor:
@@ -105,12 +107,6 @@ def _llama3_scaled(inv_freq: Tensor, s: RopeScaling) -> Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) = roll(x) * sign
-    and the sign is folded into sin_signed: the same values, in fewer ops."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -129,10 +125,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         T, H, KVH = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = self.qkv(x).view(T, H + 2 * KVH, self.head_dim)  # [T, H + 2 KVH, hd]
-        qk = apply_rope(qkv[:, : H + KVH], cos, sin)  # [T, H + KVH, hd]; cos, sin: [T, 1, hd]
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KVH :]
-        store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        qkv = self.qkv(x)  # [T, (H + 2 KVH) hd]
+        # RoPE on q and k (cos, sin: [T, 1, hd]); k and v stored into the cache
+        qk = rope_store_kv(qkv, cos, sin, self.k_cache, self.v_cache, ctx.slot_mapping, H, KVH)
+        q, k = qk[:, :H], qk[:, H:]  # [T, H, hd], [T, KVH, hd]
+        v = qkv.view(T, H + 2 * KVH, self.head_dim)[:, H + KVH :]  # [T, KVH, hd]
         out = self._attend(q, k, v, ctx)  # [T, H, hd]
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -171,8 +168,7 @@ class MLP(nn.Module):
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_mul(self.gate_up(x)))  # gate_up: [T, 2 I]
 
 
 class Block(nn.Module):
@@ -183,9 +179,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, ctx)
-        return h + self.mlp(self.mlp_norm(h))
+    def forward(
+        self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor, ctx: AttentionContext
+    ) -> tuple[Tensor, Tensor]:
+        """Returns (mlp output, residual stream): the layer's output is their sum, which the
+        next norm computes (vLLM's layout; the same sums as h + mlp(norm(h)) after all)."""
+        if residual is None:
+            x, residual = self.attn_norm(x), x
+        else:
+            x, residual = self.attn_norm(x, residual)
+        x = self.attn(x, cos, sin, ctx)
+        x, residual = self.mlp_norm(x, residual)
+        return self.mlp(x), residual
 
 
 class Transformer(nn.Module):
@@ -211,11 +216,11 @@ class Transformer(nn.Module):
         self.cos_sin = torch.stack([emb.cos(), emb.sin() * sign]).to(self.embed.weight.dtype)
 
     def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
-        x = self.embed(input_ids)  # [T, D]
+        x, residual = self.embed(input_ids), None  # [T, D]
         cos, sin = self.cos_sin[:, positions].unsqueeze(2)  # [T, 1, hd] each
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, ctx)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()  # [N, V]

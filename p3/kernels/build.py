@@ -29,8 +29,11 @@ from p3.paths import p3_home
 log = get_logger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_attention.cpp",)
-CFLAGS = ("-O3", "-march=native", "-fopenmp")  # OpenMP: at::parallel_for is header code
+SOURCES = tuple(CSRC / f for f in ("paged_attention.cpp", "fused.cpp", "rms_norm.cpp"))
+HEADERS = (CSRC / "fused.h",)  # hashed with the sources: an edit must rebuild
+# OpenMP: at::parallel_for is header code. No contraction of a * b + c into one fma: the fused
+# kernels must round where torch's separate ops round.
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)  # resolves to the libgomp torch has already loaded
 STALE_LOCK_S = 15 * 60  # a lock older than this was left by a killed build
 
@@ -43,7 +46,7 @@ _failed: str | None = None
 def extension_name() -> str:
     """`p3_kernels_<hash>` over the sources, flags, Python and torch versions, and CPU."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     python = sysconfig.get_config_var("EXT_SUFFIX") or sys.version
     for part in (*CFLAGS, *LDFLAGS, python, torch.__version__, platform.machine(), _cpu_flags()):

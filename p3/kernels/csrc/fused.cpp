@@ -1,0 +1,180 @@
+// Fused elementwise kernels of a decoder layer on CPU: RoPE + KV store and SiLU-and-mul here,
+// residual add + RMSNorm in rms_norm.cpp. Each gives the same bits as the chain of torch ops it
+// replaces (the references are in p3/kernels/fused.py), because it repeats torch's arithmetic:
+// - every intermediate that torch materialises in the model dtype is rounded to it here too;
+// - sums are added in torch's order, exp is torch's own (at::vec's Sleef where torch's
+//   vectorised loop runs, std::exp on the tails it leaves to its scalar loop);
+// hence at::vec is built for the ISA torch dispatches to (Python checks that the two agree:
+// fused_capability()), and build.py passes -ffp-contract=off: an fma rounds once where torch
+// rounds twice. Rows are split across torch's thread pool as soon as there is a little work:
+// between two oneDNN calls its threads are spinning, not asleep, so waking them is cheap, and a
+// thread spinning next door slows a lone one down more than sharing the work costs.
+
+#include "fused.h"
+
+#ifdef P3_FUSED_CAPABILITY
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using namespace p3_fused;
+
+// ---------------------------------------------------------------------------------------------
+// RoPE, as torch computes x * cos + roll(x, hd / 2) * sin_signed: three roundings to T.
+
+template <typename T>
+void rope_half(const T* x, const T* partner, const T* cos, const T* sin, T* out, int64_t n) {
+  for (int64_t d = 0; d < n; d += kW) {
+    const int64_t m = std::min(kW, n - d);
+    const fVec a = round_to<T>(load(x + d, m) * load(cos + d, m));
+    const fVec b = round_to<T>(load(partner + d, m) * load(sin + d, m));
+    store(out + d, a + b, m);
+  }
+}
+
+struct RopeShape {
+  int64_t heads, kv_heads, hd;  // a qkv row: q heads, then kv_heads k heads and v heads
+  int64_t block_size, block_stride;  // of the caches [blocks, block_size, kv_heads, hd]
+};
+
+// qkv [T, (H + 2 KVH) hd] -> qk [T, H + KVH, hd] roped; roped k and raw v into their slots.
+template <typename T>
+void rope_store_kv_rows(const T* qkv, const T* cos, const T* sin, T* qk, T* k_cache,
+                        T* v_cache, const int64_t* slots, int64_t tokens, const RopeShape& s) {
+  const int64_t hd = s.hd, half = hd / 2, roped = (s.heads + s.kv_heads) * hd;
+  const int64_t kv = s.kv_heads * hd;
+  for_rows(tokens, roped + kv, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T *x = qkv + t * (roped + kv), *c = cos + t * hd, *sn = sin + t * hd;
+      T* out = qk + t * roped;
+      for (int64_t h = 0; h < roped; h += hd) {
+        rope_half(x + h, x + h + half, c, sn, out + h, half);
+        rope_half(x + h + half, x + h, c + half, sn + half, out + h + half, half);
+      }
+      const int64_t block = slots[t] / s.block_size, offset = slots[t] % s.block_size;
+      const int64_t slot = block * s.block_stride + offset * kv;
+      std::copy_n(out + s.heads * hd, kv, k_cache + slot);
+      std::copy_n(x + roped, kv, v_cache + slot);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// SiLU and mul, as torch computes F.silu(gate) * up: silu(x) = x / (1 + exp(-x)) in fp32.
+
+// torch's vectorized_loop runs its vector op over whole pairs of Vectorized<T> from the start
+// of each stretch of a row it is handed, and its scalar op (std::exp, not Sleef) on the rest.
+template <typename T>
+void silu_mul_stretch(const T* gate, const T* up, T* out, int64_t n) {
+  const int64_t step = 2 * at::vec::Vectorized<T>::size(), body = n / step * step;
+  const fVec one(1.f);
+  for (int64_t j = 0; j < body; j += kW) {
+    const fVec g = load(gate + j);
+    store(out + j, round_to<T>(g / (one + g.neg().exp())) * load(up + j));
+  }
+  for (int64_t j = body; j < n; ++j) {
+    const float g = static_cast<float>(gate[j]);
+    const T silu = static_cast<T>(g / (1.f + std::exp(-g)));
+    out[j] = static_cast<T>(static_cast<float>(silu) * static_cast<float>(up[j]));
+  }
+}
+
+// Where TensorIterator::for_each cuts an op's flat index range between threads: at multiples
+// of this, which may fall inside a row and so start a new stretch.
+int64_t torch_thread_chunk(int64_t numel) {
+  const int64_t grain = 32768, threads = at::get_num_threads();  // at::internal::GRAIN_SIZE
+  if (numel < grain || threads == 1 || at::in_parallel_region()) return numel;
+  const int64_t tasks = std::min(threads, (numel + grain - 1) / grain);
+  return (numel + tasks - 1) / tasks;
+}
+
+template <typename T>
+void silu_mul_rows(const T* gate_up, T* out, int64_t rows, int64_t n) {
+  const int64_t chunk = torch_thread_chunk(rows * n);
+  for_rows(rows, n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* gate = gate_up + i * 2 * n;
+      for (int64_t j = 0, stop; j < n; j = stop) {
+        stop = std::min(n, j + chunk - (i * n + j) % chunk);
+        silu_mul_stretch(gate + j, gate + n + j, out + i * n + j, stop - j);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: CPU tensors of one dtype, float32 or bfloat16, read as rows of their last dim.
+
+void check_slots(const at::Tensor& slots, int64_t tokens, int64_t num_slots) {
+  TORCH_CHECK(
+      slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == tokens,
+      "rope_store_kv: slot_mapping must be a contiguous int64 [T]");
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(s[t] >= 0 && s[t] < num_slots, "rope_store_kv: slot ", s[t],
+                " out of range [0, ", num_slots, ")");
+  }
+}
+
+at::Tensor rope_store_kv(const at::Tensor& qkv_in, const at::Tensor& cos_in,
+                         const at::Tensor& sin_in, at::Tensor& k_cache, at::Tensor& v_cache,
+                         const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads) {
+  const int64_t hd = cos_in.size(-1), width = (num_heads + 2 * num_kv_heads) * hd;
+  const at::Tensor qkv = rows_of(qkv_in, qkv_in, width, "qkv [T, (H + 2 KVH) hd]");
+  const at::Tensor cos = rows_of(cos_in, qkv, hd, "cos"), sin = rows_of(sin_in, qkv, hd, "sin");
+  const int64_t tokens = qkv.numel() / width;
+  TORCH_CHECK(hd % 2 == 0 && cos.numel() == tokens * hd && sin.numel() == tokens * hd,
+              "rope_store_kv: expected cos, sin [T, 1, hd] with hd even");
+  const std::vector<int64_t> cache_shape{k_cache.size(0), k_cache.size(1), num_kv_heads, hd};
+  for (const at::Tensor* cache : {&k_cache, &v_cache}) {
+    TORCH_CHECK(cache->sizes() == cache_shape && cache->is_contiguous() &&
+                    cache->scalar_type() == qkv.scalar_type(),
+                "rope_store_kv: caches must be contiguous [blocks, block_size, KVH, hd], in "
+                "qkv's dtype");
+  }
+  check_slots(slot_mapping, tokens, k_cache.size(0) * k_cache.size(1));
+  at::Tensor qk = at::empty({tokens, num_heads + num_kv_heads, hd}, qkv.options());
+  const RopeShape shape{num_heads, num_kv_heads, hd, k_cache.size(1), k_cache.stride(0)};
+  dispatch(qkv, "rope_store_kv", [&](auto tag) {
+    using T = decltype(tag);
+    rope_store_kv_rows<T>(qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(),
+                          qk.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+                          slot_mapping.data_ptr<int64_t>(), tokens, shape);
+  });
+  return qk;
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up_in) {
+  const int64_t n = gate_up_in.size(-1) / 2;
+  const at::Tensor gate_up = rows_of(gate_up_in, gate_up_in, 2 * n, "gate_up [.., 2 I]");
+  std::vector<int64_t> shape = gate_up.sizes().vec();
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, gate_up.options());
+  dispatch(gate_up, "silu_mul", [&](auto tag) {
+    using T = decltype(tag);
+    silu_mul_rows<T>(gate_up.data_ptr<T>(), out.data_ptr<T>(), out.numel() / n, n);
+  });
+  return out;
+}
+
+}  // namespace
+
+void register_fused(pybind11::module_& m) {
+  using pybind11::arg;
+  m.def("fused_capability", []() { return std::string(P3_FUSED_CAPABILITY); });
+  register_rms_norm(m);
+  m.def("rope_store_kv", &rope_store_kv, arg("qkv"), arg("cos"), arg("sin"), arg("k_cache"),
+        arg("v_cache"), arg("slot_mapping"), arg("num_heads"), arg("num_kv_heads"));
+  m.def("silu_mul", &silu_mul, arg("gate_up"));
+}
+
+#else  // an ISA this file has no at::vec build for: Python keeps to torch
+
+void register_fused(pybind11::module_& m) {
+  m.def("fused_capability", []() { return std::string(); });
+}
+
+#endif
