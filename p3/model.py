@@ -7,6 +7,7 @@ only place that knows where one sequence ends and the next begins (see Attention
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -271,6 +272,16 @@ def load_weights(model: Transformer, tensors: Iterable[tuple[str, Tensor]]) -> N
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_model(
     cfg: ModelConfig,
     tensors: Iterable[tuple[str, Tensor]],
@@ -278,10 +289,10 @@ def build_model(
     device: torch.device,
     max_len: int,
 ) -> Transformer:
-    """Allocate on the meta device (no init), materialise, fill from the checkpoint."""
-    with torch.device("meta"):
-        model = Transformer(cfg, max_len).to(dtype)
-    model = model.to_empty(device=device)
+    """Allocate uninitialised on the device, in the dtype, then fill from the checkpoint.
+    (Not meta + to_empty: that path imports sympy, half a second of start-up.)"""
+    with torch.device(device), _default_dtype(dtype):
+        model = Transformer(cfg, max_len)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     load_weights(model, tensors)
