@@ -55,9 +55,3 @@ def test_convert_bin_checkpoint_to_safetensors(tmp_path):
 def test_convert_refuses_what_it_cannot_read(tmp_path):
     result = p3("convert", str(tmp_path / "missing"), str(tmp_path / "out"))
     assert result.returncode == 2 and "p3: error" in result.stderr
-
-
-def test_serve_installs_the_default_model_and_says_serving_is_not_built(default_model_dir):
-    result = p3("serve")
-    assert str(default_model_dir) in result.stdout
-    assert "not built yet" in result.stdout
