@@ -16,3 +16,12 @@ def default_model_dir() -> Path:
     from p3.weights import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_kernels() -> None:
+    """Compile the C++ kernels once, before any test: on a fresh machine that takes ~15 s,
+    which would otherwise land inside whichever test first starts an engine."""
+    from p3.kernels import build
+
+    build.warm()

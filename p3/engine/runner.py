@@ -12,6 +12,7 @@ from torch import Tensor
 from p3.config import EngineConfig, ModelConfig
 from p3.engine.scheduler import ScheduledBatch
 from p3.engine.sequence import Sequence
+from p3.kernels import build
 from p3.kernels.sampling import Sampler, SampleResult, SampleRow
 from p3.model import AttentionContext, Transformer
 
@@ -56,6 +57,7 @@ class ModelRunner:
         self.sampler = Sampler()
         if self.device.type == "cpu":
             keep_freed_memory()
+            build.warm()  # compile the C++ kernels now (once per machine), not in the first step
         shape = (num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         for layer in model.layers:  # never read before written: no need to zero
             layer.attn.k_cache = torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
