@@ -18,10 +18,12 @@ def default_model_dir() -> Path:
     return ensure_default_model()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def built_kernels() -> None:
-    """Compile the C++ kernels once, before any test: on a fresh machine that takes ~15 s,
-    which would otherwise land inside whichever test first starts an engine."""
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile the C++ kernels and convert the default model once, before any test and outside
+    every test's time limit: on a fresh machine that takes ~30 s, which would otherwise land
+    inside whichever test first starts an engine."""
     from p3.kernels import build
+    from p3.weights import ensure_default_model
 
     build.warm()
+    ensure_default_model()
