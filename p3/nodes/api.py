@@ -162,7 +162,8 @@ class Api:
             async with contextlib.aclosing(generation.stream()) as deltas:
                 async for delta in deltas:
                     if delta.text or delta.finish_reason or delta.logprobs:
-                        await _send(response, responder.chunk(delta))
+                        for chunk in responder.chunks(delta):
+                            await _send(response, chunk)
             if prepared.request.include_usage:
                 await _send(response, responder.usage_chunk(generation.samples))
             self._finished(generation)

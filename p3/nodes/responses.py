@@ -71,13 +71,21 @@ class Responder:
             return []
         return [self._chunk(i, self.echo_texts[i]) for i in range(num_choices)]
 
-    def chunk(self, delta: Delta) -> dict[str, Any]:
-        body = {"content": delta.text} if self.chat else delta.text
-        if self.chat and delta.finish_reason is not None and not delta.text:
-            body = {}
-        return self._chunk(
-            delta.index, body, delta.logprobs, delta.finish_reason, delta.stop_reason
-        )
+    def chunks(self, delta: Delta) -> list[dict[str, Any]]:
+        """A delta's SSE chunks. Chat, as OpenAI streams it: the finish_reason comes in a
+        chunk of its own with an empty delta, after the last content."""
+        if not self.chat:
+            return [
+                self._chunk(
+                    delta.index, delta.text, delta.logprobs, delta.finish_reason, delta.stop_reason
+                )
+            ]
+        out = []
+        if delta.text or delta.logprobs:
+            out.append(self._chunk(delta.index, {"content": delta.text}, delta.logprobs))
+        if delta.finish_reason is not None:
+            out.append(self._chunk(delta.index, {}, None, delta.finish_reason))
+        return out
 
     def usage_chunk(self, samples: list[Sample]) -> dict[str, Any]:
         return {**self._envelope(chunk=True), "choices": [], "usage": usage(samples)}

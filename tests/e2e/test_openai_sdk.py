@@ -56,7 +56,18 @@ def test_streamed_chat_equals_whole_chat_at_temperature_0(client):
     assert chunks[0].choices[0].delta.content == ""
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices[0].delta.content is None  # OpenAI: the finish comes alone
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+
+
+def test_streamed_chat_ends_with_its_finish_reason_alone_like_openai(client):
+    args = {"model": MODEL, "messages": PARIS, "max_tokens": 3, "temperature": 0}
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "length" and last.delta.content is None
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert sum(bool(c.choices[0].delta.content) for c in chunks) >= 1
 
 
 def test_streamed_completion_equals_whole_completion(client):
