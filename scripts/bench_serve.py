@@ -6,7 +6,8 @@ Starts `p3 coordinator`, N `p3 node` and `p3 edge` on ephemeral ports (or uses -
 and --url), then for each concurrency runs that many streaming requests at once, first over
 HTTP/SSE, then with p3.client over ZeroMQ. Prints total tokens/s, TTFT and inter-token
 p50/p99, and the edge's overhead: REST TTFT minus native-client TTFT at the same load (the
-native client is the engine's path without HTTP). Not a test: numbers swing on a busy host.
+cluster without HTTP), and REST TTFT minus an in-process engine's TTFT on the same requests.
+Not a test: numbers swing on a busy host.
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ def spawn(*args: str) -> tuple[subprocess.Popen, dict]:
     raise RuntimeError(f"p3 {args[0]} exited before it was ready")
 
 
-def start_cluster(num_nodes: int) -> tuple[list[subprocess.Popen], str, str]:
+def start_cluster(num_nodes: int, threads: int | None) -> tuple[list[subprocess.Popen], str, str]:
     coord, info = spawn("coordinator", "--bind", "tcp://127.0.0.1:0")
     procs = [coord]
+    node_args = ["--threads", str(threads)] if threads else []
     for i in range(num_nodes):
-        node, _ = spawn("node", "--coordinator", info["address"], "--node-id", f"bench-{i}")
+        node, _ = spawn(
+            "node", "--coordinator", info["address"], "--node-id", f"bench-{i}", *node_args
+        )
         procs.append(node)
     edge, edge_info = spawn("edge", "--coordinator", info["address"], "--port", "0")
     procs.append(edge)
@@ -59,8 +63,14 @@ def prompt(i: int) -> str:
 
 
 async def rest_one(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int, run: Run):
-    body = {"model": DEFAULT_MODEL, "prompt": prompt(i), "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "temperature": 0}  # fmt: skip
+    body = {
+        "model": DEFAULT_MODEL,
+        "prompt": prompt(i),
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "temperature": 0,
+    }
     started = last = time.perf_counter()
     async with session.post(url + "/v1/completions", json=body) as response:
         async for line in response.content:
@@ -116,7 +126,7 @@ async def main_async(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen] = []
     url, coordinator = args.url, args.coordinator
     if url is None:
-        procs, coordinator, url = start_cluster(args.nodes)
+        procs, coordinator, url = start_cluster(args.nodes, args.node_threads)
     try:
         async with Client(coordinator) as client:
             await bench_all(args, url, client)
@@ -127,24 +137,58 @@ async def main_async(args: argparse.Namespace) -> None:
             proc.wait(timeout=30)
 
 
+def engine_ttft(llm, clients: int, args) -> list[float]:
+    """TTFT of the same requests on an engine in this process (no sockets, no HTTP): what the
+    edge's overhead is measured against. The cluster's node idles meanwhile."""
+    from p3.engine.sequence import Request
+
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0)
+    ttft: list[float] = []
+    for r in range(args.rounds):
+        started = time.perf_counter()
+        for i in range(clients):
+            llm.engine.add(Request(f"{r}-{i}", llm.tokenizer.encode(prompt(i)), params))
+        seen: set[str] = set()
+        while llm.engine.has_unfinished():
+            for out in llm.engine.step():
+                if out.new_token_ids and out.request_id not in seen:
+                    seen.add(out.request_id)
+                    ttft.append(time.perf_counter() - started)
+    return ttft
+
+
 async def bench_all(args: argparse.Namespace, url: str, client: Client) -> None:
+    from p3.llm import LLM
+
+    llm = LLM()  # the same default model, bf16, for the in-process reference
     warm_up = argparse.Namespace(rounds=1, max_tokens=4)
+    engine_ttft(llm, 2, warm_up)
     await bench("rest", url, client, 2, warm_up)
     await bench("native", url, client, 2, warm_up)
-    print(f"{'clients':>7} {'path':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
-          f"{'itl p50':>8} {'itl p99':>8}   (ms)")  # fmt: skip
+    print(
+        f"{'clients':>7} {'path':>6} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9} "
+        f"{'itl p50':>8} {'itl p99':>8}   (ms)"
+    )
     for clients in args.clients:
         runs = {}
         for kind in ("rest", "native"):
             run = runs[kind] = await bench(kind, url, client, clients, args)
-            print(f"{clients:>7} {kind:>6} {run.num_tokens / run.wall_s:>8.1f} "
-                  f"{pct(run.ttft_s, .5):>9.1f} {pct(run.ttft_s, .99):>9.1f} "
-                  f"{pct(run.itl_s, .5):>8.2f} {pct(run.itl_s, .99):>8.2f}")  # fmt: skip
-        overhead = [
-            pct(runs["rest"].ttft_s, q) - pct(runs["native"].ttft_s, q) for q in (0.5, 0.99)
-        ]
-        print(f"{'':>7} edge TTFT overhead (rest - native): p50 {overhead[0]:.2f} ms, "
-              f"p99 {overhead[1]:.2f} ms")  # fmt: skip
+            print(
+                f"{clients:>7} {kind:>6} {run.num_tokens / run.wall_s:>8.1f} "
+                f"{pct(run.ttft_s, 0.5):>9.1f} {pct(run.ttft_s, 0.99):>9.1f} "
+                f"{pct(run.itl_s, 0.5):>8.2f} {pct(run.itl_s, 0.99):>8.2f}"
+            )
+        in_process = engine_ttft(llm, clients, args)
+        print(
+            f"{clients:>7} {'engine':>6} {'':>8} {pct(in_process, 0.5):>9.1f} "
+            f"{pct(in_process, 0.99):>9.1f}   (in this process, no sockets)"
+        )
+        for kind, reference in (("rest", runs["native"].ttft_s), ("engine", in_process)):
+            overhead = [pct(runs["rest"].ttft_s, q) - pct(reference, q) for q in (0.5, 0.99)]
+            print(
+                f"{'':>7} TTFT overhead, REST - {'native' if kind == 'rest' else 'engine'}: "
+                f"p50 {overhead[0]:.2f} ms, p99 {overhead[1]:.2f} ms"
+            )
 
 
 def main() -> None:
@@ -152,6 +196,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--node-threads", type=int, default=None, help="torch threads per node")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency and path")
     parser.add_argument("--url", default=None, help="an edge already running")
     parser.add_argument("--coordinator", default=None, help="its coordinator (with --url)")
