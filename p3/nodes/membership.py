@@ -68,6 +68,9 @@ class Member:
         )
 
 
+JOINING_TIMEOUT_S = 10.0  # silence allowed between Welcome and Ready
+
+
 class Membership:
     def __init__(
         self,
@@ -145,11 +148,18 @@ class Membership:
                 continue
             silence_s = now - member.last_heard_at
             hb = member.heartbeat
-            if silence_s > self.heartbeat_timeout_s:
+            if silence_s > self._silence_allowed_s(member):
                 found.append((member, f"heartbeat-timeout ({silence_s:.3f}s silent)"))
             elif hb is not None and hb.busy and hb.last_step_age_s > self.hung_after_s:
                 found.append((member, f"no-progress ({hb.last_step_age_s:.3f}s without a step)"))
         return found
+
+    def _silence_allowed_s(self, member: Member) -> float:
+        """A node still loading its model serves no one, so waiting for it costs no client
+        anything, while loading can starve its heartbeats for a few intervals on a small host."""
+        if member.status is NodeStatus.JOINING:
+            return max(self.heartbeat_timeout_s, JOINING_TIMEOUT_S)
+        return self.heartbeat_timeout_s
 
     def routes(self) -> list[m.Route]:
         ready = [mb for mb in self.members.values() if mb.status is NodeStatus.READY]
