@@ -12,7 +12,7 @@ from p3.config import EngineConfig
 from p3.engine.engine import Engine
 from p3.engine.sequence import Request, StepOutput
 from p3.sampling_params import SamplingParams
-from p3.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from p3.tokenizer import OutputText, Tokenizer
 
 PromptType = str | dict[str, Any]
 
@@ -63,25 +63,20 @@ class _Child:
         self.params = params
         self.tokenizer = tokenizer
         self.out = CompletionOutput(index, logprobs=[] if params.logprobs is not None else None)
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
-        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.text = OutputText(tokenizer, prompt_ids, params)
 
     def update(self, step: StepOutput) -> str:
         """Apply one step; returns the text that became final (stop strings held back)."""
         self.out.token_ids += step.new_token_ids
         if step.logprobs is not None:
             self._add_logprobs(step)
-        delta = self.detok.push(step.new_token_ids)
-        if step.finished:
-            delta += self.detok.flush()
-        text, hit = self.stops.feed(delta)
+        text, hit = self.text.push(step.new_token_ids, len(self.out.token_ids), step.finished)
         if hit is not None:
             self.out.finish_reason, self.out.stop_reason = "stop", hit
         elif step.finished:
-            text += self.stops.flush()
             self.out.finish_reason = step.finish_reason
-            if step.finish_reason == "stop" and step.new_token_ids:
-                self.out.stop_reason = _stop_token(step.new_token_ids[-1], self.params)
+            if step.finish_reason == "stop":
+                self.out.stop_reason = self.params.stop_token_at_end(step.new_token_ids)
         self.out.text += text
         return text
 
@@ -96,10 +91,6 @@ class _Child:
             entry.setdefault(token, Logprob(lp, None, self.tokenizer.decode([token], False)))
             self.out.logprobs.append(entry)
             self.out.cumulative_logprob = (self.out.cumulative_logprob or 0.0) + lp
-
-
-def _stop_token(token: int, params: SamplingParams) -> int | None:
-    return token if token in params.stop_token_ids else None
 
 
 def child_seed(seed: int | None, index: int) -> int | None:

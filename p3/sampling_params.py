@@ -81,3 +81,9 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+    def stop_token_at_end(self, token_ids: list[int]) -> int | None:
+        """The stop token id that ended these tokens, if one did (OpenAI's stop_reason)."""
+        if token_ids and token_ids[-1] in self.stop_token_ids:
+            return token_ids[-1]
+        return None

@@ -17,6 +17,8 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
+from p3.sampling_params import SamplingParams
+
 REPLACEMENT_CHAR = "\ufffd"
 DETOKENIZE_CONTEXT_TOKENS = 5  # prompt tokens decoded before the first output token
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -261,3 +263,31 @@ class StopStringMatcher:
             if text[-length:] in self.prefixes:
                 return length
         return 0
+
+
+class OutputText:
+    """One sample's token ids in, its final text out: incremental detokenizing and stop strings,
+    as vLLM's output processor does them (a stop string counts only once min_tokens are out).
+    The offline API and the edge both use this, so their text and stops agree."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int] | None, params: SamplingParams
+    ):
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.min_tokens = params.min_tokens
+
+    def push(
+        self, token_ids: Sequence[int], num_output_tokens: int, last: bool
+    ) -> tuple[str, str | None]:
+        """The text that became final after these tokens (num_output_tokens counts them), and
+        the stop string that ended the sample, if one did."""
+        text = self.detok.push(token_ids)
+        if last:
+            text += self.detok.flush()
+        if num_output_tokens <= self.min_tokens and not last:
+            return text, None
+        text, hit = self.stops.feed(text)
+        if hit is None and last:
+            text += self.stops.flush()
+        return text, hit

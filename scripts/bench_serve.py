@@ -35,6 +35,15 @@ class Run:
     num_tokens: int = 0
     wall_s: float = 0.0
 
+    def arrived(self, started: float, last: float) -> float:
+        """Text arrived: a TTFT if it is the first, else an inter-token gap. Returns now."""
+        now = time.perf_counter()
+        if last == started:
+            self.ttft_s.append(now - started)
+        else:
+            self.itl_s.append(now - last)
+        return now
+
 
 def spawn(*args: str) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen([sys.executable, "-m", "p3", *args], stdout=subprocess.PIPE, text=True)
@@ -76,12 +85,7 @@ async def rest_one(session: aiohttp.ClientSession, url: str, i: int, max_tokens:
         async for line in response.content:
             if not line.startswith(b"data: {"):
                 continue
-            now = time.perf_counter()
-            if last == started:
-                run.ttft_s.append(now - started)
-            else:
-                run.itl_s.append(now - last)
-            last = now
+            last = run.arrived(started, last)
     run.num_tokens += max_tokens  # ignore_eos: every request makes exactly max_tokens
 
 
@@ -91,12 +95,7 @@ async def native_one(client: Client, i: int, max_tokens: int, run: Run) -> None:
     async for delta in client.stream(prompt(i), params):
         if not delta.text:
             continue  # as over SSE: a step whose text is held back sends nothing
-        now = time.perf_counter()
-        if last == started:
-            run.ttft_s.append(now - started)
-        else:
-            run.itl_s.append(now - last)
-        last = now
+        last = run.arrived(started, last)
         run.num_tokens += len(delta.token_ids)
 
 

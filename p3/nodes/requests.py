@@ -16,7 +16,7 @@ from p3.llm import child_seed
 from p3.protocol import messages as m
 from p3.protocol.sampling import to_wire
 from p3.sampling_params import SamplingParams
-from p3.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from p3.tokenizer import OutputText, Tokenizer
 
 SEED_BITS = 63
 
@@ -80,10 +80,7 @@ class Sample:
         self.journal = journal
         self.tokenizer = tokenizer
         self.params = params
-        self.detok = IncrementalDetokenizer(
-            tokenizer, journal.prompt_token_ids, params.skip_special_tokens
-        )
-        self.stops = StopStringMatcher(params.stop, params.include_stop_str_in_output)
+        self.text = OutputText(tokenizer, journal.prompt_token_ids, params)
         self.finish_reason: str | None = None
         self.num_prompt_tokens = len(journal.prompt_token_ids)
         self.num_cached_tokens = 0
@@ -112,7 +109,7 @@ class Sample:
         self._add_text(out, delta.finish_reason is not None)
         if out.finish_reason is None and delta.finish_reason is not None:
             out.finish_reason = delta.finish_reason
-            out.stop_reason = self._stop_token(token_ids)
+            out.stop_reason = self.params.stop_token_at_end(token_ids)
         self.finish_reason = out.finish_reason
         return out
 
@@ -122,22 +119,9 @@ class Sample:
         return Delta(self.index, "", [], finish_reason="abort")
 
     def _add_text(self, out: Delta, last: bool) -> None:
-        text = self.detok.push(out.token_ids)
-        if last:
-            text += self.detok.flush()
-        if self.num_output_tokens <= self.params.min_tokens and not last:
-            out.text = text  # stop strings count only after min_tokens
-            return
-        out.text, hit = self.stops.feed(text)
+        out.text, hit = self.text.push(out.token_ids, self.num_output_tokens, last)
         if hit is not None:
             out.finish_reason, out.stop_reason = "stop", hit
-        elif last:
-            out.text += self.stops.flush()
-
-    def _stop_token(self, token_ids: list[int]) -> int | None:
-        if token_ids and token_ids[-1] in self.params.stop_token_ids:
-            return token_ids[-1]
-        return None
 
 
 def _logprobs(delta: m.TokenDelta, skip: int) -> list[TokenLogprob] | None:

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from p3.weights import iter_state_dict
+
+from ..model.tiny import tiny_llama_bin
 
 
 def p3(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -30,25 +31,12 @@ def test_generate_refuses_a_bad_flag_value_clearly():
 
 
 def test_convert_bin_checkpoint_to_safetensors(tmp_path):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    model = LlamaForCausalLM(cfg)
-    src = tmp_path / "bin"
-    src.mkdir()
-    cfg.save_pretrained(src)
-    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    src, state = tiny_llama_bin(tmp_path, tied=False)
     result = p3("convert", str(src), str(tmp_path / "st"), "--quiet")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "st" / "model.safetensors").exists()
     converted = dict(iter_state_dict(tmp_path / "st"))
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         assert torch.equal(converted[name], tensor), name
 
 

@@ -10,46 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import p3.weights
 from p3.convert import save_sharded, undo_rope_permutation
 from p3.weights import convert, iter_state_dict, load_config, resolve_model
 
-
-def tiny_llama_bin(root: Path, tied: bool, num_shards: int = 1) -> tuple[Path, dict]:
-    """A random LlamaForCausalLM saved the old way: pytorch_model*.bin (+ index when sharded)."""
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    out = root / f"tiny-{'tied' if tied else 'untied'}-{num_shards}"
-    model.config.save_pretrained(out)
-    (out / "tokenizer.json").write_text("{}")
-    state = model.state_dict()
-    if num_shards == 1:
-        torch.save(state, out / "pytorch_model.bin")  # keeps tied tensors' shared storage
-    else:
-        save_bin_shards(state, out, num_shards)
-    return out, {name: t.clone() for name, t in state.items()}
-
-
-def save_bin_shards(state: dict, out: Path, num_shards: int) -> None:
-    names = list(state)
-    weight_map = {}
-    for i in range(num_shards):
-        file = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
-        part = names[i::num_shards]
-        torch.save({name: state[name] for name in part}, out / file)
-        weight_map.update(dict.fromkeys(part, file))
-    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+from .tiny import tiny_llama_bin
 
 
 def assert_same_tensors(ours: dict, expected: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
+    LlamaForCausalLM,
     MistralConfig,
     Qwen2Config,
 )
@@ -85,3 +87,38 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int)
         tokens.append(token)
         out = model(torch.tensor([[token]]), cache=out.past_key_values, use_cache=True)
     return tokens
+
+
+def tiny_llama_bin(root: Path, tied: bool, num_shards: int = 1) -> tuple[Path, dict]:
+    """A random LlamaForCausalLM saved the old way: pytorch_model*.bin (+ index when sharded)."""
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = root / f"tiny-{'tied' if tied else 'untied'}-{num_shards}"
+    model.config.save_pretrained(out)
+    (out / "tokenizer.json").write_text("{}")
+    state = model.state_dict()
+    if num_shards == 1:
+        torch.save(state, out / "pytorch_model.bin")  # keeps tied tensors' shared storage
+    else:
+        save_bin_shards(state, out, num_shards)
+    return out, {name: t.clone() for name, t in state.items()}
+
+
+def save_bin_shards(state: dict, out: Path, num_shards: int) -> None:
+    names = list(state)
+    weight_map = {}
+    for i in range(num_shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
+        part = names[i::num_shards]
+        torch.save({name: state[name] for name in part}, out / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
