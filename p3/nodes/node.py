@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 
 import zmq
@@ -181,15 +182,14 @@ class Node(Actor):
     async def load_engine(self) -> None:
         await self._welcomed.wait()
         log.info("node.loading", node_id=self.name, model=self.config.model_name)
-        try:
-            engine = await asyncio.to_thread(Engine, self.config.model, self.config.engine)
-        except Exception as exc:
-            self._fail(exc)
-            return
-        self.engine = engine
-        loop = asyncio.get_running_loop()
-        self.stepper = StepThread(engine, loop, self.on_step, self._fail, self.faults)
+        build = functools.partial(Engine, self.config.model, self.config.engine)
+        self.stepper = StepThread(
+            build, asyncio.get_running_loop(), self.on_loaded, self.on_step, self._fail, self.faults
+        )
         self.stepper.start()
+
+    def on_loaded(self, engine: Engine) -> None:
+        self.engine = engine
         if self.registered:
             self._send_ready()
         self.serving.set()
