@@ -137,21 +137,28 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def engine_ttft(llm, clients: int, args) -> list[float]:
     """TTFT of the same requests on an engine in this process (no sockets, no HTTP): what the
-    edge's overhead is measured against. The cluster's node idles meanwhile."""
+    edge's overhead is measured against. The cluster's node idles meanwhile. Timed, like the
+    other paths, to the first token that has text (a leading special token has none)."""
     from p3.engine.sequence import Request
+    from p3.tokenizer import OutputText
 
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0)
     ttft: list[float] = []
     for r in range(args.rounds):
         started = time.perf_counter()
+        texts: dict[str, OutputText] = {}
         for i in range(clients):
-            llm.engine.add(Request(f"{r}-{i}", llm.tokenizer.encode(prompt(i)), params))
-        seen: set[str] = set()
+            ids = llm.tokenizer.encode(prompt(i))
+            texts[f"{r}-{i}"] = OutputText(llm.tokenizer, ids, params)
+            llm.engine.add(Request(f"{r}-{i}", ids, params))
         while llm.engine.has_unfinished():
             for out in llm.engine.step():
-                if out.new_token_ids and out.request_id not in seen:
-                    seen.add(out.request_id)
-                    ttft.append(time.perf_counter() - started)
+                text = texts.get(out.request_id)
+                if text is not None and out.new_token_ids:
+                    last = out.finish_reason is not None
+                    if text.push(out.new_token_ids, 0, last)[0] or last:
+                        ttft.append(time.perf_counter() - started)
+                        del texts[out.request_id]
     return ttft
 
 
