@@ -7,6 +7,8 @@ and --url), then for each concurrency runs that many streaming requests at once,
 HTTP/SSE, then with p3.client over ZeroMQ. Prints total tokens/s, TTFT and inter-token
 p50/p99, and the edge's overhead: REST TTFT minus native-client TTFT at the same load (the
 cluster without HTTP), and REST TTFT minus an in-process engine's TTFT on the same requests.
+The edge also times itself (p3:edge_overhead_seconds: request in to Submit out, first
+token frame in to its SSE event out); its bucket bounds are printed per concurrency.
 Not a test: numbers swing on a busy host.
 """
 
@@ -113,6 +115,33 @@ async def bench(kind: str, url: str, client: Client, clients: int, args) -> Run:
     return run
 
 
+async def overhead_buckets(session: aiohttp.ClientSession, url: str) -> dict[str, list]:
+    """The edge's own-time histogram from /metrics: {leg: [(upper bound s, cumulative count)]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with session.get(url + "/metrics") as response:
+        text = await response.text()
+    legs: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "p3:edge_overhead_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                bound = float(sample.labels["le"])
+                legs.setdefault(sample.labels["leg"], []).append((bound, sample.value))
+    return legs
+
+
+def bucket_quantile(before: list, after: list, q: float) -> str:
+    """The bucket bound under which a share q of this run's observations fell (in ms)."""
+    counts = [(bound, n - n0) for (bound, n), (_, n0) in zip(after, before, strict=True)]
+    total = counts[-1][1] if counts else 0
+    for bound, n in counts:
+        if total and n >= q * total:
+            return "<=" + (f"{bound * 1000:g}" if bound != float("inf") else "inf")
+    return "n/a"
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -176,6 +205,8 @@ async def bench_all(args: argparse.Namespace, url: str, client: Client) -> None:
     )
     for clients in args.clients:
         runs = {}
+        async with aiohttp.ClientSession() as session:
+            before = await overhead_buckets(session, url)
         for kind in ("rest", "native"):
             run = runs[kind] = await bench(kind, url, client, clients, args)
             print(
@@ -183,6 +214,14 @@ async def bench_all(args: argparse.Namespace, url: str, client: Client) -> None:
                 f"{pct(run.ttft_s, 0.5):>9.1f} {pct(run.ttft_s, 0.99):>9.1f} "
                 f"{pct(run.itl_s, 0.5):>8.2f} {pct(run.itl_s, 0.99):>8.2f}"
             )
+        async with aiohttp.ClientSession() as session:
+            after = await overhead_buckets(session, url)
+        own = ", ".join(
+            f"{leg} p50 {bucket_quantile(before[leg], after[leg], 0.5)} "
+            f"p99 {bucket_quantile(before[leg], after[leg], 0.99)}"
+            for leg in sorted(after)
+        )
+        print(f"{'':>7} the edge's own time (its /metrics, ms): {own}")
         in_process = engine_ttft(llm, clients, args)
         print(
             f"{clients:>7} {'engine':>6} {'':>8} {pct(in_process, 0.5):>9.1f} "

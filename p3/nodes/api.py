@@ -114,6 +114,7 @@ class Api:
             raise ApiError(429, "too many requests in this edge; retry later", code="queue_full")
         self.num_pending += 1
         self.metrics.edge_pending.inc()
+        arrived_at = time.perf_counter()
         try:
             prepared = await prepare(self.edge, await _read_json(request), chat)
             samples = make_samples(
@@ -129,6 +130,9 @@ class Api:
             except RequestFailed as failure:
                 raise failure_error(failure) from None
             if prepared.request.stream:
+                self.metrics.edge_overhead.labels("ingress").observe(
+                    generation.submitted_at - arrived_at
+                )
                 return await self._stream(request, prepared, generation)
             return await self._whole(prepared, generation)
         finally:
@@ -156,6 +160,7 @@ class Api:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
+        first_text = True
         try:
             for chunk in responder.first_chunks(len(generation.samples)):
                 await _send(response, chunk)
@@ -164,6 +169,10 @@ class Api:
                     if delta.text or delta.finish_reason or delta.logprobs:
                         for chunk in responder.chunks(delta):
                             await _send(response, chunk)
+                    if first_text and delta.text:
+                        first_text = False
+                        egress_s = time.perf_counter() - generation.received_at
+                        self.metrics.edge_overhead.labels("first_token").observe(egress_s)
             if prepared.request.include_usage:
                 await _send(response, responder.usage_chunk(generation.samples))
             self._finished(generation)

@@ -45,6 +45,8 @@ class Generation:
         self.first_token_s: float | None = None  # time to the first token of any sample
         self.last_token_at: float | None = None
         self.inter_token_s: list[float] = []
+        self.submitted_at: float | None = None  # when the last sample's Submit left
+        self.received_at = 0.0  # when the frame of the latest Delta arrived from its node
 
     @property
     def request_ids(self) -> list[str]:
@@ -58,12 +60,13 @@ class Generation:
                 raise RequestFailed(
                     f"no ready replica of model {sample.journal.model!r}", "no_replica", True
                 )
+        self.submitted_at = time.perf_counter()
 
     async def stream(self) -> AsyncIterator[Delta]:
         """Deltas of every sample as they come; use with contextlib.aclosing."""
         try:
             while not all(s.finished for s in self.samples):
-                sample, msg = await self._next_event()
+                sample, msg, self.received_at = await self._next_event()
                 delta = self._handle(sample, msg)
                 if delta is not None:
                     self._timing(delta)

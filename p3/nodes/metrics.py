@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from p3.protocol import messages as m
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
 
 
@@ -42,6 +43,14 @@ class EdgeMetrics:
         self.running = Gauge("p3:num_requests_running", "Running requests", ["node"], registry=r)
         self.waiting = Gauge("p3:num_requests_waiting", "Waiting requests", ["node"], registry=r)
         self.kv_usage = Gauge("p3:kv_cache_usage_perc", "KV cache usage, 0-1", ["node"], registry=r)
+        self.edge_overhead = Histogram(
+            "p3:edge_overhead_seconds",
+            "The edge's own time on a streamed request: ingress (HTTP request in to its Submit "
+            "sent), first_token (the frame with the first text in to its SSE event written)",
+            ["leg"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self.edge_pending = Gauge("p3:edge_requests_pending", "Requests in this edge", registry=r)
 
     def observe_routes(self, routes: list[m.Route]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,8 @@ class NodeLost:
     reason: str
 
 
-Event = tuple[Sample, m.TokenDelta | m.Rejected | NodeLost]
+# (sample, what happened, perf_counter when its frame arrived: the edge's egress time starts)
+Event = tuple[Sample, m.TokenDelta | m.Rejected | NodeLost, float]
 
 
 class NodeLink:
@@ -153,7 +155,8 @@ class Cluster:
             link.close()
         for sample, queue in list(self.inflight.values()):
             if sample.journal.node_id == node_id:
-                queue.put_nowait((sample, NodeLost(node_id, "node declared dead")))
+                lost = NodeLost(node_id, "node declared dead")
+                queue.put_nowait((sample, lost, time.perf_counter()))
 
     def replicas(self, model: str) -> list[m.Route]:
         return [r for r in self.routes.values() if r.model == model]
@@ -209,12 +212,15 @@ class Cluster:
             return
         if self.on_tokens is not None:
             self.on_tokens(tokens)
+        received_at = time.perf_counter()
         for delta in tokens.deltas:
-            self._deliver(delta.request_id, delta)
+            self._deliver(delta.request_id, delta, received_at)
 
-    def _deliver(self, request_id: str, msg: m.TokenDelta | m.Rejected) -> None:
+    def _deliver(
+        self, request_id: str, msg: m.TokenDelta | m.Rejected, received_at: float | None = None
+    ) -> None:
         entry = self.inflight.get(request_id)
         if entry is None:
             return  # cancelled, finished, or never ours: nothing waits for it
         sample, queue = entry
-        queue.put_nowait((sample, msg))
+        queue.put_nowait((sample, msg, received_at or time.perf_counter()))

@@ -75,6 +75,33 @@ async def test_metrics_count_requests_and_tokens(cluster):
         assert name in text, name
 
 
+async def test_metrics_time_the_edges_own_share_of_a_stream(cluster):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "temperature": 0, "stream": True}
+
+    async def counts() -> dict[str, float]:
+        async with aiohttp.ClientSession() as session, session.get(cluster.url + "/metrics") as r:
+            text = await r.text()
+        return {
+            leg: sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("p3:edge_overhead_seconds_count") and f'leg="{leg}"' in line
+            )
+            for leg in ("ingress", "first_token")
+        }
+
+    before = await counts()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(cluster.url + "/v1/completions", json=body) as r,
+    ):
+        events = [line async for line in r.content if line.startswith(b"data: {")]
+    assert events
+    after = await counts()
+    assert after["ingress"] == before["ingress"] + 1
+    assert after["first_token"] == before["first_token"] + 1
+
+
 async def test_cluster_lists_the_node(cluster):
     out = await get_json(cluster.url, "/cluster")
     node = out["nodes"][0]
