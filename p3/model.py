@@ -3,6 +3,7 @@
 A step's tokens are packed into one sequence of T tokens: first the decode tokens (one per
 decoding sequence), then the prefill chunks. Linears run over all T at once; attention is the
 only place that knows where one sequence ends and the next begins (see AttentionContext).
+Under tensor parallelism (p3.parallel) every module is built with this rank's local sizes.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from p3.config import ModelConfig, RopeScaling
 from p3.kernels.attention import paged_decode_attention, prefill_attention
 from p3.kernels.fused import fused_add_rms_norm, rms_norm, rope_store_kv, silu_mul
+from p3.layers import Linear, can_pack_linears
+from p3.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    Shard,
+    VocabParallelEmbedding,
+)
 
 
 @dataclass
@@ -32,48 +40,6 @@ class AttentionContext:
     prefill_cu_seqlens: list[int]  # offsets of the prefill chunks after the decode tokens
     prefill_cached_lens: list[int]  # tokens of each prefilling sequence already in the cache
     prefill_block_tables: Tensor | None  # [num_prefill_seqs, max_blocks] int32
-
-
-class Linear(nn.Module):
-    """y = x W^T + b, with parameters left uninitialised: weights always come from a checkpoint.
-
-    On CPU in bf16 the weight can be repacked once into oneDNN's blocked layout (pack_for_cpu):
-    the same results to the bit, 1.3-1.7x faster than F.linear at the batch sizes of decoding.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.packed: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
-
-    def pack_for_cpu(self) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 32)
-        self.weight = None  # the packed copy is all forward reads: do not hold both
-
-
-def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN's packed bf16 linear: bit-identical to F.linear here; fp32 packing is not."""
-    return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
-
-
-class Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, dim))
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -109,18 +75,18 @@ def _llama3_scaled(inv_freq: Tensor, s: RopeScaling) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        q0, q1 = shard.split(cfg.num_heads, "num_attention_heads")
+        kv0, kv1 = shard.kv_heads(cfg.num_heads, cfg.num_kv_heads)
+        self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, kv1 - kv0, cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
+        )
+        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, shard)
         # [num_blocks, block_size, KVH, hd] each, allocated by the runner
         self.k_cache = self.v_cache = torch.empty(0)
 
@@ -163,22 +129,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        start, end = shard.split(cfg.intermediate_size, "intermediate_size")
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * (end - start))
+        self.down = RowParallelLinear(end - start, cfg.hidden_size, shard)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(silu_mul(self.gate_up(x)))  # gate_up: [T, 2 I]
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, shard)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard)
 
     def forward(
         self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor, ctx: AttentionContext
@@ -195,13 +162,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_len: int):
+    def __init__(self, cfg: ModelConfig, max_len: int, shard: Shard | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.shard = shard = shard or Shard()
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
+        self.layers = nn.ModuleList(Block(cfg, shard) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, shard)
         self.max_len = max_len
         self.cos_sin = torch.empty(0)  # [2, max_len, hd], set by setup_rope
 
@@ -223,49 +191,72 @@ class Transformer(nn.Module):
             x, residual = layer(x, residual, cos, sin, ctx)
         return self.norm(x, residual)[0]
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden).float()  # [N, V]
+    def compute_logits(self, hidden: Tensor) -> Tensor | None:
+        """[N, V] float logits; under tensor parallelism on the leader only (None elsewhere)."""
+        return self.lm_head.gather(self.lm_head(hidden).float())
 
 
-def weight_slots(cfg: ModelConfig) -> Iterator[tuple[str, str, int, int]]:
-    """(HF name, p3 parameter, row start, row end) for every checkpoint tensor p3 reads."""
-    qs, kvs, inter = (
-        cfg.num_heads * cfg.head_dim,
-        cfg.num_kv_heads * cfg.head_dim,
-        cfg.intermediate_size,
-    )
-    yield "model.embed_tokens.weight", "embed.weight", 0, cfg.vocab_size
-    yield "model.norm.weight", "norm.weight", 0, cfg.hidden_size
+# (HF name, p3 parameter, row start, row end, slice of the checkpoint tensor: (dim, start, end))
+Slot = tuple[str, str, int, int, tuple[int, int, int] | None]
+
+
+def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]:
+    """Where every checkpoint tensor p3 reads goes, for this rank: the rows of a parameter it
+    fills and, under tensor parallelism, the slice of the tensor this rank keeps."""
+    shard = shard or Shard()
+    hd = cfg.head_dim
+    q0, q1 = shard.split(cfg.num_heads, "num_attention_heads")
+    kv0, kv1 = shard.kv_heads(cfg.num_heads, cfg.num_kv_heads)
+    i0, i1 = shard.split(cfg.intermediate_size, "intermediate_size")
+    v0, v1 = shard.vocab_range(cfg.vocab_size)
+    v1 = min(v1, cfg.vocab_size)
+    qs, kvs, il = (q1 - q0) * hd, (kv1 - kv0) * hd, i1 - i0
+
+    def rows(start: int, end: int) -> tuple[int, int, int] | None:
+        return None if shard.size == 1 else (0, start, end)
+
+    def cols(start: int, end: int) -> tuple[int, int, int] | None:
+        return None if shard.size == 1 else (1, start, end)
+
+    yield "model.embed_tokens.weight", "embed.weight", 0, v1 - v0, rows(v0, v1)
+    yield "model.norm.weight", "norm.weight", 0, cfg.hidden_size, None
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", "lm_head.weight", 0, cfg.vocab_size
+        yield "lm_head.weight", "lm_head.weight", 0, v1 - v0, rows(v0, v1)
     for i in range(cfg.num_layers):
         hf, p3 = f"model.layers.{i}.", f"layers.{i}."
         for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-            yield hf + f"self_attn.q_proj.{suffix}", p3 + f"attn.qkv.{suffix}", 0, qs
-            yield hf + f"self_attn.k_proj.{suffix}", p3 + f"attn.qkv.{suffix}", qs, qs + kvs
+            qkv = p3 + f"attn.qkv.{suffix}"
+            yield hf + f"self_attn.q_proj.{suffix}", qkv, 0, qs, rows(q0 * hd, q1 * hd)
+            yield hf + f"self_attn.k_proj.{suffix}", qkv, qs, qs + kvs, rows(kv0 * hd, kv1 * hd)
             yield (
                 hf + f"self_attn.v_proj.{suffix}",
-                p3 + f"attn.qkv.{suffix}",
+                qkv,
                 qs + kvs,
                 qs + 2 * kvs,
+                rows(kv0 * hd, kv1 * hd),
             )
-        yield hf + "self_attn.o_proj.weight", p3 + "attn.o_proj.weight", 0, cfg.hidden_size
-        yield hf + "mlp.gate_proj.weight", p3 + "mlp.gate_up.weight", 0, inter
-        yield hf + "mlp.up_proj.weight", p3 + "mlp.gate_up.weight", inter, 2 * inter
-        yield hf + "mlp.down_proj.weight", p3 + "mlp.down.weight", 0, cfg.hidden_size
-        yield hf + "input_layernorm.weight", p3 + "attn_norm.weight", 0, cfg.hidden_size
-        yield hf + "post_attention_layernorm.weight", p3 + "mlp_norm.weight", 0, cfg.hidden_size
+        o_proj = p3 + "attn.o_proj.weight"
+        yield hf + "self_attn.o_proj.weight", o_proj, 0, cfg.hidden_size, cols(q0 * hd, q1 * hd)
+        yield hf + "mlp.gate_proj.weight", p3 + "mlp.gate_up.weight", 0, il, rows(i0, i1)
+        yield hf + "mlp.up_proj.weight", p3 + "mlp.gate_up.weight", il, 2 * il, rows(i0, i1)
+        yield hf + "mlp.down_proj.weight", p3 + "mlp.down.weight", 0, cfg.hidden_size, cols(i0, i1)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            name = "attn_norm" if norm == "input_layernorm" else "mlp_norm"
+            yield hf + f"{norm}.weight", p3 + f"{name}.weight", 0, cfg.hidden_size, None
 
 
 def load_weights(model: Transformer, tensors: Iterable[tuple[str, Tensor]]) -> None:
-    """Copy checkpoint tensors into (slices of) the parameters; every slot must be filled."""
+    """Copy checkpoint tensors (this rank's slices) into the parameters; every slot filled."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    slots: dict[str, list[tuple[str, int, int]]] = {}
-    for hf_name, name, start, end in weight_slots(model.cfg):
-        slots.setdefault(hf_name, []).append((name, start, end))
-    missing = {(n, s) for targets in slots.values() for n, s, _ in targets}
+    slots: dict[str, list[tuple[str, int, int, tuple[int, int, int] | None]]] = {}
+    for hf_name, name, start, end, part in weight_slots(model.cfg, model.shard):
+        slots.setdefault(hf_name, []).append((name, start, end, part))
+    missing = {(n, s) for targets in slots.values() for n, s, _, _ in targets}
     for hf_name, tensor in tensors:
-        for name, start, end in slots.get(hf_name, ()):
+        for name, start, end, part in slots.get(hf_name, ()):
+            if part is not None:
+                dim, lo, hi = part
+                tensor = tensor.narrow(dim, lo, hi - lo)
             params[name].data[start:end].copy_(tensor)
             missing.discard((name, start))
     if missing:
@@ -288,13 +279,16 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     max_len: int,
+    shard: Shard | None = None,
 ) -> Transformer:
     """Allocate uninitialised on the device, in the dtype, then fill from the checkpoint.
     (Not meta + to_empty: that path imports sympy, half a second of start-up.)"""
     with torch.device(device), _default_dtype(dtype):
-        model = Transformer(cfg, max_len)
+        model = Transformer(cfg, max_len, shard)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
+    for vocab_rows in (model.embed.weight, model.lm_head.weight):
+        vocab_rows.data.zero_()  # the last rank's padding rows past the vocabulary stay 0
     load_weights(model, tensors)
     model.setup_rope()
     if can_pack_linears(device, dtype):

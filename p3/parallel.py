@@ -1,0 +1,199 @@
+"""Tensor parallelism over torch.distributed: the sharded layers, the step plan, the followers.
+
+A replica of tp ranks holds one model. Each rank builds the same Transformer with local sizes
+and loads only its slice of every checkpoint tensor (see p3.model.weight_slots):
+
+    ColumnParallelLinear   qkv (this rank's query heads and their KV heads), gate_up
+    RowParallelLinear      o_proj, down: partial sums, then one all-reduce in forward
+    VocabParallelEmbedding rows [v0, v1) of the vocabulary; ids outside give 0; all-reduce
+    ParallelLMHead         logits for [v0, v1); gathered to the leader, which samples
+
+Query heads split evenly. KV heads split evenly when tp <= num_kv_heads; when tp is larger,
+each KV head is replicated on the tp / num_kv_heads ranks whose query heads read it.
+
+Only the leader (tp rank 0) has a scheduler, a block manager and a sampler. Every step it
+broadcasts a StepPlan (the packed batch as plain lists: token ids, positions, KV slots,
+block tables) and all ranks run the same forward; the block tables index every rank's own
+cache of its own heads. Followers run `follow()` until the leader broadcasts a stop plan.
+The plan is msgspec-encoded into a uint8 tensor: no pickle on this path either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from p3.layers import Linear
+
+PLAN_HEADER_BYTES = 8  # the payload length, broadcast first as one int64
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in its replica: tp rank and size, and the group joining them."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = field(default=None, compare=False, repr=False)  # a dist.ProcessGroup
+    leader: int = 0  # the global rank of tp rank 0 (the src of broadcasts, dst of gathers)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def split(self, n: int, what: str) -> tuple[int, int]:
+        """This rank's [start, end) of n things split evenly (ValueError if n % size)."""
+        if n % self.size:
+            raise ValueError(f"{what} ({n}) is not divisible by tensor parallel size {self.size}")
+        width = n // self.size
+        return self.rank * width, (self.rank + 1) * width
+
+    def vocab_range(self, vocab_size: int) -> tuple[int, int]:
+        """Rows of the vocabulary on this rank; the last rank's may pass vocab_size (padding)."""
+        width = math.ceil(vocab_size / self.size)
+        return self.rank * width, (self.rank + 1) * width
+
+    def kv_heads(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+        """The KV heads this rank's query heads read: a share, or one replicated head."""
+        if self.size <= num_kv_heads:
+            return self.split(num_kv_heads, "num_key_value_heads")
+        if self.size % num_kv_heads:
+            raise ValueError(
+                f"tensor parallel size {self.size} must divide or be a multiple of "
+                f"num_key_value_heads ({num_kv_heads})"
+            )
+        head = self.rank // (self.size // num_kv_heads)
+        return head, head + 1
+
+
+def init_shard(
+    rendezvous: str, rank: int, size: int, device: torch.device, timeout_s: float = 60.0
+) -> Shard:
+    """Join the replica's process group at rendezvous ("tcp://host:port", hosted by rank 0)."""
+    if size == 1:
+        return Shard()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=rendezvous,
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return Shard(rank, size, dist.group.WORLD, 0)
+
+
+def close_shard(shard: Shard) -> None:
+    if shard.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(x: Tensor, shard: Shard) -> Tensor:
+    if shard.size > 1:
+        dist.all_reduce(x, group=shard.group)
+    return x
+
+
+# -- layers --------------------------------------------------------------------------------
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split across ranks: each computes its own columns, no communication."""
+
+
+class RowParallelLinear(Linear):
+    """Input features split across ranks: each computes a partial sum of every output; the
+    all-reduce adds them. (No bias: none of the supported models has one here.)"""
+
+    def __init__(self, in_features: int, out_features: int, shard: Shard):
+        super().__init__(in_features, out_features)
+        self.shard = shard
+
+    def forward(self, x: Tensor) -> Tensor:
+        return all_reduce(super().forward(x), self.shard)
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, shard: Shard):
+        super().__init__()
+        self.shard = shard
+        self.start, self.end = shard.vocab_range(vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.end - self.start, dim))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.shard.size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.end)
+        local = (ids - self.start).masked_fill(outside, 0)
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return all_reduce(x, self.shard)  # one rank holds each row: the sum is exact
+
+
+class ParallelLMHead(Linear):
+    """Logits of this rank's vocabulary rows; `gather` assembles all of them on the leader."""
+
+    def __init__(self, dim: int, vocab_size: int, shard: Shard):
+        start, end = shard.vocab_range(vocab_size)
+        super().__init__(dim, end - start)
+        self.shard = shard
+        self.vocab_size = vocab_size
+
+    def gather(self, local: Tensor) -> Tensor | None:
+        """[N, V] float logits on the leader; None on the other ranks."""
+        if self.shard.size == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.shard.size)]
+        dst = self.shard.leader
+        dist.gather(local, parts if self.shard.is_leader else None, dst=dst, group=self.shard.group)
+        if not self.shard.is_leader:
+            return None
+        return torch.cat(parts, dim=-1)[:, : self.vocab_size]
+
+
+# -- the step plan ---------------------------------------------------------------------------
+
+
+class StepPlan(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One step's packed batch as the leader scheduled it; `stop` ends the followers."""
+
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    num_decode: int = 0
+    decode_block_tables: list[list[int]] = []
+    decode_context_lens: list[int] = []
+    prefill_cu_seqlens: list[int] = msgspec.field(default_factory=lambda: [0])
+    prefill_cached_lens: list[int] = []
+    prefill_block_tables: list[list[int]] = []
+    logits_indices: list[int] = []
+    stop: bool = False
+
+
+_plan_encoder = msgspec.msgpack.Encoder()
+_plan_decoder = msgspec.msgpack.Decoder(StepPlan)
+
+
+def broadcast_plan(plan: StepPlan, shard: Shard) -> None:
+    """Leader: send this step's plan to every follower (two broadcasts: length, payload)."""
+    payload = _plan_encoder.encode(plan)
+    header = torch.tensor([len(payload)], dtype=torch.int64)
+    dist.broadcast(header, src=shard.leader, group=shard.group)
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    dist.broadcast(data, src=shard.leader, group=shard.group)
+
+
+def receive_plan(shard: Shard) -> StepPlan:
+    """Follower: the leader's next plan."""
+    header = torch.empty(1, dtype=torch.int64)
+    dist.broadcast(header, src=shard.leader, group=shard.group)
+    data = torch.empty(int(header.item()), dtype=torch.uint8)
+    dist.broadcast(data, src=shard.leader, group=shard.group)
+    return _plan_decoder.decode(data.numpy().tobytes())
