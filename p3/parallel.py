@@ -74,19 +74,34 @@ class Shard:
         return head, head + 1
 
 
+def host_rendezvous(host: str, size: int, timeout_s: float = 60.0) -> dist.TCPStore:
+    """The leader's side of a replica's rendezvous: a TCPStore on host at a free port (its
+    .port is what the other ranks are told, through the coordinator)."""
+    return dist.TCPStore(
+        host, 0, size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
 def init_shard(
-    rendezvous: str, rank: int, size: int, device: torch.device, timeout_s: float = 60.0
+    rank: int,
+    size: int,
+    device: torch.device,
+    store: dist.Store | None = None,
+    address: tuple[str, int] | None = None,
+    timeout_s: float = 60.0,
 ) -> Shard:
-    """Join the replica's process group at rendezvous ("tcp://host:port", hosted by rank 0)."""
+    """Join the replica's process group: the leader passes its store, the others its address."""
     if size == 1:
         return Shard()
+    if store is None:
+        if address is None:
+            raise ValueError("a follower needs the leader's rendezvous address")
+        host, port = address
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend,
-        init_method=rendezvous,
-        rank=rank,
-        world_size=size,
-        timeout=timedelta(seconds=timeout_s),
+        backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s)
     )
     return Shard(rank, size, dist.group.WORLD, 0)
 

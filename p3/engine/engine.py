@@ -21,14 +21,23 @@ from p3.engine.sequence import Request, Sequence, StepOutput
 from p3.kernels.sampling import SampleResult
 from p3.log import get_logger
 from p3.model import build_model
+from p3.parallel import Shard
 from p3.weights import iter_state_dict, load_config, resolve_model
 
 log = get_logger(__name__)
 
 
 class Engine:
-    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        config: EngineConfig | None = None,
+        shard: Shard | None = None,
+    ):
+        """shard: this process's tensor-parallel rank (p3.parallel). Rank 0 is a whole engine
+        whose steps drive the others; the others only call `follow()`."""
         self.config = cfg = config or EngineConfig()
+        self.shard = shard or Shard()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         started = time.perf_counter()
@@ -43,7 +52,9 @@ class Engine:
             self.num_kv_blocks * cfg.block_size,
         )
         weights = iter_state_dict(self.model_dir)
-        model_ = build_model(mcfg, weights, cfg.torch_dtype, cfg.torch_device, self.max_model_len)
+        model_ = build_model(
+            mcfg, weights, cfg.torch_dtype, cfg.torch_device, self.max_model_len, self.shard
+        )
         self.runner = ModelRunner(model_, mcfg, cfg, self.num_kv_blocks, self.eos_token_ids)
         self.block_manager = BlockManager(
             self.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching
@@ -87,6 +98,16 @@ class Engine:
         seqs, result = self.runner.run(batch)
         self.num_steps += 1
         return aborted + self._postprocess(batch, seqs, result)
+
+    def follow(self) -> int:
+        """A tensor-parallel follower: run the leader's steps until it stops; returns how many."""
+        if self.shard.is_leader:
+            raise RuntimeError("the leader steps; only followers follow")
+        return self.runner.follow()
+
+    def close(self) -> None:
+        """The leader releases its followers (their follow() returns)."""
+        self.runner.stop_followers()
 
     # -- state ----------------------------------------------------------------------------
 

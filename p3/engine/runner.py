@@ -15,6 +15,7 @@ from p3.engine.sequence import Sequence
 from p3.kernels import build
 from p3.kernels.sampling import Sampler, SampleResult, SampleRow
 from p3.model import AttentionContext, Transformer
+from p3.parallel import StepPlan, broadcast_plan, receive_plan
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ModelRunner:
         eos_token_ids: frozenset[int],
     ):
         self.model = model
+        self.shard = model.shard
         self.device = cfg.torch_device
         self.block_size = cfg.block_size
         self.eos_token_ids = eos_token_ids
@@ -58,23 +60,55 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()
             build.warm()  # compile the C++ kernels now (once per machine), not in the first step
-        shape = (num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         for layer in model.layers:  # never read before written: no need to zero
+            shape = (num_blocks, cfg.block_size, layer.attn.num_kv_heads, model_cfg.head_dim)
             layer.attn.k_cache = torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
             layer.attn.v_cache = torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
-        """Run one step; returns the sequences that sampled a token and what they sampled."""
-        prepared = self.prepare(batch)
-        hidden = self.model(prepared.input_ids, prepared.positions, prepared.ctx)
-        if not prepared.sampling_seqs:
+        """Run one step; returns the sequences that sampled a token and what they sampled.
+        Under tensor parallelism the plan goes to the followers first, and every rank runs
+        the forward; only this rank (the leader) samples."""
+        plan, sampling_seqs = self.plan(batch)
+        if self.shard.size > 1:
+            broadcast_plan(plan, self.shard)
+        logits = self.forward(plan)
+        if not sampling_seqs:
             return [], None
-        logits = self.model.compute_logits(hidden[prepared.logits_indices])  # [S, V]
-        rows = [self._sample_row(seq) for seq in prepared.sampling_seqs]
-        return prepared.sampling_seqs, self.sampler(logits, rows)
+        rows = [self._sample_row(seq) for seq in sampling_seqs]
+        return sampling_seqs, self.sampler(logits, rows)
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan) -> Tensor | None:
+        """The model over one plan: the sampled rows' logits (on the leader), or None."""
+        prepared = self.tensors(plan)
+        hidden = self.model(prepared.input_ids, prepared.positions, prepared.ctx)
+        if not plan.logits_indices:
+            return None
+        return self.model.compute_logits(hidden[prepared.logits_indices])  # [S, V]
+
+    def follow(self) -> int:
+        """A follower's life: run the leader's plans until it broadcasts stop; the steps run."""
+        num_steps = 0
+        while not (plan := receive_plan(self.shard)).stop:
+            self.forward(plan)
+            num_steps += 1
+        return num_steps
+
+    def stop_followers(self) -> None:
+        if self.shard.size > 1 and self.shard.is_leader:
+            broadcast_plan(StepPlan(stop=True), self.shard)
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        plan, sampling_seqs = self.plan(batch)
+        prepared = self.tensors(plan)
+        prepared.sampling_seqs = sampling_seqs
+        return prepared
+
+    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
+        """The packed batch as plain lists (decode tokens first, then prefill chunks), and the
+        sequences whose last row is sampled."""
         pairs = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
         decode = [(s, n) for s, n in pairs if n == 1]
         prefill = [(s, n) for s, n in pairs if n > 1]
@@ -94,35 +128,47 @@ class ModelRunner:
                 sampling_seqs.append(seq)
             if num_new > 1:
                 cu_seqlens.append(cu_seqlens[-1] + num_new)
-        ctx = AttentionContext(
-            slot_mapping=self._tensor(slots, torch.int64),
+        plan = StepPlan(
+            input_ids=input_ids,
+            positions=positions,
+            slots=slots,
             num_decode=len(decode),
-            decode_block_tables=self._block_tables([s for s, _ in decode]),
-            decode_context_lens=self._tensor(
-                [s.num_computed_tokens + 1 for s, _ in decode], torch.int32
-            ),
+            decode_block_tables=[s.block_table for s, _ in decode],
+            decode_context_lens=[s.num_computed_tokens + 1 for s, _ in decode],
             prefill_cu_seqlens=cu_seqlens,
             prefill_cached_lens=[s.num_computed_tokens for s, _ in prefill],
-            prefill_block_tables=self._block_tables([s for s, _ in prefill]),
+            prefill_block_tables=[s.block_table for s, _ in prefill],
+            logits_indices=logits_indices,
+        )
+        return plan, sampling_seqs
+
+    def tensors(self, plan: StepPlan) -> PreparedBatch:
+        ctx = AttentionContext(
+            slot_mapping=self._tensor(plan.slots, torch.int64),
+            num_decode=plan.num_decode,
+            decode_block_tables=self._block_tables(plan.decode_block_tables),
+            decode_context_lens=self._tensor(plan.decode_context_lens, torch.int32),
+            prefill_cu_seqlens=plan.prefill_cu_seqlens,
+            prefill_cached_lens=plan.prefill_cached_lens,
+            prefill_block_tables=self._block_tables(plan.prefill_block_tables),
         )
         return PreparedBatch(
-            input_ids=self._tensor(input_ids, torch.int64),
-            positions=self._tensor(positions, torch.int64),
+            input_ids=self._tensor(plan.input_ids, torch.int64),
+            positions=self._tensor(plan.positions, torch.int64),
             ctx=ctx,
-            logits_indices=self._tensor(logits_indices, torch.int64),
-            sampling_seqs=sampling_seqs,
+            logits_indices=self._tensor(plan.logits_indices, torch.int64),
+            sampling_seqs=[],
         )
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _block_tables(self, seqs: list[Sequence]) -> Tensor | None:
-        if not seqs:
+    def _block_tables(self, tables: list[list[int]]) -> Tensor | None:
+        if not tables:
             return None
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return self._tensor(rows, torch.int32)
+        width = max(len(t) for t in tables)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
 
     def _tensor(self, data: list, dtype: torch.dtype) -> Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
