@@ -78,6 +78,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hung-after", type=float, default=30.0, help="busy with no step this long = dead (s)"
     )
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel nodes per replica")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -127,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise ValueError(f"--nodes must be at least 1, got {args.nodes}")
+    if args.tp < 1 or args.nodes % args.tp:
+        raise ValueError(f"--nodes ({args.nodes}) must be a multiple of --tp ({args.tp})")
     return serve(args, engine_argv(args))
 
 
@@ -139,6 +142,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_misses=args.heartbeat_misses,
         hung_after_s=args.hung_after,
+        tp_size=args.tp,
     )
     return run_actor(Coordinator(config))
 
@@ -185,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port")
-    serve.add_argument("--nodes", type=int, default=1, help="replicas, one node process each")
+    serve.add_argument(
+        "--nodes", type=int, default=1, help="node processes: nodes / tp replicas (default 1)"
+    )
     serve.add_argument("--api-key", default=None)
     serve.add_argument("--threads", type=int, default=None, help="per node (default: cores/N)")
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="per start-up stage")

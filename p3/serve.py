@@ -1,4 +1,4 @@
-"""`p3 serve`: a coordinator, N nodes (each a replica) and an edge on this machine.
+"""`p3 serve`: a coordinator, N nodes (N / tp replicas) and an edge on this machine.
 
 Starts them in order (coordinator on an ephemeral port, then the nodes, then the edge),
 waiting for each to be ready; prints the URL; on Ctrl-C or SIGTERM stops the edge, the
@@ -73,7 +73,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
             *common, "coordinator", "--bind", "tcp://127.0.0.1:0",
             "--heartbeat-interval", str(args.heartbeat_interval),
             "--heartbeat-misses", str(args.heartbeat_misses),
-            "--hung-after", str(args.hung_after),
+            "--hung-after", str(args.hung_after), "--tp", str(args.tp),
         ),
     )  # fmt: skip
     children.append(coordinator)

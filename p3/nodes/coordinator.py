@@ -4,6 +4,12 @@ One ROUTER socket. Nodes and edges connect DEALERs whose identity is their id. T
 coordinator is off the token path: it hears Hello/Ready/Heartbeat/Fatal/Goodbye from nodes
 and EdgeHello from edges, and publishes Routes (every ready node, with its latest load) to
 every edge it knows, on every change and at least once per heartbeat interval.
+
+Placement with tensor parallelism (tp_size > 1): nodes are welcomed unplaced; once tp_size
+of one model wait, they become a replica. Its rank 0 gets Place and answers Rendezvous (its
+torch.distributed store's host:port); the other ranks then get Place with that address. A
+replica is routed (through rank 0) once all its members are ready; when one dies, the
+others are told to shut down (re-forming a replica from spare nodes is not done yet).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class CoordinatorConfig:
     heartbeat_misses: int = 3
     hung_after_s: float = 30.0
     edge_timeout_s: float = 5.0  # an edge silent this long is forgotten (it says hello every 1 s)
+    tp_size: int = 1  # nodes per replica (tensor-parallel ranks)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -39,6 +46,8 @@ class CoordinatorConfig:
             raise ValueError(f"heartbeat misses must be at least 1, got {self.heartbeat_misses}")
         if self.hung_after_s <= 0:
             raise ValueError(f"hung-after must be positive, got {self.hung_after_s}")
+        if self.tp_size < 1:
+            raise ValueError(f"tensor parallel size must be at least 1, got {self.tp_size}")
 
 
 class Coordinator(Actor):
@@ -48,8 +57,9 @@ class Coordinator(Actor):
         super().__init__(name)
         self.config = cfg = config or CoordinatorConfig()
         self.membership = Membership(
-            cfg.heartbeat_interval_s, cfg.heartbeat_misses, cfg.hung_after_s
+            cfg.heartbeat_interval_s, cfg.heartbeat_misses, cfg.hung_after_s, tp_size=cfg.tp_size
         )
+        self._forming: dict[str, list[Member]] = {}  # leader id -> its group, until Rendezvous
         self.edges: dict[bytes, float] = {}  # identity -> when last heard
         self.routes_version = 0
         self.address = ""
@@ -98,6 +108,8 @@ class Coordinator(Actor):
                 self.on_goodbye(identity, msg)
             case m.EdgeHello():
                 self.on_edge_hello(identity, msg)
+            case m.Rendezvous():
+                self.on_rendezvous(identity, msg)
 
     def on_hello(self, identity: bytes, hello: m.Hello) -> None:
         if hello.protocol_version != m.PROTOCOL_VERSION:
@@ -121,9 +133,40 @@ class Coordinator(Actor):
             previous_epoch=hello.epoch,
         )
         welcome = m.Welcome(
-            member.epoch, hello.model, member.replica, self.config.heartbeat_interval_s
+            member.epoch,
+            hello.model,
+            member.replica,
+            self.config.heartbeat_interval_s,
+            placed=member.placed,
         )
         wire.send(self._sock, welcome, identity)
+        for group in self.membership.form_groups():
+            self._place(group)
+
+    def _place(self, group: list[Member]) -> None:
+        leader = group[0]
+        log.info(
+            "coordinator.replica_formed",
+            model=leader.hello.model,
+            replica=leader.replica,
+            nodes=[mb.node_id for mb in group],
+        )
+        self._forming[leader.node_id] = group
+        place = m.Place(leader.epoch, leader.replica, 0, leader.group_size)
+        wire.send(self._sock, place, leader.identity)
+
+    def on_rendezvous(self, identity: bytes, rendezvous: m.Rendezvous) -> None:
+        leader = self._current(identity, rendezvous.node_id, rendezvous.epoch)
+        group = self._forming.pop(rendezvous.node_id, None) if leader is not None else None
+        if group is None:
+            return
+        address = f"{rendezvous.host}:{rendezvous.port}"
+        for member in group[1:]:
+            if member.is_live:
+                place = m.Place(
+                    member.epoch, member.replica, member.rank, member.group_size, address
+                )
+                wire.send(self._sock, place, member.identity)
 
     def on_ready(self, identity: bytes, ready: m.Ready) -> None:
         member = self._current(identity, ready.node_id, ready.epoch)
@@ -208,10 +251,17 @@ class Coordinator(Actor):
             self._publish()
 
     def _declare_dead(self, member: Member, cause: str) -> None:
+        group = self.membership.group_of(member)
         self.membership.declare_dead(member, cause)
         log.warning(
             "coordinator.node_dead", node_id=member.node_id, epoch=member.epoch, cause=cause
         )
+        for other in group:
+            if other is not member:  # its shard cannot run without this one
+                log.warning(
+                    "coordinator.replica_down", replica=other.replica, node_id=other.node_id
+                )
+                wire.send(self._sock, m.Shutdown("abort"), other.identity)
         self._changed_dead.append(member.node_id)
         self._mark_changed()
 

@@ -4,6 +4,11 @@ Pure bookkeeping (no sockets, a clock passed in), so every rule here is testable
 Python. Epochs only grow: every Hello gets a new one, higher than any this table issued and
 than the one the node says it held before (so a restarted coordinator never reissues one).
 A member declared dead keeps its dead epochs: anything it later says under one is fenced.
+
+With tensor parallelism (tp_size > 1) a replica is a group of tp_size members of one model:
+a member joins unplaced, and `form_groups` makes a replica of tp_size unplaced members in
+the order they joined (ranks 0..tp_size-1). Only rank 0 of a group whose every member is
+ready is routed; a group with a dead member is down.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class Member:
     heartbeat: m.Heartbeat | None = None
     dead_epochs: set[int] = field(default_factory=set)
     cause: str = ""
+    rank: int = 0  # tensor-parallel rank in its replica
+    group_size: int = 1
+    placed: bool = True  # False: waiting for a replica to be formed around it
 
     @property
     def is_live(self) -> bool:
@@ -78,7 +86,9 @@ class Membership:
         heartbeat_misses: int,
         hung_after_s: float,
         clock: Callable[[], float] = time.monotonic,
+        tp_size: int = 1,
     ):
+        self.tp_size = tp_size
         self.heartbeat_timeout_s = heartbeat_interval_s * heartbeat_misses
         self.hung_after_s = hung_after_s
         self.clock = clock
@@ -91,17 +101,49 @@ class Membership:
         """A Hello: a new epoch, and the lowest replica index free for its model."""
         self.last_epoch = max(self.last_epoch, hello.epoch) + 1
         old = self.members.get(hello.node_id)
+        placed = self.tp_size == 1
         member = Member(
             node_id=hello.node_id,
             identity=identity,
             epoch=self.last_epoch,
             hello=hello,
-            replica=self._free_replica(hello.model, hello.node_id),
+            replica=self._free_replica(hello.model, hello.node_id) if placed else -1,
             last_heard_at=self.clock(),
             dead_epochs=old.dead_epochs if old else set(),
+            placed=placed,
         )
         self.members[hello.node_id] = member
         return member
+
+    def form_groups(self) -> list[list[Member]]:
+        """New replicas of tp_size unplaced live members of one model, ranks in join order."""
+        waiting: dict[str, list[Member]] = {}
+        for member in sorted(self.members.values(), key=lambda mb: mb.epoch):
+            if member.is_live and not member.placed:
+                waiting.setdefault(member.hello.model, []).append(member)
+        groups = []
+        for model, members in waiting.items():
+            while len(members) >= self.tp_size:
+                group, members = members[: self.tp_size], members[self.tp_size :]
+                replica = self._free_replica(model, "")
+                for rank, member in enumerate(group):
+                    member.replica, member.rank, member.group_size = replica, rank, self.tp_size
+                    member.placed = True
+                groups.append(group)
+        return groups
+
+    def group_of(self, member: Member) -> list[Member]:
+        """The live members of member's replica, member included."""
+        if member.group_size == 1 or not member.placed:
+            return [member] if member.is_live else []
+        return [
+            mb
+            for mb in self.members.values()
+            if mb.is_live
+            and mb.placed
+            and mb.hello.model == member.hello.model
+            and mb.replica == member.replica
+        ]
 
     def mark_ready(self, member: Member, ready: m.Ready) -> None:
         member.ready = ready
@@ -162,13 +204,24 @@ class Membership:
         return self.heartbeat_timeout_s
 
     def routes(self) -> list[m.Route]:
-        ready = [mb for mb in self.members.values() if mb.status is NodeStatus.READY]
+        ready = [
+            mb
+            for mb in self.members.values()
+            if mb.status is NodeStatus.READY and mb.rank == 0 and self._whole(mb)
+        ]
         return [mb.route() for mb in sorted(ready, key=lambda mb: (mb.hello.model, mb.replica))]
+
+    def _whole(self, leader: Member) -> bool:
+        """Every member of the leader's replica is alive and ready."""
+        group = self.group_of(leader)
+        return len(group) == leader.group_size and all(
+            mb.status is NodeStatus.READY for mb in group
+        )
 
     def _free_replica(self, model: str, node_id: str) -> int:
         taken = {
             mb.replica
             for mb in self.members.values()
-            if mb.is_live and mb.hello.model == model and mb.node_id != node_id
+            if mb.is_live and mb.placed and mb.hello.model == model and mb.node_id != node_id
         }
         return next(i for i in range(len(taken) + 1) if i not in taken)

@@ -8,6 +8,10 @@ outputs become one Tokens message per edge. Fence: abort that epoch's requests (
 edges have moved them) and register again. Reregister (the coordinator restarted): register
 again, keep streaming. Stop "drain" finishes in-flight requests (bounded), "abort" ends them
 with finish_reason "abort"; both end with Goodbye. An error in a step sends Fatal and fails.
+
+A tensor-parallel shard is welcomed unplaced and loads once Place says its rank: rank 0
+hosts the replica's torch.distributed store (telling the coordinator where, in Rendezvous)
+and serves; the other ranks join it and follow rank 0's steps until it stops.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import time
+from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
@@ -28,6 +33,7 @@ from p3.nodes.actor import Actor
 from p3.nodes.inflight import InFlight, InFlightTable
 from p3.nodes.node_config import NodeConfig, advertised_address
 from p3.nodes.stepper import StepFaults, StepThread
+from p3.parallel import host_rendezvous, init_shard
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.sampling import from_wire
@@ -57,6 +63,8 @@ class Node(Actor):
         self.address = ""
         self.serving = asyncio.Event()  # welcomed, engine loaded, Ready sent
         self._welcomed = asyncio.Event()
+        self.place: m.Place | None = None  # this node's shard of its replica
+        self._placed = asyncio.Event()
         self._kick = asyncio.Event()
         self._idle = asyncio.Event()
         self._failure: BaseException | None = None
@@ -137,6 +145,8 @@ class Node(Actor):
                     self.on_fence(fence)
                 case m.Reregister() as again:
                     self.on_reregister(again)
+                case m.Place() as place:
+                    self.on_place(place)
                 case m.Refused(reason=reason):
                     log.error("node.refused", node_id=self.name, reason=reason)
                     self._fail(NodeFailed(f"refused by the coordinator: {reason}"))
@@ -152,8 +162,20 @@ class Node(Actor):
         log.info("node.welcomed", node_id=self.name, epoch=self.epoch, replica=welcome.replica)
         self._welcomed.set()
         self._kick.set()
+        if welcome.placed and self.place is None:
+            self.on_place(m.Place(welcome.epoch, welcome.replica, 0, 1))
         if self.engine is not None:
             self._send_ready()
+
+    def on_place(self, place: m.Place) -> None:
+        if place.epoch != self.epoch or self.place is not None:
+            return  # for an older registration, or placed already (the engine is built)
+        log.info(
+            "node.placed", node_id=self.name, replica=place.replica, rank=place.rank,
+            size=place.size,
+        )  # fmt: skip
+        self.place = place
+        self._placed.set()
 
     def on_fence(self, fence: m.Fence) -> None:
         self.fenced_epoch = max(self.fenced_epoch, fence.epoch)
@@ -180,13 +202,37 @@ class Node(Actor):
     # -- the engine -------------------------------------------------------------------------
 
     async def load_engine(self) -> None:
-        await self._welcomed.wait()
+        await self._placed.wait()
+        place = self.place
         log.info("node.loading", node_id=self.name, model=self.config.model_name)
         build = functools.partial(Engine, self.config.model, self.config.engine)
+        if place.size > 1:
+            build = self._shard_builder(place)
         self.stepper = StepThread(
             build, asyncio.get_running_loop(), self.on_loaded, self.on_step, self._fail, self.faults
         )
+        self.stepper.on_released = lambda: self.stop("drain")
         self.stepper.start()
+
+    def _shard_builder(self, place: m.Place):
+        """Join the replica's process group (rank 0 hosts it), then load this rank's slice:
+        both on the step thread, which is where this process's torch work belongs."""
+        device = self.config.engine.torch_device
+        if place.rank == 0:
+            host = urlsplit(self.address).hostname or "127.0.0.1"
+            store = host_rendezvous(host, place.size)
+            wire.send(self._coordinator, m.Rendezvous(self.name, self.epoch, host, store.port))
+            join = functools.partial(init_shard, 0, place.size, device, store=store)
+        else:
+            host, _, port = place.rendezvous.rpartition(":")
+            join = functools.partial(
+                init_shard, place.rank, place.size, device, address=(host, int(port))
+            )
+
+        def build() -> Engine:
+            return Engine(self.config.model, self.config.engine, join())
+
+        return build
 
     def on_loaded(self, engine: Engine) -> None:
         self.engine = engine

@@ -76,6 +76,7 @@ class StepThread:
         self.engine: Engine | None = None
         self._build = build
         self._on_ready = on_ready
+        self.on_released: Callable[[], None] | None = None  # a follower's leader let it go
         self.faults = faults or StepFaults()
         self.in_step = False
         self.last_step_at = time.monotonic()
@@ -97,6 +98,8 @@ class StepThread:
         self._stopping = True
         self.faults.release()
         self._wake.set()
+        if self.engine is not None and not self.engine.shard.is_leader:
+            return  # blocked in its leader's next broadcast: it ends with the process
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.warning("node.step_thread_stuck", timeout_s=timeout_s)
@@ -109,15 +112,33 @@ class StepThread:
             return
         self._hand_to_loop(self._on_ready, self.engine)
         try:
+            if not self.engine.shard.is_leader:
+                self._follow()
+                return
             while not self._stopping:
                 self._wake.clear()
                 if not self.engine.has_unfinished():
                     self._wake.wait()
                     continue
                 self._step_once()
+            self._release_followers()
         except BaseException as exc:  # noqa: BLE001 - any error in a step is node-fatal
             log.exception("node.step_failed", error=repr(exc))
             self._hand_to_loop(self._on_fatal, exc)
+
+    def _release_followers(self) -> None:
+        """A tensor-parallel leader that stops lets its followers go (those still there)."""
+        try:
+            self.engine.close()
+        except RuntimeError as exc:  # a follower left first: nothing to release
+            log.info("node.followers_gone", error=str(exc)[:200])
+
+    def _follow(self) -> None:
+        """A tensor-parallel follower runs its leader's steps until the leader stops."""
+        num_steps = self.engine.follow()
+        log.info("node.released", num_steps=num_steps)
+        if self.on_released is not None:
+            self._hand_to_loop(self.on_released)
 
     def _step_once(self) -> None:
         self.in_step = True

@@ -64,6 +64,8 @@ class Ready(Msg, tag="ready"):
     block_size: int = 0
     max_model_len: int = 0
     load_time_s: float = 0.0
+    tp_rank: int = 0  # this node's rank in its replica (only rank 0 is routed)
+    tp_size: int = 1
 
 
 class Heartbeat(Msg, tag="heartbeat"):
@@ -99,7 +101,16 @@ class EdgeHello(Msg, tag="edge_hello"):
     edge_id: str
 
 
-ToCoordinator = Hello | Ready | Heartbeat | Fatal | Goodbye | EdgeHello
+class Rendezvous(Msg, tag="rendezvous"):
+    """A replica leader's answer to Place: where its torch.distributed store listens."""
+
+    node_id: str
+    epoch: int
+    host: str
+    port: int
+
+
+ToCoordinator = Hello | Ready | Heartbeat | Fatal | Goodbye | EdgeHello | Rendezvous
 
 
 # -- coordinator -> node -----------------------------------------------------------------------
@@ -112,6 +123,7 @@ class Welcome(Msg, tag="welcome"):
     model: str = ""
     replica: int = 0
     heartbeat_interval_s: float = 0.1
+    placed: bool = True  # False: a tensor-parallel shard, wait for Place before loading
 
 
 class Refused(Msg, tag="refused"):
@@ -136,7 +148,18 @@ class Reregister(Msg, tag="reregister"):
     reason: str = ""
 
 
-ToNodeFromCoordinator = Welcome | Refused | Fence | Shutdown | Reregister
+class Place(Msg, tag="place"):
+    """A node's shard of a replica: tp rank of size. Rank 0 (rendezvous "") hosts the store
+    and answers Rendezvous; the others get the leader's "host:port" to join."""
+
+    epoch: int
+    replica: int
+    rank: int
+    size: int
+    rendezvous: str = ""
+
+
+ToNodeFromCoordinator = Welcome | Refused | Fence | Shutdown | Reregister | Place
 
 
 # -- coordinator -> edge -----------------------------------------------------------------------

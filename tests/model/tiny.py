@@ -72,6 +72,22 @@ def make_tiny_model(root: Path, name: str, tokenizer_dir: Path | None = None) ->
     return out
 
 
+def make_tiny_chat_model(root: Path, tokenizer_dir: Path, name: str = "llama-gqa-untied") -> Path:
+    """A tiny random model whose vocabulary is a real tokenizer's, with that tokenizer (and
+    chat template): servable over HTTP like any model. Saved as fp32 safetensors."""
+    vocab_size = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    config = CONFIGS[name]()
+    config.vocab_size = vocab_size
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = root / f"{name}-chat"
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / f).exists():
+            shutil.copy(tokenizer_dir / f, out / f)
+    return out
+
+
 def load_reference(model_dir: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 

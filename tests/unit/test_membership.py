@@ -34,3 +34,33 @@ def test_a_loading_node_gets_longer_before_it_is_dead():
     assert members.find_dead() == []
     clock.now += JOINING_TIMEOUT_S
     assert [mb.node_id for mb, _ in members.find_dead()] == ["n1"]
+
+
+def test_tensor_parallel_nodes_form_replicas_in_join_order():
+    members = Membership(0.1, 3, hung_after_s=30.0, tp_size=2)
+    joined = [
+        members.register(n.encode(), m.Hello(m.PROTOCOL_VERSION, n, model="a")) for n in "xyz"
+    ]
+    assert not any(mb.placed for mb in joined)
+    groups = members.form_groups()
+    assert [[mb.node_id for mb in g] for g in groups] == [["x", "y"]]
+    assert [(mb.replica, mb.rank) for mb in groups[0]] == [(0, 0), (0, 1)]
+    assert not joined[2].placed and members.form_groups() == []  # z waits for a partner
+    w = members.register(b"w", m.Hello(m.PROTOCOL_VERSION, "w", model="a"))
+    (group,) = members.form_groups()
+    assert [(mb.node_id, mb.replica, mb.rank) for mb in group] == [("z", 1, 0), ("w", 1, 1)]
+    assert w.group_size == 2
+
+
+def test_a_replica_is_routed_through_rank_0_only_while_every_rank_is_ready():
+    members = Membership(0.1, 3, hung_after_s=30.0, tp_size=2)
+    for n in "xy":
+        members.register(n.encode(), m.Hello(m.PROTOCOL_VERSION, n, model="a"))
+    leader, follower = members.form_groups()[0]
+    members.mark_ready(leader, m.Ready("x", leader.epoch, "a"))
+    assert members.routes() == []  # the follower is still loading
+    members.mark_ready(follower, m.Ready("y", follower.epoch, "a", tp_rank=1, tp_size=2))
+    assert [r.node_id for r in members.routes()] == ["x"]
+    assert members.group_of(follower) == [leader, follower]
+    members.declare_dead(follower, "heartbeat-timeout")
+    assert members.routes() == []  # half a model serves no one

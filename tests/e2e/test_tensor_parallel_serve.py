@@ -1,0 +1,74 @@
+"""`p3 serve --nodes 2 --tp 2`: one replica of two tensor-parallel node processes, driven over
+HTTP with the official openai SDK, answers with transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+
+import pytest
+from openai import AsyncOpenAI
+from transformers import AutoTokenizer
+
+from ..model.tiny import load_reference, make_tiny_chat_model, reference_greedy
+from . import openai_cluster
+
+pytestmark = pytest.mark.timeout(240)
+NUM_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory, default_model_dir):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tp"), default_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tp_cluster(tiny_chat):
+    args = ["--model", str(tiny_chat), "--nodes", "2", "--tp", "2", "--port", "0"]
+    args += ["--dtype", "float32"]  # transformers' reference runs in fp32
+    proc = openai_cluster._spawn([sys.executable, "-m", "p3", "serve", *args])
+    cluster = openai_cluster.Cluster("", [proc])
+    try:
+        cluster.url = openai_cluster._wait_ready(proc)["url"]
+        openai_cluster.wait_routed(cluster.url)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_tp2_completions_equal_transformers_greedy(tiny_chat, tp_cluster):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(20, tokenizer.vocab_size) for _ in range(n)] for n in (3, 40, 17)]
+    client = AsyncOpenAI(base_url=tp_cluster.url + "/v1", api_key="unused")
+
+    async def complete(prompt: list[int]) -> str:
+        out = await client.completions.create(
+            model=tiny_chat.name, prompt=prompt, max_tokens=NUM_NEW, temperature=0
+        )
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == NUM_NEW
+        return out.choices[0].text
+
+    got = await asyncio.gather(*(complete(p) for p in prompts))  # batched on the replica
+    ref = load_reference(tiny_chat)
+    want = [
+        tokenizer.decode(reference_greedy(ref, p, NUM_NEW), skip_special_tokens=True)
+        for p in prompts
+    ]
+    assert got == want
+
+
+async def test_tp2_is_one_replica_of_two_ranks(tp_cluster, tiny_chat):
+    client = AsyncOpenAI(base_url=tp_cluster.url + "/v1", api_key="unused")
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [str(tiny_chat)]  # vLLM's id: --model as given
+    stream = await client.completions.create(
+        model=tiny_chat.name, prompt="Hello", max_tokens=8, temperature=0, stream=True
+    )
+    text = "".join([chunk.choices[0].text async for chunk in stream])
+    whole = await client.completions.create(
+        model=tiny_chat.name, prompt="Hello", max_tokens=8, temperature=0
+    )
+    assert text == whole.choices[0].text
