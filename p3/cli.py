@@ -78,7 +78,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--hung-after", type=float, default=30.0, help="busy with no step this long = dead (s)"
     )
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel nodes per replica")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel nodes per pipeline stage")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -128,8 +129,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise ValueError(f"--nodes must be at least 1, got {args.nodes}")
-    if args.tp < 1 or args.nodes % args.tp:
-        raise ValueError(f"--nodes ({args.nodes}) must be a multiple of --tp ({args.tp})")
+    if args.tp < 1 or args.pp < 1 or args.nodes % (args.tp * args.pp):
+        raise ValueError(
+            f"--nodes ({args.nodes}) must be a multiple of --tp x --pp ({args.tp} x {args.pp})"
+        )
     return serve(args, engine_argv(args))
 
 
@@ -143,6 +146,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         heartbeat_misses=args.heartbeat_misses,
         hung_after_s=args.hung_after,
         tp_size=args.tp,
+        pp_size=args.pp,
     )
     return run_actor(Coordinator(config))
 

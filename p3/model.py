@@ -26,6 +26,8 @@ from p3.parallel import (
     RowParallelLinear,
     Shard,
     VocabParallelEmbedding,
+    receive_activations,
+    send_activations,
 )
 
 
@@ -166,33 +168,47 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.shard = shard = shard or Shard()
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
-        self.layers = nn.ModuleList(Block(cfg, shard) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, shard)
+        self.first_layer, end = shard.layers(cfg.num_layers)  # this pipeline stage's layers
+        self.layers = nn.ModuleList(Block(cfg, shard) for _ in range(self.first_layer, end))
+        self.embed = self.norm = self.lm_head = None
+        if shard.is_first_stage:
+            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, shard)
+        if shard.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, shard)
         self.max_len = max_len
         self.cos_sin = torch.empty(0)  # [2, max_len, hd], set by setup_rope
+        self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)  # device and dtype
 
     def setup_rope(self) -> None:
         """Precompute cos/sin (in fp32, like transformers) for every position, once."""
-        device = self.embed.weight.device
+        device = self.anchor.device
         inv_freq = rope_inv_freq(self.cfg).to(device)
         t = torch.arange(self.max_len, device=device).float()
         freqs = torch.outer(t, inv_freq)  # [max_len, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, hd]
         sign = torch.ones(self.cfg.head_dim, device=device)
         sign[: self.cfg.head_dim // 2] = -1.0  # rotate_half's sign, folded into sin
-        self.cos_sin = torch.stack([emb.cos(), emb.sin() * sign]).to(self.embed.weight.dtype)
+        self.cos_sin = torch.stack([emb.cos(), emb.sin() * sign]).to(self.anchor.dtype)
 
-    def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor:
-        x, residual = self.embed(input_ids), None  # [T, D]
+    def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor | None:
+        """The final hidden states [T, D]; None on a pipeline stage before the last (it sends
+        its output on instead)."""
+        if self.embed is not None:
+            x, residual = self.embed(input_ids), None  # [T, D]
+        else:
+            dim, dtype, device = self.cfg.hidden_size, self.anchor.dtype, self.anchor.device
+            x, residual = receive_activations(len(input_ids), dim, dtype, device, self.shard)
         cos, sin = self.cos_sin[:, positions].unsqueeze(2)  # [T, 1, hd] each
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, ctx)
+        if self.norm is None:
+            send_activations(x, residual, self.shard)
+            return None
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor | None:
-        """[N, V] float logits; under tensor parallelism on the leader only (None elsewhere)."""
+        """[N, V] float logits; under tensor parallelism on the stage's tp rank 0 only."""
         return self.lm_head.gather(self.lm_head(hidden).float())
 
 
@@ -218,12 +234,16 @@ def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]
     def cols(start: int, end: int) -> tuple[int, int, int] | None:
         return None if shard.size == 1 else (1, start, end)
 
-    yield "model.embed_tokens.weight", "embed.weight", 0, v1 - v0, rows(v0, v1)
-    yield "model.norm.weight", "norm.weight", 0, cfg.hidden_size, None
-    if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", "lm_head.weight", 0, v1 - v0, rows(v0, v1)
-    for i in range(cfg.num_layers):
-        hf, p3 = f"model.layers.{i}.", f"layers.{i}."
+    if shard.is_first_stage:
+        yield "model.embed_tokens.weight", "embed.weight", 0, v1 - v0, rows(v0, v1)
+    if shard.is_last_stage:
+        yield "model.norm.weight", "norm.weight", 0, cfg.hidden_size, None
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        if not (cfg.tie_word_embeddings and shard.is_first_stage):  # else shared with embed
+            yield head, "lm_head.weight", 0, v1 - v0, rows(v0, v1)
+    first, end = shard.layers(cfg.num_layers)
+    for i in range(first, end):
+        hf, p3 = f"model.layers.{i}.", f"layers.{i - first}."
         for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
             qkv = p3 + f"attn.qkv.{suffix}"
             yield hf + f"self_attn.q_proj.{suffix}", qkv, 0, qs, rows(q0 * hd, q1 * hd)
@@ -285,10 +305,11 @@ def build_model(
     (Not meta + to_empty: that path imports sympy, half a second of start-up.)"""
     with torch.device(device), _default_dtype(dtype):
         model = Transformer(cfg, max_len, shard)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and model.embed is not None and model.lm_head is not None:
         model.lm_head.weight = model.embed.weight
-    for vocab_rows in (model.embed.weight, model.lm_head.weight):
-        vocab_rows.data.zero_()  # the last rank's padding rows past the vocabulary stay 0
+    for vocab_rows in (model.embed, model.lm_head):
+        if vocab_rows is not None:  # the last rank's padding rows past the vocabulary stay 0
+            vocab_rows.weight.data.zero_()
     load_weights(model, tensors)
     model.setup_rope()
     if can_pack_linears(device, dtype):

@@ -1,4 +1,4 @@
-"""Tensor parallelism over torch.distributed: the sharded layers, the step plan, the followers.
+"""Tensor and pipeline parallelism over torch.distributed: sharded layers, stages, the step plan.
 
 A replica of tp ranks holds one model. Each rank builds the same Transformer with local sizes
 and loads only its slice of every checkpoint tensor (see p3.model.weight_slots):
@@ -11,7 +11,12 @@ and loads only its slice of every checkpoint tensor (see p3.model.weight_slots):
 Query heads split evenly. KV heads split evenly when tp <= num_kv_heads; when tp is larger,
 each KV head is replicated on the tp / num_kv_heads ranks whose query heads read it.
 
-Only the leader (tp rank 0) has a scheduler, a block manager and a sampler. Every step it
+Pipeline parallelism splits the layers into stages, one per group of tp ranks: the first
+stage embeds, the last normalises and computes the logits; between stages the hidden state
+and the residual stream go by send/recv, and the last stage sends the logits back to the
+leader. Replica rank r is stage r // tp, tp rank r % tp.
+
+Only the leader (replica rank 0) has a scheduler, a block manager and a sampler. Every step it
 broadcasts a StepPlan (the packed batch as plain lists: token ids, positions, KV slots,
 block tables) and all ranks run the same forward; the block tables index every rank's own
 cache of its own heads. Followers run `follow()` until the leader broadcasts a stop plan.
@@ -38,16 +43,53 @@ PLAN_HEADER_BYTES = 8  # the payload length, broadcast first as one int64
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's place in its replica: tp rank and size, and the group joining them."""
+    """This process's place in its replica: tp rank and size within its pipeline stage, the
+    group of that stage's tp ranks, and the stage among num_stages."""
 
     rank: int = 0
     size: int = 1
-    group: Any = field(default=None, compare=False, repr=False)  # a dist.ProcessGroup
-    leader: int = 0  # the global rank of tp rank 0 (the src of broadcasts, dst of gathers)
+    group: Any = field(default=None, compare=False, repr=False)  # the stage's tp group
+    stage: int = 0
+    num_stages: int = 1
+
+    @property
+    def replica_rank(self) -> int:
+        return self.stage * self.size + self.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.size * self.num_stages
 
     @property
     def is_leader(self) -> bool:
-        return self.rank == 0
+        """The replica's leader (first stage, tp rank 0): it schedules and samples."""
+        return self.replica_rank == 0
+
+    @property
+    def tp_leader(self) -> int:
+        """The replica rank of this stage's tp rank 0 (where the stage's logits gather)."""
+        return self.stage * self.size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def peer(self, stage: int) -> int:
+        """The replica rank of this tp rank in another stage."""
+        return stage * self.size + self.rank
+
+    def layers(self, num_layers: int) -> tuple[int, int]:
+        """This stage's [start, end) of the layers: an even split, earlier stages take the
+        remainder."""
+        if num_layers < self.num_stages:
+            raise ValueError(f"{num_layers} layers cannot fill {self.num_stages} pipeline stages")
+        width, extra = divmod(num_layers, self.num_stages)
+        start = self.stage * width + min(self.stage, extra)
+        return start, start + width + (self.stage < extra)
 
     def split(self, n: int, what: str) -> tuple[int, int]:
         """This rank's [start, end) of n things split evenly (ValueError if n % size)."""
@@ -83,14 +125,17 @@ def host_rendezvous(host: str, size: int, timeout_s: float = 60.0) -> dist.TCPSt
 
 
 def init_shard(
-    rank: int,
-    size: int,
+    replica_rank: int,
+    tp_size: int,
+    pp_size: int,
     device: torch.device,
     store: dist.Store | None = None,
     address: tuple[str, int] | None = None,
     timeout_s: float = 60.0,
 ) -> Shard:
-    """Join the replica's process group: the leader passes its store, the others its address."""
+    """Join the replica's process group (the leader passes its store, the others its address)
+    and make one tp group per stage."""
+    size = tp_size * pp_size
     if size == 1:
         return Shard()
     if store is None:
@@ -101,13 +146,27 @@ def init_shard(
         store = dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s)
+        backend,
+        store=store,
+        rank=replica_rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
     )
-    return Shard(rank, size, dist.group.WORLD, 0)
+    stage = replica_rank // tp_size
+    group = dist.group.WORLD
+    if pp_size > 1:  # every rank creates every group, in the same order
+        groups = [
+            dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)
+        ]
+        group = groups[stage]
+    return Shard(replica_rank % tp_size, tp_size, group, stage, pp_size)
 
 
 def close_shard(shard: Shard) -> None:
-    if shard.size > 1 and dist.is_initialized():
+    """Leave the replica's groups together (a barrier first: no rank tears its connections
+    down while a peer still uses them; a process that exits with its group alive can abort)."""
+    if shard.world_size > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -162,13 +221,14 @@ class ParallelLMHead(Linear):
         self.vocab_size = vocab_size
 
     def gather(self, local: Tensor) -> Tensor | None:
-        """[N, V] float logits on the leader; None on the other ranks."""
+        """[N, V] float logits on the stage's tp rank 0; None on the other ranks."""
         if self.shard.size == 1:
             return local
         parts = [torch.empty_like(local) for _ in range(self.shard.size)]
-        dst = self.shard.leader
-        dist.gather(local, parts if self.shard.is_leader else None, dst=dst, group=self.shard.group)
-        if not self.shard.is_leader:
+        mine = self.shard.rank == 0
+        dst = self.shard.tp_leader
+        dist.gather(local, parts if mine else None, dst=dst, group=self.shard.group)
+        if not mine:
             return None
         return torch.cat(parts, dim=-1)[:, : self.vocab_size]
 
@@ -196,19 +256,46 @@ _plan_encoder = msgspec.msgpack.Encoder()
 _plan_decoder = msgspec.msgpack.Decoder(StepPlan)
 
 
-def broadcast_plan(plan: StepPlan, shard: Shard) -> None:
-    """Leader: send this step's plan to every follower (two broadcasts: length, payload)."""
+def broadcast_plan(plan: StepPlan) -> None:
+    """Leader: send this step's plan to every rank of the replica (length, then payload)."""
     payload = _plan_encoder.encode(plan)
     header = torch.tensor([len(payload)], dtype=torch.int64)
-    dist.broadcast(header, src=shard.leader, group=shard.group)
+    dist.broadcast(header, src=0)
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    dist.broadcast(data, src=shard.leader, group=shard.group)
+    dist.broadcast(data, src=0)
 
 
-def receive_plan(shard: Shard) -> StepPlan:
+def receive_plan() -> StepPlan:
     """Follower: the leader's next plan."""
     header = torch.empty(1, dtype=torch.int64)
-    dist.broadcast(header, src=shard.leader, group=shard.group)
+    dist.broadcast(header, src=0)
     data = torch.empty(int(header.item()), dtype=torch.uint8)
-    dist.broadcast(data, src=shard.leader, group=shard.group)
+    dist.broadcast(data, src=0)
     return _plan_decoder.decode(data.numpy().tobytes())
+
+
+# -- pipeline stages -------------------------------------------------------------------------
+
+
+def send_activations(x: Tensor, residual: Tensor, shard: Shard) -> None:
+    """To the next stage: the hidden state and the residual stream, as one tensor."""
+    dist.send(torch.stack([x, residual]), dst=shard.peer(shard.stage + 1))
+
+
+def receive_activations(
+    num_tokens: int, dim: int, dtype: torch.dtype, device: torch.device, shard: Shard
+) -> tuple[Tensor, Tensor]:
+    both = torch.empty(2, num_tokens, dim, dtype=dtype, device=device)
+    dist.recv(both, src=shard.peer(shard.stage - 1))
+    return both[0], both[1]
+
+
+def send_logits(logits: Tensor) -> None:
+    """The last stage's tp rank 0 to the leader."""
+    dist.send(logits, dst=0)
+
+
+def receive_logits(num_rows: int, vocab_size: int, device: torch.device, shard: Shard) -> Tensor:
+    logits = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=device)
+    dist.recv(logits, src=shard.world_size - shard.size)  # the last stage's tp rank 0
+    return logits

@@ -73,7 +73,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
             *common, "coordinator", "--bind", "tcp://127.0.0.1:0",
             "--heartbeat-interval", str(args.heartbeat_interval),
             "--heartbeat-misses", str(args.heartbeat_misses),
-            "--hung-after", str(args.hung_after), "--tp", str(args.tp),
+            "--hung-after", str(args.hung_after), "--tp", str(args.tp), "--pp", str(args.pp),
         ),
     )  # fmt: skip
     children.append(coordinator)

@@ -21,7 +21,7 @@ from p3.engine.sequence import Request, Sequence, StepOutput
 from p3.kernels.sampling import SampleResult
 from p3.log import get_logger
 from p3.model import build_model
-from p3.parallel import Shard
+from p3.parallel import Shard, close_shard
 from p3.weights import iter_state_dict, load_config, resolve_model
 
 log = get_logger(__name__)
@@ -103,11 +103,14 @@ class Engine:
         """A tensor-parallel follower: run the leader's steps until it stops; returns how many."""
         if self.shard.is_leader:
             raise RuntimeError("the leader steps; only followers follow")
-        return self.runner.follow()
+        num_steps = self.runner.follow()
+        close_shard(self.shard)
+        return num_steps
 
     def close(self) -> None:
-        """The leader releases its followers (their follow() returns)."""
+        """The leader releases its followers (their follow() returns); all leave the group."""
         self.runner.stop_followers()
+        close_shard(self.shard)
 
     # -- state ----------------------------------------------------------------------------
 

@@ -15,7 +15,13 @@ from p3.engine.sequence import Sequence
 from p3.kernels import build
 from p3.kernels.sampling import Sampler, SampleResult, SampleRow
 from p3.model import AttentionContext, Transformer
-from p3.parallel import StepPlan, broadcast_plan, receive_plan
+from p3.parallel import (
+    StepPlan,
+    broadcast_plan,
+    receive_logits,
+    receive_plan,
+    send_logits,
+)
 
 
 @dataclass
@@ -71,8 +77,8 @@ class ModelRunner:
         Under tensor parallelism the plan goes to the followers first, and every rank runs
         the forward; only this rank (the leader) samples."""
         plan, sampling_seqs = self.plan(batch)
-        if self.shard.size > 1:
-            broadcast_plan(plan, self.shard)
+        if self.shard.world_size > 1:
+            broadcast_plan(plan)
         logits = self.forward(plan)
         if not sampling_seqs:
             return [], None
@@ -81,24 +87,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> Tensor | None:
-        """The model over one plan: the sampled rows' logits (on the leader), or None."""
+        """This rank's part of the model over one plan: the sampled rows' logits [S, V] on the
+        leader, None elsewhere. Under pipeline parallelism the last stage computes them and
+        sends them back to the leader."""
         prepared = self.tensors(plan)
         hidden = self.model(prepared.input_ids, prepared.positions, prepared.ctx)
         if not plan.logits_indices:
             return None
-        return self.model.compute_logits(hidden[prepared.logits_indices])  # [S, V]
+        shard = self.shard
+        if hidden is not None:  # the last stage
+            logits = self.model.compute_logits(hidden[prepared.logits_indices])
+            if shard.is_leader or logits is None:
+                return logits
+            send_logits(logits)
+            return None
+        if shard.is_leader:
+            vocab = self.model.cfg.vocab_size
+            return receive_logits(len(plan.logits_indices), vocab, self.device, shard)
+        return None
 
     def follow(self) -> int:
         """A follower's life: run the leader's plans until it broadcasts stop; the steps run."""
         num_steps = 0
-        while not (plan := receive_plan(self.shard)).stop:
+        while not (plan := receive_plan()).stop:
             self.forward(plan)
             num_steps += 1
         return num_steps
 
     def stop_followers(self) -> None:
-        if self.shard.size > 1 and self.shard.is_leader:
-            broadcast_plan(StepPlan(stop=True), self.shard)
+        if self.shard.world_size > 1 and self.shard.is_leader:
+            broadcast_plan(StepPlan(stop=True))
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         plan, sampling_seqs = self.plan(batch)

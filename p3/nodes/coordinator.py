@@ -5,9 +5,9 @@ coordinator is off the token path: it hears Hello/Ready/Heartbeat/Fatal/Goodbye 
 and EdgeHello from edges, and publishes Routes (every ready node, with its latest load) to
 every edge it knows, on every change and at least once per heartbeat interval.
 
-Placement with tensor parallelism (tp_size > 1): nodes are welcomed unplaced; once tp_size
-of one model wait, they become a replica. Its rank 0 gets Place and answers Rendezvous (its
-torch.distributed store's host:port); the other ranks then get Place with that address. A
+Placement with tensor or pipeline parallelism (tp x pp > 1): nodes are welcomed unplaced;
+once tp x pp of one model wait, they become a replica. Its rank 0 gets Place and answers
+Rendezvous (its torch.distributed store's host:port); the others then get Place with it. A
 replica is routed (through rank 0) once all its members are ready; when one dies, the
 others are told to shut down (re-forming a replica from spare nodes is not done yet).
 """
@@ -37,7 +37,8 @@ class CoordinatorConfig:
     heartbeat_misses: int = 3
     hung_after_s: float = 30.0
     edge_timeout_s: float = 5.0  # an edge silent this long is forgotten (it says hello every 1 s)
-    tp_size: int = 1  # nodes per replica (tensor-parallel ranks)
+    tp_size: int = 1  # tensor-parallel ranks per pipeline stage
+    pp_size: int = 1  # pipeline stages per replica
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -46,8 +47,8 @@ class CoordinatorConfig:
             raise ValueError(f"heartbeat misses must be at least 1, got {self.heartbeat_misses}")
         if self.hung_after_s <= 0:
             raise ValueError(f"hung-after must be positive, got {self.hung_after_s}")
-        if self.tp_size < 1:
-            raise ValueError(f"tensor parallel size must be at least 1, got {self.tp_size}")
+        if self.tp_size < 1 or self.pp_size < 1:
+            raise ValueError(f"tp and pp must be at least 1, got {self.tp_size}, {self.pp_size}")
 
 
 class Coordinator(Actor):
@@ -57,7 +58,10 @@ class Coordinator(Actor):
         super().__init__(name)
         self.config = cfg = config or CoordinatorConfig()
         self.membership = Membership(
-            cfg.heartbeat_interval_s, cfg.heartbeat_misses, cfg.hung_after_s, tp_size=cfg.tp_size
+            cfg.heartbeat_interval_s,
+            cfg.heartbeat_misses,
+            cfg.hung_after_s,
+            replica_size=cfg.tp_size * cfg.pp_size,
         )
         self._forming: dict[str, list[Member]] = {}  # leader id -> its group, until Rendezvous
         self.edges: dict[bytes, float] = {}  # identity -> when last heard
@@ -152,7 +156,8 @@ class Coordinator(Actor):
             nodes=[mb.node_id for mb in group],
         )
         self._forming[leader.node_id] = group
-        place = m.Place(leader.epoch, leader.replica, 0, leader.group_size)
+        tp, pp = self.config.tp_size, self.config.pp_size
+        place = m.Place(leader.epoch, leader.replica, 0, tp, pp)
         wire.send(self._sock, place, leader.identity)
 
     def on_rendezvous(self, identity: bytes, rendezvous: m.Rendezvous) -> None:
@@ -164,7 +169,12 @@ class Coordinator(Actor):
         for member in group[1:]:
             if member.is_live:
                 place = m.Place(
-                    member.epoch, member.replica, member.rank, member.group_size, address
+                    member.epoch,
+                    member.replica,
+                    member.rank,
+                    self.config.tp_size,
+                    self.config.pp_size,
+                    address,
                 )
                 wire.send(self._sock, place, member.identity)
 

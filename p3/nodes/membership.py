@@ -5,10 +5,10 @@ Python. Epochs only grow: every Hello gets a new one, higher than any this table
 than the one the node says it held before (so a restarted coordinator never reissues one).
 A member declared dead keeps its dead epochs: anything it later says under one is fenced.
 
-With tensor parallelism (tp_size > 1) a replica is a group of tp_size members of one model:
-a member joins unplaced, and `form_groups` makes a replica of tp_size unplaced members in
-the order they joined (ranks 0..tp_size-1). Only rank 0 of a group whose every member is
-ready is routed; a group with a dead member is down.
+With tensor or pipeline parallelism a replica is a group of replica_size (tp x pp) members
+of one model: a member joins unplaced, and `form_groups` makes a replica of replica_size
+unplaced members in the order they joined (ranks 0..replica_size-1). Only rank 0 of a group
+whose every member is ready is routed; a group with a dead member is down.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ class Membership:
         heartbeat_misses: int,
         hung_after_s: float,
         clock: Callable[[], float] = time.monotonic,
-        tp_size: int = 1,
+        replica_size: int = 1,
     ):
-        self.tp_size = tp_size
+        self.replica_size = replica_size
         self.heartbeat_timeout_s = heartbeat_interval_s * heartbeat_misses
         self.hung_after_s = hung_after_s
         self.clock = clock
@@ -101,7 +101,7 @@ class Membership:
         """A Hello: a new epoch, and the lowest replica index free for its model."""
         self.last_epoch = max(self.last_epoch, hello.epoch) + 1
         old = self.members.get(hello.node_id)
-        placed = self.tp_size == 1
+        placed = self.replica_size == 1
         member = Member(
             node_id=hello.node_id,
             identity=identity,
@@ -116,18 +116,20 @@ class Membership:
         return member
 
     def form_groups(self) -> list[list[Member]]:
-        """New replicas of tp_size unplaced live members of one model, ranks in join order."""
+        """New replicas of replica_size unplaced live members of one model, ranks in join
+        order."""
         waiting: dict[str, list[Member]] = {}
         for member in sorted(self.members.values(), key=lambda mb: mb.epoch):
             if member.is_live and not member.placed:
                 waiting.setdefault(member.hello.model, []).append(member)
         groups = []
         for model, members in waiting.items():
-            while len(members) >= self.tp_size:
-                group, members = members[: self.tp_size], members[self.tp_size :]
+            size = self.replica_size
+            while len(members) >= size:
+                group, members = members[:size], members[size:]
                 replica = self._free_replica(model, "")
                 for rank, member in enumerate(group):
-                    member.replica, member.rank, member.group_size = replica, rank, self.tp_size
+                    member.replica, member.rank, member.group_size = replica, rank, size
                     member.placed = True
                 groups.append(group)
         return groups

@@ -172,7 +172,7 @@ class Node(Actor):
             return  # for an older registration, or placed already (the engine is built)
         log.info(
             "node.placed", node_id=self.name, replica=place.replica, rank=place.rank,
-            size=place.size,
+            tp=place.tp_size, pp=place.pp_size,
         )  # fmt: skip
         self.place = place
         self._placed.set()
@@ -206,7 +206,7 @@ class Node(Actor):
         place = self.place
         log.info("node.loading", node_id=self.name, model=self.config.model_name)
         build = functools.partial(Engine, self.config.model, self.config.engine)
-        if place.size > 1:
+        if place.tp_size * place.pp_size > 1:
             build = self._shard_builder(place)
         self.stepper = StepThread(
             build, asyncio.get_running_loop(), self.on_loaded, self.on_step, self._fail, self.faults
@@ -220,13 +220,20 @@ class Node(Actor):
         device = self.config.engine.torch_device
         if place.rank == 0:
             host = urlsplit(self.address).hostname or "127.0.0.1"
-            store = host_rendezvous(host, place.size)
+            store = host_rendezvous(host, place.tp_size * place.pp_size)
             wire.send(self._coordinator, m.Rendezvous(self.name, self.epoch, host, store.port))
-            join = functools.partial(init_shard, 0, place.size, device, store=store)
+            join = functools.partial(
+                init_shard, 0, place.tp_size, place.pp_size, device, store=store
+            )
         else:
             host, _, port = place.rendezvous.rpartition(":")
             join = functools.partial(
-                init_shard, place.rank, place.size, device, address=(host, int(port))
+                init_shard,
+                place.rank,
+                place.tp_size,
+                place.pp_size,
+                device,
+                address=(host, int(port)),
             )
 
         def build() -> Engine:

@@ -44,8 +44,8 @@ def ready(node_id: str, epoch: int, config: NodeConfig, engine: Engine) -> m.Rea
         block_size=engine.config.block_size,
         max_model_len=engine.max_model_len,
         load_time_s=engine.load_time_s,
-        tp_rank=engine.shard.rank,
-        tp_size=engine.shard.size,
+        replica_rank=engine.shard.replica_rank,
+        replica_size=engine.shard.world_size,
     )
 
 

@@ -64,8 +64,8 @@ class Ready(Msg, tag="ready"):
     block_size: int = 0
     max_model_len: int = 0
     load_time_s: float = 0.0
-    tp_rank: int = 0  # this node's rank in its replica (only rank 0 is routed)
-    tp_size: int = 1
+    replica_rank: int = 0  # this node's rank in its replica (only rank 0 is routed)
+    replica_size: int = 1  # tp x pp nodes
 
 
 class Heartbeat(Msg, tag="heartbeat"):
@@ -149,13 +149,15 @@ class Reregister(Msg, tag="reregister"):
 
 
 class Place(Msg, tag="place"):
-    """A node's shard of a replica: tp rank of size. Rank 0 (rendezvous "") hosts the store
-    and answers Rendezvous; the others get the leader's "host:port" to join."""
+    """A node's shard of a replica of tp_size x pp_size nodes: its rank (stage rank // tp_size,
+    tp rank rank % tp_size). Rank 0 (rendezvous "") hosts the store and answers Rendezvous;
+    the others get the leader's "host:port" to join."""
 
     epoch: int
     replica: int
     rank: int
-    size: int
+    tp_size: int = 1
+    pp_size: int = 1
     rendezvous: str = ""
 
 

@@ -1,8 +1,10 @@
-"""Tensor parallelism: tp ranks in separate processes over gloo give transformers' greedy tokens.
+"""Tensor and pipeline parallelism: ranks in separate processes over gloo give transformers'
+greedy tokens.
 
 Each rank loads only its slice; the leader schedules and samples; the followers run the
 plans it broadcasts. Covered: KV heads split (tp <= num_kv_heads) and replicated (tp larger),
-tied and untied heads, qkv biases, a batch of different lengths and a chunked prefill.
+tied and untied heads, qkv biases, pipeline stages alone and with tp, a batch of different
+lengths.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 NUM_NEW = 24
 
 
-def run_ranks(model_dir: Path, size: int, prompts: list[list[int]]) -> dict[str, list[int]]:
+def run_ranks(model_dir: Path, tp: int, pp: int, prompts: list[list[int]]) -> dict[str, list[int]]:
+    size = tp * pp
+
     def spawn(rank: int, *extra: str) -> subprocess.Popen:
         args = [sys.executable, "-m", "tests.model.tp_worker", str(model_dir), str(rank)]
         return subprocess.Popen(
-            [*args, str(size), *extra],
+            [*args, str(tp), str(pp), *extra],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -52,20 +56,23 @@ def run_ranks(model_dir: Path, size: int, prompts: list[list[int]]) -> dict[str,
 
 
 @pytest.mark.parametrize(
-    ("config", "size"),
+    ("config", "tp", "pp"),
     [
-        ("llama-gqa-untied", 2),  # 2 KV heads: one per rank
-        ("llama-gqa-untied", 4),  # 2 KV heads over 4 ranks: each replicated twice
-        ("llama3-rope-scaling", 2),  # 1 KV head: replicated
-        ("qwen2-bias-tied", 2),  # qkv biases sliced, tied vocab-parallel head
-        ("mistral", 2),
+        ("llama-gqa-untied", 2, 1),  # 2 KV heads: one per rank
+        ("llama-gqa-untied", 4, 1),  # 2 KV heads over 4 ranks: each replicated twice
+        ("llama3-rope-scaling", 2, 1),  # 1 KV head: replicated
+        ("qwen2-bias-tied", 2, 1),  # qkv biases sliced, tied vocab-parallel head
+        ("mistral", 2, 1),
+        ("llama-gqa-untied", 1, 2),  # one layer per stage
+        ("qwen2-bias-tied", 1, 2),  # tied head: the last stage loads the embedding as its head
+        ("llama-gqa-untied", 2, 2),  # both: two stages of two tp ranks
     ],
 )
-def test_tensor_parallel_greedy_equals_transformers(tmp_path, config, size):
+def test_parallel_greedy_equals_transformers(tmp_path, config, tp, pp):
     model_dir = make_tiny_model(tmp_path, config)
-    rng = random.Random(size)
+    rng = random.Random(tp * 10 + pp)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (5, 33, 1, 70)]
-    got = run_ranks(model_dir, size, prompts)
+    got = run_ranks(model_dir, tp, pp, prompts)
     ref = load_reference(model_dir)
     want = {str(i): reference_greedy(ref, p, NUM_NEW) for i, p in enumerate(prompts)}
     assert got == want

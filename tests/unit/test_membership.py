@@ -37,7 +37,7 @@ def test_a_loading_node_gets_longer_before_it_is_dead():
 
 
 def test_tensor_parallel_nodes_form_replicas_in_join_order():
-    members = Membership(0.1, 3, hung_after_s=30.0, tp_size=2)
+    members = Membership(0.1, 3, hung_after_s=30.0, replica_size=2)
     joined = [
         members.register(n.encode(), m.Hello(m.PROTOCOL_VERSION, n, model="a")) for n in "xyz"
     ]
@@ -53,13 +53,13 @@ def test_tensor_parallel_nodes_form_replicas_in_join_order():
 
 
 def test_a_replica_is_routed_through_rank_0_only_while_every_rank_is_ready():
-    members = Membership(0.1, 3, hung_after_s=30.0, tp_size=2)
+    members = Membership(0.1, 3, hung_after_s=30.0, replica_size=2)
     for n in "xy":
         members.register(n.encode(), m.Hello(m.PROTOCOL_VERSION, n, model="a"))
     leader, follower = members.form_groups()[0]
     members.mark_ready(leader, m.Ready("x", leader.epoch, "a"))
     assert members.routes() == []  # the follower is still loading
-    members.mark_ready(follower, m.Ready("y", follower.epoch, "a", tp_rank=1, tp_size=2))
+    members.mark_ready(follower, m.Ready("y", follower.epoch, "a", replica_rank=1, replica_size=2))
     assert [r.node_id for r in members.routes()] == ["x"]
     assert members.group_of(follower) == [leader, follower]
     members.declare_dead(follower, "heartbeat-timeout")
