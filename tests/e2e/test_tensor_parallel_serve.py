@@ -1,5 +1,6 @@
-"""`p3 serve --nodes 2 --tp 2`: one replica of two tensor-parallel node processes, driven over
-HTTP with the official openai SDK, answers with transformers' greedy tokens."""
+"""`p3 serve --nodes 2 --tp 2` and `--pp 2`: one replica of two node processes (tensor-parallel
+ranks, or pipeline stages), driven over HTTP with the official openai SDK, answers with
+transformers' greedy tokens."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import random
 import sys
 
+import aiohttp
 import pytest
 from openai import AsyncOpenAI
 from transformers import AutoTokenizer
@@ -23,9 +25,9 @@ def tiny_chat(tmp_path_factory, default_model_dir):
     return make_tiny_chat_model(tmp_path_factory.mktemp("tp"), default_model_dir)
 
 
-@pytest.fixture(scope="module")
-def tp_cluster(tiny_chat):
-    args = ["--model", str(tiny_chat), "--nodes", "2", "--tp", "2", "--port", "0"]
+@pytest.fixture(scope="module", params=["--tp", "--pp"])
+def tp_cluster(tiny_chat, request):
+    args = ["--model", str(tiny_chat), "--nodes", "2", request.param, "2", "--port", "0"]
     args += ["--dtype", "float32"]  # transformers' reference runs in fp32
     proc = openai_cluster._spawn([sys.executable, "-m", "p3", "serve", *args])
     cluster = openai_cluster.Cluster("", [proc])
@@ -37,7 +39,7 @@ def tp_cluster(tiny_chat):
         cluster.stop()
 
 
-async def test_tp2_completions_equal_transformers_greedy(tiny_chat, tp_cluster):
+async def test_completions_equal_transformers_greedy(tiny_chat, tp_cluster):
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat)
     rng = random.Random(0)
     prompts = [[rng.randrange(20, tokenizer.vocab_size) for _ in range(n)] for n in (3, 40, 17)]
@@ -60,10 +62,13 @@ async def test_tp2_completions_equal_transformers_greedy(tiny_chat, tp_cluster):
     assert got == want
 
 
-async def test_tp2_is_one_replica_of_two_ranks(tp_cluster, tiny_chat):
+async def test_streams_equal_whole_answers_on_one_replica(tp_cluster, tiny_chat):
     client = AsyncOpenAI(base_url=tp_cluster.url + "/v1", api_key="unused")
     models = await client.models.list()
     assert [m.id for m in models.data] == [str(tiny_chat)]  # vLLM's id: --model as given
+    async with aiohttp.ClientSession() as session, session.get(tp_cluster.url + "/cluster") as r:
+        nodes = (await r.json())["nodes"]
+    assert len(nodes) == 1  # the replica is routed through its rank 0 only
     stream = await client.completions.create(
         model=tiny_chat.name, prompt="Hello", max_tokens=8, temperature=0, stream=True
     )
