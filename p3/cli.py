@@ -37,10 +37,18 @@ def parse_size(text: str) -> int:
     return size
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="model dir or .gguf (default: SmolLM2-135M-Instruct)"
-    )
+def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> None:
+    if several_models:
+        p.add_argument(
+            "--model",
+            action="append",
+            default=None,
+            help="model dir or .gguf (default: SmolLM2-135M-Instruct); repeat to serve several",
+        )
+    else:
+        p.add_argument(
+            "--model", default=None, help="model dir or .gguf (default: SmolLM2-135M-Instruct)"
+        )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument(
@@ -129,9 +137,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.nodes < 1:
         raise ValueError(f"--nodes must be at least 1, got {args.nodes}")
-    if args.tp < 1 or args.pp < 1 or args.nodes % (args.tp * args.pp):
+    num_models = len(args.model or [None])
+    if len(set(args.model or [])) != len(args.model or []):
+        raise ValueError("each --model may be given once")
+    if args.tp < 1 or args.pp < 1 or args.nodes % (num_models * args.tp * args.pp):
         raise ValueError(
-            f"--nodes ({args.nodes}) must be a multiple of --tp x --pp ({args.tp} x {args.pp})"
+            f"--nodes ({args.nodes}) must be a multiple of models x --tp x --pp "
+            f"({num_models} x {args.tp} x {args.pp})"
         )
     return serve(args, engine_argv(args))
 
@@ -189,12 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="a whole cluster on this machine, serving the OpenAI API")
-    add_engine_args(serve)
+    add_engine_args(serve, several_models=True)
     add_cluster_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port")
     serve.add_argument(
-        "--nodes", type=int, default=1, help="node processes: nodes / tp replicas (default 1)"
+        "--nodes",
+        type=int,
+        default=1,
+        help="node processes, split evenly over the models; tp x pp per replica (default 1)",
     )
     serve.add_argument("--api-key", default=None)
     serve.add_argument("--threads", type=int, default=None, help="per node (default: cores/N)")

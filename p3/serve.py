@@ -38,13 +38,15 @@ def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
     if importlib.util.find_spec(EDGE_MODULE) is None:
         print(f"p3 serve: the edge ({EDGE_MODULE}) is not built yet", file=sys.stderr)
         return 1
-    _prepare_model(args.model)
+    for model in args.model or [None]:
+        _prepare_model(model)
     port = args.port or free_port(args.host)
     children: list[Child] = []
     stop = _stop_on_signals()
     try:
         _start_cluster(args, engine_argv, port, children)
-        print(f"p3 serving {args.model or 'the default model'} at http://{args.host}:{port}/v1")
+        served = ", ".join(args.model or ["the default model"])
+        print(f"p3 serving {served} at http://{args.host}:{port}/v1")
         sys.stdout.flush()
         return _supervise(children, stop)
     except LaunchError as exc:
@@ -80,7 +82,13 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
     wait_ready([coordinator], args.ready_timeout)
     address = coordinator.info["address"]
     threads = args.threads or threads_per_node(args.nodes)
-    model = ["--model", args.model] if args.model else []
+    models = args.model or [None]
+    per_model = args.nodes // len(models)  # nodes of each model, in a block
+
+    def model_of(i: int) -> list[str]:
+        model = models[i // per_model]
+        return ["--model", model] if model else []
+
     nodes = [
         Child(
             f"node-{i}",
@@ -93,7 +101,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
                 f"node-{i}",
                 "--threads",
                 str(threads),
-                *model,
+                *model_of(i),
                 *engine_argv,
             ),
         )  # fmt: skip
@@ -106,7 +114,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
         "edge",
         python_m_p3(
             *common, "edge", "--coordinator", address, "--host", args.host, "--port", str(port),
-            *api_key, *model,
+            *api_key, *[a for m in models if m for a in ("--model", m)],
         ),
         ready_url=f"http://{_dial_host(args.host)}:{port}/ready",
     )  # fmt: skip

@@ -95,6 +95,19 @@ def wait_routed(url: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{url} has no ready replica after {timeout_s} s")
 
 
+def wait_model(url: str, model: str, timeout_s: float = 60.0) -> None:
+    """Until GET /v1/models lists model (its replica is routed and its tokenizer loaded)."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+            if model in {m["id"] for m in json.load(r)["data"]}:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} does not list {model} after {timeout_s} s")
+
+
 def _spawn(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
 
