@@ -79,8 +79,7 @@ def _llama3_scaled(inv_freq: Tensor, s: RopeScaling) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        q0, q1 = shard.split(cfg.num_heads, "num_attention_heads")
-        kv0, kv1 = shard.kv_heads(cfg.num_heads, cfg.num_kv_heads)
+        q0, q1, kv0, kv1 = shard.heads(cfg.num_heads, cfg.num_kv_heads)
         self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, kv1 - kv0, cfg.head_dim
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
@@ -133,7 +132,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, shard: Shard):
         super().__init__()
-        start, end = shard.split(cfg.intermediate_size, "intermediate_size")
+        start, end = shard.split(cfg.intermediate_size)
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * (end - start))
         self.down = RowParallelLinear(end - start, cfg.hidden_size, shard)
 
@@ -221,9 +220,8 @@ def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]
     fills and, under tensor parallelism, the slice of the tensor this rank keeps."""
     shard = shard or Shard()
     hd = cfg.head_dim
-    q0, q1 = shard.split(cfg.num_heads, "num_attention_heads")
-    kv0, kv1 = shard.kv_heads(cfg.num_heads, cfg.num_kv_heads)
-    i0, i1 = shard.split(cfg.intermediate_size, "intermediate_size")
+    q0, q1, kv0, kv1 = shard.heads(cfg.num_heads, cfg.num_kv_heads)
+    i0, i1 = shard.split(cfg.intermediate_size)
     v0, v1 = shard.vocab_range(cfg.vocab_size)
     v1 = min(v1, cfg.vocab_size)
     qs, kvs, il = (q1 - q0) * hd, (kv1 - kv0) * hd, i1 - i0

@@ -26,6 +26,7 @@ The plan is msgspec-encoded into a uint8 tensor: no pickle on this path either.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -38,7 +39,15 @@ from torch import Tensor, nn
 
 from p3.layers import Linear
 
-PLAN_HEADER_BYTES = 8  # the payload length, broadcast first as one int64
+# Seconds this process spent inside collectives and point-to-point calls, by kind (waiting
+# for a slower peer included): what scripts/bench_parallel.py reports as communication.
+comm_seconds: dict[str, float] = {}
+
+
+def _timed(kind: str, call, *args, **kwargs) -> None:
+    started = time.perf_counter()
+    call(*args, **kwargs)
+    comm_seconds[kind] = comm_seconds.get(kind, 0.0) + time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -91,29 +100,35 @@ class Shard:
         start = self.stage * width + min(self.stage, extra)
         return start, start + width + (self.stage < extra)
 
-    def split(self, n: int, what: str) -> tuple[int, int]:
-        """This rank's [start, end) of n things split evenly (ValueError if n % size)."""
-        if n % self.size:
-            raise ValueError(f"{what} ({n}) is not divisible by tensor parallel size {self.size}")
-        width = n // self.size
-        return self.rank * width, (self.rank + 1) * width
+    def split(self, n: int) -> tuple[int, int]:
+        """This rank's [start, end) of n things: as even as can be, earlier ranks take the
+        remainder (SmolLM2's 3 KV heads over 2 ranks: 2 and 1)."""
+        width, extra = divmod(n, self.size)
+        start = self.rank * width + min(self.rank, extra)
+        return start, start + width + (self.rank < extra)
 
     def vocab_range(self, vocab_size: int) -> tuple[int, int]:
         """Rows of the vocabulary on this rank; the last rank's may pass vocab_size (padding)."""
         width = math.ceil(vocab_size / self.size)
         return self.rank * width, (self.rank + 1) * width
 
-    def kv_heads(self, num_heads: int, num_kv_heads: int) -> tuple[int, int]:
-        """The KV heads this rank's query heads read: a share, or one replicated head."""
+    def heads(self, num_heads: int, num_kv_heads: int) -> tuple[int, int, int, int]:
+        """This rank's query heads [q0, q1) and the KV heads they read [kv0, kv1). With
+        tp <= num_kv_heads the KV heads split and each takes its whole query group along;
+        with more ranks, each KV head is replicated on the ranks sharing its group."""
+        group = num_heads // num_kv_heads
         if self.size <= num_kv_heads:
-            return self.split(num_kv_heads, "num_key_value_heads")
-        if self.size % num_kv_heads:
+            kv0, kv1 = self.split(num_kv_heads)
+            return kv0 * group, kv1 * group, kv0, kv1
+        if self.size % num_kv_heads or num_heads % self.size:
             raise ValueError(
-                f"tensor parallel size {self.size} must divide or be a multiple of "
-                f"num_key_value_heads ({num_kv_heads})"
+                f"tensor parallel size {self.size} must be at most num_key_value_heads "
+                f"({num_kv_heads}), or a multiple of it that divides num_attention_heads "
+                f"({num_heads})"
             )
+        width = num_heads // self.size
         head = self.rank // (self.size // num_kv_heads)
-        return head, head + 1
+        return self.rank * width, (self.rank + 1) * width, head, head + 1
 
 
 def host_rendezvous(host: str, size: int, timeout_s: float = 60.0) -> dist.TCPStore:
@@ -172,7 +187,7 @@ def close_shard(shard: Shard) -> None:
 
 def all_reduce(x: Tensor, shard: Shard) -> Tensor:
     if shard.size > 1:
-        dist.all_reduce(x, group=shard.group)
+        _timed("all_reduce", dist.all_reduce, x, group=shard.group)
     return x
 
 
@@ -227,7 +242,9 @@ class ParallelLMHead(Linear):
         parts = [torch.empty_like(local) for _ in range(self.shard.size)]
         mine = self.shard.rank == 0
         dst = self.shard.tp_leader
-        dist.gather(local, parts if mine else None, dst=dst, group=self.shard.group)
+        _timed(
+            "gather", dist.gather, local, parts if mine else None, dst=dst, group=self.shard.group
+        )
         if not mine:
             return None
         return torch.cat(parts, dim=-1)[:, : self.vocab_size]
@@ -260,17 +277,17 @@ def broadcast_plan(plan: StepPlan) -> None:
     """Leader: send this step's plan to every rank of the replica (length, then payload)."""
     payload = _plan_encoder.encode(plan)
     header = torch.tensor([len(payload)], dtype=torch.int64)
-    dist.broadcast(header, src=0)
+    _timed("broadcast", dist.broadcast, header, src=0)
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    dist.broadcast(data, src=0)
+    _timed("broadcast", dist.broadcast, data, src=0)
 
 
 def receive_plan() -> StepPlan:
     """Follower: the leader's next plan."""
     header = torch.empty(1, dtype=torch.int64)
-    dist.broadcast(header, src=0)
+    _timed("broadcast", dist.broadcast, header, src=0)
     data = torch.empty(int(header.item()), dtype=torch.uint8)
-    dist.broadcast(data, src=0)
+    _timed("broadcast", dist.broadcast, data, src=0)
     return _plan_decoder.decode(data.numpy().tobytes())
 
 
@@ -279,23 +296,23 @@ def receive_plan() -> StepPlan:
 
 def send_activations(x: Tensor, residual: Tensor, shard: Shard) -> None:
     """To the next stage: the hidden state and the residual stream, as one tensor."""
-    dist.send(torch.stack([x, residual]), dst=shard.peer(shard.stage + 1))
+    _timed("send", dist.send, torch.stack([x, residual]), dst=shard.peer(shard.stage + 1))
 
 
 def receive_activations(
     num_tokens: int, dim: int, dtype: torch.dtype, device: torch.device, shard: Shard
 ) -> tuple[Tensor, Tensor]:
     both = torch.empty(2, num_tokens, dim, dtype=dtype, device=device)
-    dist.recv(both, src=shard.peer(shard.stage - 1))
+    _timed("recv", dist.recv, both, src=shard.peer(shard.stage - 1))
     return both[0], both[1]
 
 
 def send_logits(logits: Tensor) -> None:
     """The last stage's tp rank 0 to the leader."""
-    dist.send(logits, dst=0)
+    _timed("send", dist.send, logits, dst=0)
 
 
 def receive_logits(num_rows: int, vocab_size: int, device: torch.device, shard: Shard) -> Tensor:
     logits = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=device)
-    dist.recv(logits, src=shard.world_size - shard.size)  # the last stage's tp rank 0
+    _timed("recv", dist.recv, logits, src=shard.world_size - shard.size)  # last stage, tp 0
     return logits

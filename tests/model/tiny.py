@@ -49,6 +49,21 @@ CONFIGS = {
     "qwen2-bias-tied": lambda: Qwen2Config(
         **COMMON, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0
     ),
+    # SmolLM2-like odd sizes: 3 KV heads, an odd FFN width and vocabulary, so that tensor
+    # parallelism over 2 ranks splits heads 2:1, the FFN 68:67 and pads the vocabulary
+    "llama-uneven": lambda: LlamaConfig(
+        **{
+            **COMMON,
+            "hidden_size": 96,
+            "intermediate_size": 135,
+            "num_attention_heads": 6,
+            "vocab_size": VOCAB - 1,
+        },
+        # vocab_size 255 (COMMON's 256 less one): prompts draw ids below VOCAB - 1
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    ),
     "mistral": lambda: MistralConfig(
         **COMMON, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None
     ),
