@@ -66,6 +66,7 @@ class Engine:
         self._lock = threading.Lock()
         self._arrivals = 0
         self.num_steps = 0
+        self.num_tokens_processed = 0  # prompt (and recomputed) and output tokens run
         self.load_time_s = time.perf_counter() - started
         log.info(
             "engine.ready",
@@ -97,6 +98,7 @@ class Engine:
             return aborted
         seqs, result = self.runner.run(batch)
         self.num_steps += 1
+        self.num_tokens_processed += batch.num_tokens
         return aborted + self._postprocess(batch, seqs, result)
 
     def follow(self) -> int:

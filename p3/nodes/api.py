@@ -274,6 +274,8 @@ def _node_json(cluster, route) -> dict[str, Any]:
             "num_running": route.num_running,
             "num_waiting": route.num_waiting,
             "num_tokens_in_flight": route.num_tokens_in_flight,
+            "num_tokens_processed": route.num_tokens_processed,
+            "num_tokens_to_do": route.num_tokens_to_do,
             "num_free_blocks": route.num_free_blocks,
             "num_kv_blocks": route.num_kv_blocks,
             "kv_cache_usage": kv_usage(route),

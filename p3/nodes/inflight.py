@@ -23,6 +23,19 @@ class InFlight:
     epoch: int
     num_prompt_tokens: int
     num_output_tokens: int = 0
+    max_tokens: int | None = None
+
+    @property
+    def num_tokens_to_do(self) -> int:
+        """Work left, as a router weighs it: the prompt until the first token, then the
+        outputs still allowed (expected_output_tokens when there is no max_tokens)."""
+        prompt = self.num_prompt_tokens if not self.num_output_tokens else 0
+        return prompt + max(1, expected_output_tokens(self.max_tokens) - self.num_output_tokens)
+
+
+def expected_output_tokens(max_tokens: int | None) -> int:
+    """What a request will generate, for routing only: its max_tokens, or a typical answer."""
+    return max_tokens if max_tokens is not None else 256
 
 
 class InFlightTable:
@@ -54,6 +67,10 @@ class InFlightTable:
     @property
     def num_tokens_in_flight(self) -> int:
         return sum(e.num_prompt_tokens + e.num_output_tokens for e in self._requests.values())
+
+    @property
+    def num_tokens_to_do(self) -> int:
+        return sum(e.num_tokens_to_do for e in self._requests.values())
 
     def batch(self, outputs: list[StepOutput]) -> dict[tuple[bytes, int], list[m.TokenDelta]]:
         """Deltas grouped by (edge, epoch); outputs of requests no longer here are dropped."""

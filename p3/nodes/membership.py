@@ -73,6 +73,8 @@ class Member:
             num_tokens_in_flight=hb.num_tokens_in_flight,
             host=self.hello.host,
             pid=self.hello.pid,
+            num_tokens_processed=hb.num_tokens_processed,
+            num_tokens_to_do=hb.num_tokens_to_do,
         )
 
 

@@ -297,7 +297,10 @@ class Node(Actor):
             self._send_edge(edge, m.Rejected(submit.request_id, reason, code))
             return
         num_prompt = len(submit.prompt_token_ids)
-        self.inflight.add(InFlight(submit.request_id, edge, submit.epoch, num_prompt))
+        max_tokens = submit.params.max_tokens
+        self.inflight.add(
+            InFlight(submit.request_id, edge, submit.epoch, num_prompt, 0, max_tokens)
+        )
         self.stepper.wake()
 
     def _refusal(self, submit: m.Submit) -> tuple[str, str] | None:

@@ -65,4 +65,6 @@ def heartbeat(node: Node) -> m.Heartbeat:
         num_running=engine.num_running,
         num_tokens_in_flight=node.inflight.num_tokens_in_flight,
         draining=node.draining,
+        num_tokens_processed=engine.num_tokens_processed,
+        num_tokens_to_do=node.inflight.num_tokens_to_do,
     )

@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from p3.log import get_logger
+from p3.nodes.inflight import expected_output_tokens
 from p3.nodes.requests import Sample
 from p3.protocol import messages as m
 from p3.protocol import wire
@@ -28,6 +29,7 @@ from p3.protocol import wire
 log = get_logger(__name__)
 
 HELLO_INTERVAL_S = 1.0
+LOAD_GRAIN = 256  # tokens of work left below which two replicas count as equally loaded
 FIRST_HELLO_INTERVAL_S = 0.05
 
 
@@ -67,7 +69,7 @@ class Cluster:
         self.routes: dict[str, m.Route] = {}  # READY nodes, by node id
         self.epochs: dict[str, int] = {}  # the routed epoch of every node we may hear from
         self.links: dict[str, NodeLink] = {}
-        self.sent_load: dict[str, int] = {}  # tokens this edge sent since the last table
+        self.sent_load: dict[str, int] = {}  # work this edge sent since the last table
         self.inflight: dict[str, tuple[Sample, asyncio.Queue[Event]]] = {}
         self.routes_version = -1
         self.dead_nodes: set[str] = set()  # declared dead and not routed since
@@ -162,15 +164,25 @@ class Cluster:
         return [r for r in self.routes.values() if r.model == model]
 
     def load(self, route: m.Route) -> int:
-        base = route.num_tokens_in_flight + route.num_waiting
-        return base + self.sent_load.get(route.node_id, 0)
+        """Tokens of work the replica has left: its last report (every edge's requests) plus
+        what this edge sent it since (optimistic local increments between tables)."""
+        return route.num_tokens_to_do + self.sent_load.get(route.node_id, 0)
 
     def pick(self, model: str, exclude: set[str] = frozenset()) -> m.Route | None:
-        """The least-loaded ready replica of model (ties broken at random), or None."""
+        """The least-loaded ready replica of model, or None. Loads within LOAD_GRAIN tokens
+        of each other count as equal (a request's worth: finer differences are noise of
+        timing); among those, the replica given the least work in all (processed + left), so
+        that over time the work evens out too; then at random."""
         candidates = [r for r in self.replicas(model) if r.node_id not in exclude]
         if not candidates:
             return None
-        return min(candidates, key=lambda r: (self.load(r), random.random()))
+        return min(
+            candidates, key=lambda r: (self.load(r) // LOAD_GRAIN, self.work(r), random.random())
+        )
+
+    def work(self, route: m.Route) -> int:
+        """Every token of work this replica was given, done or not (as far as we know)."""
+        return route.num_tokens_processed + self.load(route)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -184,7 +196,7 @@ class Cluster:
         journal.tried_nodes.add(route.node_id)
         journal.num_attempts += 1
         self.inflight[sample.request_id] = (sample, queue)
-        cost = len(journal.prompt_token_ids) + 1
+        cost = len(journal.prompt_token_ids) + expected_output_tokens(journal.params.max_tokens)
         self.sent_load[route.node_id] = self.sent_load.get(route.node_id, 0) + cost
         if not wire.send(self.links[route.node_id].socket, journal.submit_message()):
             self.inflight.pop(sample.request_id, None)

@@ -81,6 +81,8 @@ class Heartbeat(Msg, tag="heartbeat"):
     num_running: int = 0
     num_tokens_in_flight: int = 0
     draining: bool = False  # stopping: finishing in-flight requests, accepting no new ones
+    num_tokens_processed: int = 0  # prompt and output tokens run through the model, ever
+    num_tokens_to_do: int = 0  # work left in flight: prompts not started, outputs still allowed
 
 
 class Fatal(Msg, tag="fatal"):
@@ -181,6 +183,8 @@ class Route(Msg, tag="route"):
     num_tokens_in_flight: int = 0
     host: str = ""
     pid: int = 0
+    num_tokens_processed: int = 0
+    num_tokens_to_do: int = 0
 
 
 class Routes(Msg, tag="routes"):
