@@ -25,7 +25,11 @@ The plan is msgspec-encoded into a uint8 tensor: no pickle on this path either.
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -139,6 +143,25 @@ def host_rendezvous(host: str, size: int, timeout_s: float = 60.0) -> dist.TCPSt
     )
 
 
+def interface_for(host: str) -> str | None:
+    """The name of the local network interface whose IPv4 address host resolves to, if any."""
+    try:
+        address = socket.inet_aton(socket.gethostbyname(host))
+    except OSError:
+        return None
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                request = struct.pack("256s", name.encode()[:15])
+                reply = fcntl.ioctl(sock.fileno(), siocgifaddr, request)
+            except OSError:  # no IPv4 address on this interface
+                continue
+            if reply[20:24] == address:
+                return name
+    return None
+
+
 def init_shard(
     replica_rank: int,
     tp_size: int,
@@ -147,12 +170,18 @@ def init_shard(
     store: dist.Store | None = None,
     address: tuple[str, int] | None = None,
     timeout_s: float = 60.0,
+    host: str | None = None,
 ) -> Shard:
     """Join the replica's process group (the leader passes its store, the others its address)
-    and make one tp group per stage."""
+    and make one tp group per stage. host: the address this node advertises; gloo then uses
+    the interface that carries it (not whatever the machine's hostname resolves to, which on
+    a multi-homed host or in a network namespace may be unreachable from the peers), unless
+    GLOO_SOCKET_IFNAME says otherwise."""
     size = tp_size * pp_size
     if size == 1:
         return Shard()
+    if host and "GLOO_SOCKET_IFNAME" not in os.environ and (name := interface_for(host)):
+        os.environ["GLOO_SOCKET_IFNAME"] = name
     if store is None:
         if address is None:
             raise ValueError("a follower needs the leader's rendezvous address")

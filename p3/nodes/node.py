@@ -218,22 +218,23 @@ class Node(Actor):
         """Join the replica's process group (rank 0 hosts it), then load this rank's slice:
         both on the step thread, which is where this process's torch work belongs."""
         device = self.config.engine.torch_device
+        host = urlsplit(self.address).hostname or "127.0.0.1"  # the address peers reach us at
         if place.rank == 0:
-            host = urlsplit(self.address).hostname or "127.0.0.1"
             store = host_rendezvous(host, place.tp_size * place.pp_size)
             wire.send(self._coordinator, m.Rendezvous(self.name, self.epoch, host, store.port))
             join = functools.partial(
-                init_shard, 0, place.tp_size, place.pp_size, device, store=store
+                init_shard, 0, place.tp_size, place.pp_size, device, store=store, host=host
             )
         else:
-            host, _, port = place.rendezvous.rpartition(":")
+            leader, _, port = place.rendezvous.rpartition(":")
             join = functools.partial(
                 init_shard,
                 place.rank,
                 place.tp_size,
                 place.pp_size,
                 device,
-                address=(host, int(port)),
+                address=(leader, int(port)),
+                host=host,
             )
 
         def build() -> Engine:
