@@ -43,6 +43,16 @@ class ModelConfig:
     qkv_bias: bool
     rope_scaling: RopeScaling | None = None
 
+    @property
+    def num_parameters(self) -> int:
+        """Weights the model holds (the head counted once when tied)."""
+        d, hd, inter = self.hidden_size, self.head_dim, self.intermediate_size
+        qkv = d * (self.num_heads + 2 * self.num_kv_heads) * hd
+        bias = (self.num_heads + 2 * self.num_kv_heads) * hd if self.qkv_bias else 0
+        layer = qkv + bias + self.num_heads * hd * d + 3 * d * inter + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         arch = _architecture(hf)

@@ -24,6 +24,7 @@ import zmq.asyncio
 from p3.log import get_logger
 from p3.nodes.actor import Actor
 from p3.nodes.membership import Member, Membership, NodeStatus, Verdict
+from p3.nodes.placement import why_unfit
 from p3.protocol import messages as m
 from p3.protocol import wire
 
@@ -120,6 +121,11 @@ class Coordinator(Actor):
             reason = f"protocol version {hello.protocol_version} != {m.PROTOCOL_VERSION}"
             log.warning("coordinator.refused", node_id=hello.node_id, reason=reason)
             wire.send(self._sock, m.Refused(reason), identity)
+            return
+        unfit = why_unfit(hello.capacity, self.membership.replica_size, hello.model)
+        if unfit is not None:
+            log.warning("coordinator.refused", node_id=hello.node_id, reason=unfit)
+            wire.send(self._sock, m.Refused(unfit), identity)
             return
         old = self.membership.members.get(hello.node_id)
         if old is not None and old.status is NodeStatus.READY:

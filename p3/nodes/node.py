@@ -28,7 +28,7 @@ import zmq.asyncio
 from p3.engine.engine import Engine
 from p3.engine.sequence import Request, StepOutput
 from p3.log import get_logger
-from p3.nodes import reports
+from p3.nodes import placement, reports
 from p3.nodes.actor import Actor
 from p3.nodes.inflight import InFlight, InFlightTable
 from p3.nodes.node_config import NodeConfig, advertised_address
@@ -63,6 +63,8 @@ class Node(Actor):
         self.address = ""
         self.serving = asyncio.Event()  # welcomed, engine loaded, Ready sent
         self._welcomed = asyncio.Event()
+        self.memory_bytes = 0  # what Hello reports (set in setup)
+        self.model_bytes = 0
         self.place: m.Place | None = None  # this node's shard of its replica
         self._placed = asyncio.Event()
         self._kick = asyncio.Event()
@@ -74,6 +76,8 @@ class Node(Actor):
 
     async def setup(self) -> None:
         cfg = self.config
+        self.memory_bytes = placement.available_memory(cfg.engine.device)
+        self.model_bytes = placement.model_bytes(cfg.model, cfg.engine.dtype)
         self._ctx = zmq.asyncio.Context()
         self._edges = wire.make_socket(self._ctx, zmq.ROUTER, bind=cfg.bind)
         self._coordinator = wire.make_socket(

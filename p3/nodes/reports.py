@@ -29,7 +29,13 @@ def hello(node: Node) -> m.Hello:
         host=socket.gethostname(),
         pid=os.getpid(),
         address=node.address,
-        capacity=m.Capacity(cfg.engine.device or "cpu", 0, num_threads),
+        capacity=m.Capacity(
+            device=cfg.engine.device or "cpu",
+            memory_bytes=node.memory_bytes,
+            num_threads=num_threads,
+            model_bytes=node.model_bytes,
+            kv_cache_bytes=cfg.engine.kv_cache_bytes,
+        ),
         model=cfg.model_name,
         epoch=node.epoch,
     )

@@ -41,8 +41,10 @@ class WireSamplingParams(Msg, tag="sampling"):
 
 class Capacity(Msg, tag="capacity"):
     device: str = "cpu"
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # available to this node at start (0: unknown)
     num_threads: int = 0
+    model_bytes: int = 0  # its model's weights in the serving dtype, whole (0: unknown)
+    kv_cache_bytes: int = 0  # the KV cache it will allocate
 
 
 class Hello(Msg, tag="hello"):
