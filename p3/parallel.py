@@ -17,10 +17,12 @@ and the residual stream go by send/recv, and the last stage sends the logits bac
 leader. Replica rank r is stage r // tp, tp rank r % tp.
 
 Only the leader (replica rank 0) has a scheduler, a block manager and a sampler. Every step it
-broadcasts a StepPlan (the packed batch as plain lists: token ids, positions, KV slots,
-block tables) and all ranks run the same forward; the block tables index every rank's own
-cache of its own heads. Followers run `follow()` until the leader broadcasts a stop plan.
-The plan is msgspec-encoded into a uint8 tensor: no pickle on this path either.
+sends each rank a StepPlan (the packed batch as plain lists: token ids, positions, KV slots,
+block tables; msgspec in a uint8 tensor, no pickle) and all ranks run the same forward; the
+block tables index every rank's own cache of its own heads. Followers run `follow()` until
+the leader sends a stop plan. Sends between stages do not wait (isend): with pipeline
+parallelism the leader keeps one micro-batch per stage in flight (engine.py), so while the
+last stage computes one, the first computes the next.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -210,6 +213,7 @@ def close_shard(shard: Shard) -> None:
     """Leave the replica's groups together (a barrier first: no rank tears its connections
     down while a peer still uses them; a process that exits with its group alive can abort)."""
     if shard.world_size > 1 and dist.is_initialized():
+        outbox.reap(wait=True)
         dist.barrier()
         dist.destroy_process_group()
 
@@ -302,21 +306,48 @@ _plan_encoder = msgspec.msgpack.Encoder()
 _plan_decoder = msgspec.msgpack.Decoder(StepPlan)
 
 
-def broadcast_plan(plan: StepPlan) -> None:
-    """Leader: send this step's plan to every rank of the replica (length, then payload)."""
+# Point-to-point tags: each kind of message is matched in order within its own stream.
+PLAN_TAG, ACTIVATIONS_TAG, LOGITS_TAG = 1, 2, 3
+
+
+class Outbox:
+    """Sends under way (isend): each tensor lives until its send completes, so the sender
+    goes on computing instead of waiting for a busy receiver."""
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[Any, Tensor]] = deque()
+
+    def send(self, tensor: Tensor, dst: int, tag: int) -> None:
+        self._pending.append((dist.isend(tensor, dst=dst, tag=tag), tensor))
+        self.reap()
+
+    def reap(self, wait: bool = False) -> None:
+        """Let go of completed sends (with wait: of all of them, waiting as needed)."""
+        while self._pending and (wait or self._pending[0][0].is_completed()):
+            work, _ = self._pending.popleft()
+            _timed("send", work.wait)
+
+
+outbox = Outbox()
+
+
+def send_plan(plan: StepPlan, shard: Shard) -> None:
+    """Leader: this step's plan to every other rank of the replica, without waiting for any
+    (a pipeline stage may still be busy with the previous micro-batch)."""
     payload = _plan_encoder.encode(plan)
     header = torch.tensor([len(payload)], dtype=torch.int64)
-    _timed("broadcast", dist.broadcast, header, src=0)
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    _timed("broadcast", dist.broadcast, data, src=0)
+    for rank in range(1, shard.world_size):
+        outbox.send(header, rank, PLAN_TAG)
+        outbox.send(data, rank, PLAN_TAG)
 
 
 def receive_plan() -> StepPlan:
     """Follower: the leader's next plan."""
     header = torch.empty(1, dtype=torch.int64)
-    _timed("broadcast", dist.broadcast, header, src=0)
+    _timed("recv", dist.recv, header, src=0, tag=PLAN_TAG)
     data = torch.empty(int(header.item()), dtype=torch.uint8)
-    _timed("broadcast", dist.broadcast, data, src=0)
+    _timed("recv", dist.recv, data, src=0, tag=PLAN_TAG)
     return _plan_decoder.decode(data.numpy().tobytes())
 
 
@@ -325,23 +356,30 @@ def receive_plan() -> StepPlan:
 
 def send_activations(x: Tensor, residual: Tensor, shard: Shard) -> None:
     """To the next stage: the hidden state and the residual stream, as one tensor."""
-    _timed("send", dist.send, torch.stack([x, residual]), dst=shard.peer(shard.stage + 1))
+    outbox.send(torch.stack([x, residual]), shard.peer(shard.stage + 1), ACTIVATIONS_TAG)
 
 
 def receive_activations(
     num_tokens: int, dim: int, dtype: torch.dtype, device: torch.device, shard: Shard
 ) -> tuple[Tensor, Tensor]:
     both = torch.empty(2, num_tokens, dim, dtype=dtype, device=device)
-    _timed("recv", dist.recv, both, src=shard.peer(shard.stage - 1))
+    _timed("recv", dist.recv, both, src=shard.peer(shard.stage - 1), tag=ACTIVATIONS_TAG)
     return both[0], both[1]
 
 
 def send_logits(logits: Tensor) -> None:
-    """The last stage's tp rank 0 to the leader."""
-    _timed("send", dist.send, logits, dst=0)
+    """The last stage's tp rank 0 to the leader (which posted the receive at launch)."""
+    _timed("send", dist.send, logits, dst=0, tag=LOGITS_TAG)
 
 
-def receive_logits(num_rows: int, vocab_size: int, device: torch.device, shard: Shard) -> Tensor:
-    logits = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=device)
-    _timed("recv", dist.recv, logits, src=shard.world_size - shard.size)  # last stage, tp 0
-    return logits
+class PendingLogits:
+    """The leader's receive of one micro-batch's logits, posted before the plan goes out."""
+
+    def __init__(self, num_rows: int, vocab_size: int, device: torch.device, shard: Shard):
+        self.logits = torch.empty(num_rows, vocab_size, dtype=torch.float32, device=device)
+        src = shard.world_size - shard.size  # the last stage's tp rank 0
+        self.work = dist.irecv(self.logits, src=src, tag=LOGITS_TAG)
+
+    def wait(self) -> Tensor:
+        _timed("recv", self.work.wait)
+        return self.logits

@@ -4,8 +4,10 @@
 
 Each layout runs as real processes joined by gloo over loopback (this script started again
 with --rank), each rank with cores / ranks torch threads. The leader adds `batch` requests,
-lets prefill finish, then times `steps` decode-only steps; every rank reports the seconds it
-spent inside collectives and send/recv (waiting for a slower peer included). A second part
+lets prefill finish, then times `steps` decode-only steps and the tokens they yield (with
+pp=2 a step launches one micro-batch, half the sequences, and finishes the other half); the
+leader reports the seconds it spent inside collectives and send/recv (waiting for a slower
+peer included). A second part
 times the raw messages the layouts use: an all-reduce of one decode step's hidden state,
 and a send/recv of the activations one stage passes on, at several sizes.
 
@@ -68,14 +70,20 @@ def run_rank(args: argparse.Namespace) -> None:
             engine.step()  # warm
         before = dict(comm_seconds)
         times = []
+        num_tokens = 0
         for _ in range(args.steps):
             started = time.perf_counter()
-            engine.step()
+            num_tokens += sum(len(out.new_token_ids) for out in engine.step())
             times.append(time.perf_counter() - started)
         comm = {k: v - before.get(k, 0.0) for k, v in comm_seconds.items()}
         while engine.has_unfinished():
             engine.step()
-        results[batch] = {"step_s": statistics.median(times), "total_s": sum(times), "comm": comm}
+        results[batch] = {
+            "step_s": statistics.median(times),
+            "total_s": sum(times),
+            "tok_s": num_tokens / sum(times),
+            "comm": comm,
+        }
     engine.close()
     print(json.dumps({"results": results, "rank": 0}), flush=True)
 
@@ -169,20 +177,23 @@ def main() -> None:
     if args.rank is not None:
         return comm_micro(args) if args.layout == "comm" else run_rank(args)
     print("decode step, default model (SmolLM2-135M, bf16), median over", args.steps, "steps")
-    print(f"{'layout':>6} {'batch':>5} {'step ms':>8} {'vs tp1':>7} {'comm ms/step (rank: kinds)'}")
+    print(
+        f"{'layout':>6} {'batch':>5} {'step ms':>8} {'tok/s':>7} {'vs tp1':>7} "
+        "comm ms/step on the leader (share of its time)"
+    )
     reference = {}
     for layout in LAYOUTS:
         reports = run_layout(layout, args)
         leader = next(r for r in reports if r["rank"] == 0)
         for batch, res in leader["results"].items():
             step_ms = res["step_s"] * 1000
-            reference.setdefault(batch, step_ms)
+            reference.setdefault(batch, res["tok_s"])
             per_step = {k: v / args.steps * 1000 for k, v in res["comm"].items()}
             share = sum(res["comm"].values()) / res["total_s"] if res["total_s"] else 0.0
             kinds = " ".join(f"{k} {v:.2f}" for k, v in sorted(per_step.items())) or "-"
             print(
-                f"{layout:>6} {batch:>5} {step_ms:>8.2f} {step_ms / reference[batch]:>6.2f}x "
-                f"leader: {kinds} (share {share:.0%})"
+                f"{layout:>6} {batch:>5} {step_ms:>8.2f} {res['tok_s']:>7.1f} "
+                f"{res['tok_s'] / reference[batch]:>6.2f}x {kinds} ({share:.0%})"
             )
     print("\nraw gloo messages between two processes on this host (loopback), median over 200")
     print(f"{'rows':>5} {'bytes':>8} {'all-reduce us':>14} {'p99':>8} {'send/recv us':>13}")

@@ -2,6 +2,10 @@
 
 add and cancel may be called from any thread; step runs on one thread (the node's compute
 thread, or the caller's in the offline API) and is the only place that touches sequences.
+
+A pipeline-parallel leader keeps one micro-batch per stage in flight: each sequence rides in
+one lane, a step launches the next free lane's batch and, once every lane is in flight,
+finishes the oldest. A cancel for a sequence in flight waits until its batch is back.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from p3.config import EngineConfig, ModelConfig
 from p3.engine.block_manager import BlockManager
-from p3.engine.runner import ModelRunner
+from p3.engine.runner import Launched, ModelRunner
 from p3.engine.scheduler import ScheduledBatch, Scheduler
 from p3.engine.sequence import Request, Sequence, StepOutput
 from p3.kernels.sampling import SampleResult
@@ -67,6 +71,11 @@ class Engine:
         self._arrivals = 0
         self.num_steps = 0
         self.num_tokens_processed = 0  # prompt (and recomputed) and output tokens run
+        self.num_lanes = self.shard.num_stages  # micro-batches in flight at most
+        self._next_lane = 0
+        self._in_flight: deque[tuple[int, ScheduledBatch, Launched]] = deque()
+        self._in_flight_ids: set[str] = set()
+        self._deferred_cancels: set[str] = set()
         self.load_time_s = time.perf_counter() - started
         log.info(
             "engine.ready",
@@ -93,6 +102,8 @@ class Engine:
 
     def step(self) -> list[StepOutput]:
         aborted = self._drain_inbox()
+        if self.num_lanes > 1:
+            return aborted + self._step_pipelined()
         batch = self.scheduler.schedule()
         if not batch:
             return aborted
@@ -100,6 +111,44 @@ class Engine:
         self.num_steps += 1
         self.num_tokens_processed += batch.num_tokens
         return aborted + self._postprocess(batch, seqs, result)
+
+    def _step_pipelined(self) -> list[StepOutput]:
+        launched = len(self._in_flight) < self.num_lanes and self._launch_next_lane()
+        if not self._in_flight or (launched and len(self._in_flight) < self.num_lanes):
+            return []
+        _, batch, under_way = self._in_flight.popleft()
+        seqs, result = self.runner.finish(under_way)
+        self._in_flight_ids.difference_update(s.request_id for s in batch.seqs)
+        outputs = self._postprocess(batch, seqs, result)
+        return self._apply_deferred_cancels(outputs)
+
+    def _launch_next_lane(self) -> bool:
+        busy = {lane for lane, _, _ in self._in_flight}
+        for _ in range(self.num_lanes):
+            lane, self._next_lane = self._next_lane, (self._next_lane + 1) % self.num_lanes
+            if lane in busy:
+                continue
+            batch = self.scheduler.schedule(lane)
+            if batch:
+                self._in_flight.append((lane, batch, self.runner.launch(batch)))
+                self._in_flight_ids.update(s.request_id for s in batch.seqs)
+                self.num_steps += 1
+                self.num_tokens_processed += batch.num_tokens
+                return True
+        return False
+
+    def _apply_deferred_cancels(self, outputs: list[StepOutput]) -> list[StepOutput]:
+        """Cancels that arrived while their sequence was in flight: abort it now."""
+        done = {rid for rid in self._deferred_cancels if rid not in self._in_flight_ids}
+        if not done:
+            return outputs
+        self._deferred_cancels -= done
+        kept = [out for out in outputs if out.request_id not in done]
+        for rid in done:
+            if (seq := self.seqs.get(rid)) is not None:
+                self._finish(seq, "abort")
+                kept.append(_abort_output(seq))
+        return kept
 
     def follow(self) -> int:
         """A tensor-parallel follower: run the leader's steps until it stops; returns how many."""
@@ -110,14 +159,17 @@ class Engine:
         return num_steps
 
     def close(self) -> None:
-        """The leader releases its followers (their follow() returns); all leave the group."""
+        """The leader releases its followers (their follow() returns); all leave the group.
+        Micro-batches still in flight are received first (their outputs are dropped)."""
+        while self._in_flight:
+            self.runner.finish(self._in_flight.popleft()[2])
         self.runner.stop_followers()
         close_shard(self.shard)
 
     # -- state ----------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return bool(self._inbox) or self.scheduler.has_unfinished()
+        return bool(self._inbox or self._in_flight) or self.scheduler.has_unfinished()
 
     @property
     def num_free_blocks(self) -> int:
@@ -154,20 +206,16 @@ class Engine:
             kind, item = self._inbox.popleft()
             if kind == "add":
                 self._admit(item)
+            elif item in self._in_flight_ids:
+                self._deferred_cancels.add(item)  # its KV is being written: after its step
             elif (seq := self.seqs.get(item)) is not None:
                 self._finish(seq, "abort")
-                aborted.append(
-                    StepOutput(
-                        seq.request_id,
-                        [],
-                        finish_reason="abort",
-                        num_prompt_tokens=seq.num_prompt_tokens,
-                    )
-                )
+                aborted.append(_abort_output(seq))
         return aborted
 
     def _admit(self, request: Request) -> None:
         seq = Sequence(request, self.config.block_size, self._arrivals)
+        seq.lane = self._arrivals % self.num_lanes
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -217,6 +265,12 @@ class Engine:
         if len(seq) >= self.max_model_len:
             return "length"
         return None
+
+
+def _abort_output(seq: Sequence) -> StepOutput:
+    return StepOutput(
+        seq.request_id, [], finish_reason="abort", num_prompt_tokens=seq.num_prompt_tokens
+    )
 
 
 def _eos_ids(hf: dict) -> frozenset[int]:

@@ -15,13 +15,7 @@ from p3.engine.sequence import Sequence
 from p3.kernels import build
 from p3.kernels.sampling import Sampler, SampleResult, SampleRow
 from p3.model import AttentionContext, Transformer
-from p3.parallel import (
-    StepPlan,
-    broadcast_plan,
-    receive_logits,
-    receive_plan,
-    send_logits,
-)
+from p3.parallel import PendingLogits, StepPlan, receive_plan, send_logits, send_plan
 
 
 @dataclass
@@ -31,6 +25,15 @@ class PreparedBatch:
     ctx: AttentionContext
     logits_indices: Tensor  # [S] rows of the packed batch whose logits are sampled
     sampling_seqs: list[Sequence]  # the sequences those rows belong to, in order
+
+
+@dataclass
+class Launched:
+    """A step under way: whose samples it will give, and its logits or their receive."""
+
+    sampling_seqs: list[Sequence]
+    logits: Tensor | None
+    pending: PendingLogits | None
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -71,43 +74,50 @@ class ModelRunner:
             layer.attn.k_cache = torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
             layer.attn.v_cache = torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
-        """Run one step; returns the sequences that sampled a token and what they sampled.
-        Under tensor parallelism the plan goes to the followers first, and every rank runs
-        the forward; only this rank (the leader) samples."""
+        """Run one step; returns the sequences that sampled a token and what they sampled."""
+        return self.finish(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch) -> Launched:
+        """Start a step: the plan goes to the other ranks and this rank runs its part. With
+        a single stage the logits are ready on return; with several, `finish` waits for the
+        last stage's, so the leader may launch another micro-batch in between."""
         plan, sampling_seqs = self.plan(batch)
+        pending = None
         if self.shard.world_size > 1:
-            broadcast_plan(plan)
-        logits = self.forward(plan)
-        if not sampling_seqs:
+            if plan.logits_indices and not self.shard.is_last_stage:
+                vocab = self.model.cfg.vocab_size
+                pending = PendingLogits(len(plan.logits_indices), vocab, self.device, self.shard)
+            send_plan(plan, self.shard)
+        return Launched(sampling_seqs, self.forward(plan), pending)
+
+    @torch.inference_mode()
+    def finish(self, launched: Launched) -> tuple[list[Sequence], SampleResult | None]:
+        """The launched step's samples (waiting for its logits if they are still coming)."""
+        if not launched.sampling_seqs:
             return [], None
-        rows = [self._sample_row(seq) for seq in sampling_seqs]
-        return sampling_seqs, self.sampler(logits, rows)
+        logits = launched.logits if launched.pending is None else launched.pending.wait()
+        rows = [self._sample_row(seq) for seq in launched.sampling_seqs]
+        return launched.sampling_seqs, self.sampler(logits, rows)
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> Tensor | None:
-        """This rank's part of the model over one plan: the sampled rows' logits [S, V] on the
-        leader, None elsewhere. Under pipeline parallelism the last stage computes them and
-        sends them back to the leader."""
+        """This rank's part of the model over one plan: the sampled rows' logits [S, V] when
+        this rank is the leader of a single-stage replica, else None. A last stage that is not
+        the leader sends them to the leader."""
         prepared = self.tensors(plan)
         hidden = self.model(prepared.input_ids, prepared.positions, prepared.ctx)
-        if not plan.logits_indices:
+        if hidden is None or not plan.logits_indices:
             return None
-        shard = self.shard
-        if hidden is not None:  # the last stage
-            logits = self.model.compute_logits(hidden[prepared.logits_indices])
-            if shard.is_leader or logits is None:
-                return logits
+        logits = self.model.compute_logits(hidden[prepared.logits_indices])
+        if logits is not None and not self.shard.is_leader:
             send_logits(logits)
             return None
-        if shard.is_leader:
-            vocab = self.model.cfg.vocab_size
-            return receive_logits(len(plan.logits_indices), vocab, self.device, shard)
-        return None
+        return logits
 
     def follow(self) -> int:
-        """A follower's life: run the leader's plans until it broadcasts stop; the steps run."""
+        """A follower's life: run the leader's plans until it sends stop; the steps run."""
         num_steps = 0
         while not (plan := receive_plan()).stop:
             self.forward(plan)
@@ -116,7 +126,7 @@ class ModelRunner:
 
     def stop_followers(self) -> None:
         if self.shard.world_size > 1 and self.shard.is_leader:
-            broadcast_plan(StepPlan(stop=True))
+            send_plan(StepPlan(stop=True), self.shard)
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
         plan, sampling_seqs = self.plan(batch)

@@ -5,6 +5,10 @@ what is left of the budget, so long prompts are split into chunks). Waiting sequ
 admitted in arrival order while budget, sequence slots and KV blocks last. When KV runs out,
 the most recently arrived running sequence is preempted: its blocks are freed and it goes back
 to the head of the queue to be recomputed (cheaply, where its blocks stay in the prefix cache).
+
+Under pipeline parallelism each sequence rides in one lane (micro-batch) and `schedule(lane)`
+looks at that lane's sequences only, so one lane can be scheduled while another is still in
+the pipeline: its sequences are never touched, preempted or rescheduled meanwhile.
 """
 
 from __future__ import annotations
@@ -51,11 +55,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, lane: int | None = None) -> ScheduledBatch:
+        """The next step's batch: of one lane's sequences, or (None) of all of them."""
         batch = ScheduledBatch()
-        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        budget = self._schedule_running(batch, self.max_num_batched_tokens, lane)
         if not batch.preempted:
-            self._schedule_waiting(batch, budget)
+            self._schedule_waiting(batch, budget, lane)
         return batch
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -67,25 +72,27 @@ class Scheduler:
         self.block_manager.free_sequence(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int, lane: int | None) -> int:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+            if seq.status is not Status.RUNNING or not _in(seq, lane):  # preempted, or not ours
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if self._make_room(seq, num_new, batch):
+            if self._make_room(seq, num_new, batch, lane):
                 self.block_manager.allocate(seq, num_new)
                 batch.add(seq, num_new)
                 budget -= num_new
         return budget
 
-    def _make_room(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
-        """Preempt the newest running sequences until seq's next tokens fit; False if seq
-        itself had to go."""
+    def _make_room(
+        self, seq: Sequence, num_new: int, batch: ScheduledBatch, lane: int | None
+    ) -> bool:
+        """Preempt the newest running sequences (of this lane) until seq's next tokens fit;
+        False if seq itself had to go."""
         bm = self.block_manager
         while not bm.can_allocate(bm.blocks_needed(seq, num_new)):
-            victim = self.running[-1]
+            victim = next(s for s in reversed(self.running) if _in(s, lane))  # seq at the latest
             self._preempt(victim, batch)
             if victim is seq:
                 return False
@@ -99,19 +106,25 @@ class Scheduler:
         batch.preempted.append(seq)
         self.num_preemptions += 1
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int, lane: int | None) -> None:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = next((s for s in self.waiting if _in(s, lane)), None)
+            if seq is None:
+                break
             hits = bm.find_cached_prefix(seq)
             num_new = min(len(seq) - len(hits) * bm.block_size, budget)
             uncached_blocks = -(-(len(hits) * bm.block_size + num_new) // bm.block_size) - len(hits)
             if not bm.can_allocate(bm.num_revived(hits) + uncached_blocks):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             bm.share_prefix(seq, hits)
             bm.allocate(seq, num_new)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
+
+
+def _in(seq: Sequence, lane: int | None) -> bool:
+    return lane is None or seq.lane == lane

@@ -51,6 +51,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.token_ids)
         self.block_size = block_size
         self.arrival = arrival
+        self.lane = 0  # the pipeline micro-batch it rides in (engine.py)
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.block_table: list[int] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import time
 
 import aiohttp
 import pytest
@@ -37,6 +38,30 @@ def tp_cluster(tiny_chat, request):
         yield cluster
     finally:
         cluster.stop()
+
+
+async def test_a_client_leaving_mid_stream_frees_the_replica(tiny_chat, tp_cluster):
+    """With pp the cancel arrives while the request is in flight in the pipeline: it must
+    wait for its micro-batch, then free the KV (the greedy test below runs after it)."""
+    body = {"model": tiny_chat.name, "prompt": "Tell me", "max_tokens": 400, "ignore_eos": True}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(tp_cluster.url + "/v1/completions", json={**body, "stream": True}) as r,
+    ):
+        for _ in range(5):
+            await r.content.readline()
+    deadline = time.monotonic() + 20
+    while True:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(tp_cluster.url + "/cluster") as r,
+        ):
+            (leader,) = (await r.json())["nodes"]
+        load = leader["load"]
+        if load["num_running"] == 0 and load["num_free_blocks"] == load["num_kv_blocks"]:
+            break
+        assert time.monotonic() < deadline, f"the replica kept the request: {load}"
+        await asyncio.sleep(0.1)
 
 
 async def test_completions_equal_transformers_greedy(tiny_chat, tp_cluster):
