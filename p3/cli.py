@@ -140,10 +140,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     num_models = len(args.model or [None])
     if len(set(args.model or [])) != len(args.model or []):
         raise ValueError("each --model may be given once")
-    if args.tp < 1 or args.pp < 1 or args.nodes % (num_models * args.tp * args.pp):
+    if args.tp < 1 or args.pp < 1:
+        raise ValueError(f"--tp and --pp must be at least 1, got {args.tp} and {args.pp}")
+    if args.nodes % num_models or args.nodes // num_models < args.tp * args.pp:
         raise ValueError(
-            f"--nodes ({args.nodes}) must be a multiple of models x --tp x --pp "
-            f"({num_models} x {args.tp} x {args.pp})"
+            f"--nodes ({args.nodes}) must split evenly over {num_models} model(s), each with "
+            f"at least --tp x --pp = {args.tp * args.pp} nodes (the rest of a model's nodes "
+            "are spares, that replace a failed replica's)"
         )
     return serve(args, engine_argv(args))
 
@@ -209,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodes",
         type=int,
         default=1,
-        help="node processes, split evenly over the models; tp x pp per replica (default 1)",
+        help="node processes, split evenly over the models; tp x pp per replica, the rest spare",
     )
     serve.add_argument("--api-key", default=None)
     serve.add_argument("--threads", type=int, default=None, help="per node (default: cores/N)")

@@ -142,11 +142,14 @@ class Child:
             self.proc.send_signal(signum)
 
 
-def wait_ready(children: list[Child], timeout_s: float, poll_s: float = 0.05) -> None:
-    """Block until every child is ready; LaunchError naming the first that was not."""
+def wait_ready(
+    children: list[Child], timeout_s: float, poll_s: float = 0.05, num_spare: int = 0
+) -> None:
+    """Block until every child is ready, or all but num_spare of them (spare nodes announce
+    nothing until they are placed); LaunchError naming the first that was not."""
     deadline = time.monotonic() + timeout_s
     pending = list(children)
-    while pending:
+    while len(pending) > num_spare:
         for child in list(pending):
             child.probe()
             if child.is_ready:
@@ -154,9 +157,9 @@ def wait_ready(children: list[Child], timeout_s: float, poll_s: float = 0.05) ->
             elif child.proc.poll() is not None:
                 what = f"exited with code {child.proc.returncode} before it was ready"
                 raise LaunchError(child.describe_failure(what))
-        if pending and time.monotonic() > deadline:
+        if len(pending) > num_spare and time.monotonic() > deadline:
             raise LaunchError(pending[0].describe_failure(f"not ready after {timeout_s:g}s"))
-        if pending:
+        if len(pending) > num_spare:
             time.sleep(poll_s)  # a bounded poll of the children's state, not a readiness guess
 
 

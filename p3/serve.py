@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from p3.launch import Child, LaunchError, python_m_p3, stop_all, wait_ready
 from p3.log import get_logger
@@ -108,7 +109,8 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
         for i in range(args.nodes)
     ]
     children.extend(nodes)
-    wait_ready(nodes, args.ready_timeout)
+    spares = len(models) * (per_model % (args.tp * args.pp))
+    wait_ready(nodes, args.ready_timeout, num_spare=spares)
     api_key = ["--api-key", args.api_key] if args.api_key else []
     edge = Child(
         "edge",
@@ -138,17 +140,31 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+RESTARTS_PER_WINDOW, RESTART_WINDOW_S = 5, 60.0
+
+
 def _supervise(children: list[Child], stop: threading.Event) -> int:
-    """Until a signal: a dead node is logged (the others serve on); a dead edge or
-    coordinator ends the cluster."""
-    reported: set[str] = set()
-    while not stop.wait(0.5):
-        for child in children:
-            if child.proc.poll() is None or child.name in reported:
+    """Until a signal: a node that exits is started again (the others serve on meanwhile;
+    the new process joins as a spare, so a tensor- or pipeline-parallel replica that lost a
+    member is formed anew), unless it keeps exiting: more than RESTARTS_PER_WINDOW times in
+    RESTART_WINDOW_S and it stays down. A dead edge or coordinator ends the cluster."""
+    restarts: dict[str, list[float]] = {}
+    given_up: set[str] = set()
+    while not stop.wait(0.2):
+        for i, child in enumerate(children):
+            if child.proc.poll() is None or child.name in given_up:
                 continue
-            reported.add(child.name)
             log.warning("serve.child_exited", child=child.name, code=child.proc.returncode)
             if not child.name.startswith("node-"):
                 print(f"p3 serve: {child.describe_failure('exited')}", file=sys.stderr)
                 return 1
+            now = time.monotonic()
+            recent = [t for t in restarts.get(child.name, []) if now - t < RESTART_WINDOW_S]
+            if len(recent) >= RESTARTS_PER_WINDOW:
+                given_up.add(child.name)
+                print(f"p3 serve: {child.describe_failure('keeps exiting')}", file=sys.stderr)
+                continue
+            restarts[child.name] = [*recent, now]
+            children[i] = Child(child.name, child.argv)
+            log.info("serve.node_restarted", child=child.name, attempt=len(recent) + 1)
     return 0

@@ -249,11 +249,12 @@ class Api:
         return web.Response(body=self.metrics.render(), content_type="text/plain")
 
     async def on_cluster(self, request: web.Request) -> web.Response:
-        nodes = [_node_json(self.cluster, r) for r in self.cluster.routes.values()]
+        listed = [*self.cluster.routes.values(), *self.cluster.shards]
+        nodes = [_node_json(self.cluster, r) for r in listed]
         nodes += [
             {"id": n, "status": "dead"}
             for n in self.cluster.dead_nodes
-            if n not in self.cluster.routes
+            if n not in {r.node_id for r in listed}
         ]
         edge = {"id": self.edge.edge_id, "num_pending": self.num_pending}
         return json_response({"version": self.cluster.routes_version, "nodes": nodes, "edge": edge})
@@ -269,6 +270,7 @@ def _node_json(cluster, route) -> dict[str, Any]:
         "address": route.address,
         "model": route.model,
         "replica": route.replica,
+        "replica_rank": route.replica_rank,
         "max_model_len": route.max_model_len,
         "load": {
             "num_running": route.num_running,

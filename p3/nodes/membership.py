@@ -75,6 +75,7 @@ class Member:
             pid=self.hello.pid,
             num_tokens_processed=hb.num_tokens_processed,
             num_tokens_to_do=hb.num_tokens_to_do,
+            replica_rank=self.rank,
         )
 
 
@@ -208,12 +209,15 @@ class Membership:
         return self.heartbeat_timeout_s
 
     def routes(self) -> list[m.Route]:
-        ready = [
+        """Every member of every whole, ready replica (edges route to rank 0 only)."""
+        leaders = [
             mb
             for mb in self.members.values()
             if mb.status is NodeStatus.READY and mb.rank == 0 and self._whole(mb)
         ]
-        return [mb.route() for mb in sorted(ready, key=lambda mb: (mb.hello.model, mb.replica))]
+        members = [mb for leader in leaders for mb in self.group_of(leader)]
+        order = sorted(members, key=lambda mb: (mb.hello.model, mb.replica, mb.rank))
+        return [mb.route() for mb in order]
 
     def _whole(self, leader: Member) -> bool:
         """Every member of the leader's replica is alive and ready."""

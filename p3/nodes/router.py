@@ -66,7 +66,8 @@ class Cluster:
         self.coordinator = coordinator
         self.edge_id = edge_id
         self.ctx = zmq.asyncio.Context()
-        self.routes: dict[str, m.Route] = {}  # READY nodes, by node id
+        self.routes: dict[str, m.Route] = {}  # READY replicas' rank 0 nodes, by node id
+        self.shards: list[m.Route] = []  # their other ranks: listed, never routed to
         self.epochs: dict[str, int] = {}  # the routed epoch of every node we may hear from
         self.links: dict[str, NodeLink] = {}
         self.sent_load: dict[str, int] = {}  # work this edge sent since the last table
@@ -125,20 +126,22 @@ class Cluster:
 
     def on_routes(self, table: m.Routes) -> None:
         members = {(r.node_id, r.epoch) for r in table.routes}
-        if members != {(r.node_id, r.epoch) for r in self.routes.values()} or table.dead:
+        known = {(r.node_id, r.epoch) for r in [*self.routes.values(), *self.shards]}
+        if members != known or table.dead:
             log.info("edge.routes", version=table.version, nodes=sorted(members), dead=table.dead)
         self.routes_version = table.version
         for node_id in table.dead:
             self._node_dead(node_id)
-        self.routes = {r.node_id: r for r in table.routes}
-        self.dead_nodes -= self.routes.keys()
+        self.routes = {r.node_id: r for r in table.routes if r.replica_rank == 0}
+        self.shards = [r for r in table.routes if r.replica_rank > 0]
+        self.dead_nodes -= {r.node_id for r in table.routes}
         self.sent_load.clear()
-        for route in table.routes:
+        for route in self.routes.values():
             self._link(route)
         self.routes_changed.set()
         self.routes_changed = asyncio.Event()
         if self.on_models is not None:
-            self.on_models({r.model for r in table.routes})
+            self.on_models({r.model for r in self.routes.values()})
 
     def _link(self, route: m.Route) -> None:
         self.epochs[route.node_id] = route.epoch

@@ -187,6 +187,7 @@ class Route(Msg, tag="route"):
     pid: int = 0
     num_tokens_processed: int = 0
     num_tokens_to_do: int = 0
+    replica_rank: int = 0  # > 0: a shard of rank 0's replica, listed but never routed to
 
 
 class Routes(Msg, tag="routes"):

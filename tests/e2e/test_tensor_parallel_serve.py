@@ -56,7 +56,7 @@ async def test_a_client_leaving_mid_stream_frees_the_replica(tiny_chat, tp_clust
             aiohttp.ClientSession() as session,
             session.get(tp_cluster.url + "/cluster") as r,
         ):
-            (leader,) = (await r.json())["nodes"]
+            (leader,) = [n for n in (await r.json())["nodes"] if n["replica_rank"] == 0]
         load = leader["load"]
         if load["num_running"] == 0 and load["num_free_blocks"] == load["num_kv_blocks"]:
             break
@@ -93,7 +93,7 @@ async def test_streams_equal_whole_answers_on_one_replica(tp_cluster, tiny_chat)
     assert [m.id for m in models.data] == [str(tiny_chat)]  # vLLM's id: --model as given
     async with aiohttp.ClientSession() as session, session.get(tp_cluster.url + "/cluster") as r:
         nodes = (await r.json())["nodes"]
-    assert len(nodes) == 1  # the replica is routed through its rank 0 only
+    assert sorted((n["replica"], n["replica_rank"]) for n in nodes) == [(0, 0), (0, 1)]
     stream = await client.completions.create(
         model=tiny_chat.name, prompt="Hello", max_tokens=8, temperature=0, stream=True
     )

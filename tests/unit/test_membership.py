@@ -60,7 +60,7 @@ def test_a_replica_is_routed_through_rank_0_only_while_every_rank_is_ready():
     members.mark_ready(leader, m.Ready("x", leader.epoch, "a"))
     assert members.routes() == []  # the follower is still loading
     members.mark_ready(follower, m.Ready("y", follower.epoch, "a", replica_rank=1, replica_size=2))
-    assert [r.node_id for r in members.routes()] == ["x"]
+    assert [(r.node_id, r.replica_rank) for r in members.routes()] == [("x", 0), ("y", 1)]
     assert members.group_of(follower) == [leader, follower]
     members.declare_dead(follower, "heartbeat-timeout")
     assert members.routes() == []  # half a model serves no one
