@@ -197,6 +197,14 @@ class Engine:
             raise ValueError(
                 f"prompt has {len(ids)} tokens; this model's context is {self.max_model_len}"
             )
+        outputs = request.output_token_ids
+        if len(ids) + len(outputs) >= self.max_model_len:
+            raise ValueError(
+                f"prompt and {len(outputs)} outputs so far exceed this model's context "
+                f"of {self.max_model_len}"
+            )
+        if any(not 0 <= t < vocab for t in outputs):
+            raise ValueError(f"output token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in request.params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
 

@@ -23,6 +23,9 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None  # overrides params.seed (a child of an n > 1 request); None: draw one
+    # outputs generated elsewhere already (a request moved off a failed node): the sequence
+    # continues after them, at their positions, counting them against max_tokens/min_tokens
+    output_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -49,6 +52,7 @@ class Sequence:
         self.seed = _effective_seed(request)
         self.token_ids = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        self.token_ids += request.output_token_ids
         self.block_size = block_size
         self.arrival = arrival
         self.lane = 0  # the pipeline micro-batch it rides in (engine.py)

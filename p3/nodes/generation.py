@@ -2,9 +2,12 @@
 
 `Generation` is an async iterator of Deltas over all its samples. A Rejected sample is
 resubmitted to another replica (definite: nothing was generated) unless the request itself
-is bad; a sample whose node dies, or whose tokens stop for `timeout_s`, fails the request
-with `RequestFailed`. Leaving the iteration early (client gone) cancels every sample still
-running on its node, so the node frees its KV.
+is bad. A sample whose node is declared dead, or whose tokens stop for `timeout_s`, moves:
+its prompt and the tokens already streamed go to another ready replica, which continues at
+the same positions with the same seed, so the client sees the stream it would have seen (the
+journal drops anything repeated; tokens from the node it left are ignored). The request
+fails (RequestFailed) only when no replica can take it, or after MAX_MOVES moves. Leaving the
+iteration early (client gone) cancels every sample still running on its node.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from p3.protocol import messages as m
 log = get_logger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
+MAX_MOVES = 3  # per sample: a request that kills every node it lands on stops moving
 
 
 class RequestFailed(Exception):
@@ -83,17 +87,18 @@ class Generation:
             self.cluster.forget(sample)
 
     async def _next_event(self) -> Event:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await self.queue.get()
-        except TimeoutError:
-            definite = not any(s.num_output_tokens for s in self.samples)
-            log.warning(
-                "edge.request_timeout", request_ids=self.request_ids, after_s=self.timeout_s
-            )
-            raise RequestFailed(
-                f"no tokens from the node for {self.timeout_s:g} s", "timeout", definite
-            ) from None
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    return await self.queue.get()
+            except TimeoutError:
+                log.warning(
+                    "edge.request_timeout", request_ids=self.request_ids, after_s=self.timeout_s
+                )
+                for sample in self.samples:
+                    if not sample.finished:
+                        self.cluster.cancel(sample)  # the stuck node: stop it there
+                        self._move(sample, f"no tokens for {self.timeout_s:g} s", "timeout")
 
     def _handle(self, sample: Sample, msg: m.TokenDelta | m.Rejected | NodeLost) -> Delta | None:
         match msg:
@@ -105,20 +110,31 @@ class Generation:
             case m.Rejected():
                 self._rejected(sample, msg)
             case NodeLost():
-                definite = sample.num_output_tokens == 0
-                log.warning(
-                    "edge.request_failed",
-                    request_id=sample.request_id,
-                    node_id=msg.node_id,
-                    cause="node_dead",
-                    num_tokens=sample.num_output_tokens,
-                )
-                raise RequestFailed(
-                    f"node {msg.node_id} serving this request died ({msg.reason})",
-                    "node_dead",
-                    definite,
-                )
+                if msg.node_id == sample.journal.node_id:  # not a node it already left
+                    self.cluster.forget(sample)
+                    self._move(sample, f"node {msg.node_id} died ({msg.reason})", "node_dead")
         return None
+
+    def _move(self, sample: Sample, cause: str, code: str) -> None:
+        """Resubmit an unfinished sample elsewhere, continuing after the tokens it has."""
+        journal = sample.journal
+        left = journal.node_id
+        if journal.num_moves >= MAX_MOVES:
+            raise RequestFailed(f"{cause}; moved {MAX_MOVES} times already", code, False)
+        journal.num_moves += 1
+        exclude = {left} | self.cluster.dead_nodes if left else set(self.cluster.dead_nodes)
+        if not self.cluster.submit(sample, self.queue, exclude):
+            definite = sample.num_output_tokens == 0
+            log.warning("edge.request_failed", request_id=sample.request_id, cause=cause)
+            raise RequestFailed(f"{cause}, and no other replica can take it", code, definite)
+        log.warning(
+            "edge.request_moved",
+            request_id=sample.request_id,
+            cause=cause,
+            left=left,
+            to=journal.node_id,
+            num_tokens=sample.num_output_tokens,
+        )
 
     def _finished(self, sample: Sample, delta: m.TokenDelta) -> None:
         if delta.finish_reason is None:  # a stop string ended it: free the node's KV now

@@ -292,7 +292,13 @@ class Node(Actor):
         if refusal is None:
             try:
                 params = from_wire(submit.params)
-                request = Request(submit.request_id, submit.prompt_token_ids, params, submit.seed)
+                request = Request(
+                    submit.request_id,
+                    submit.prompt_token_ids,
+                    params,
+                    submit.seed,
+                    tuple(submit.output_token_ids),
+                )
                 self.engine.add(request)
             except ValueError as exc:
                 refusal = ("bad_request", str(exc))
@@ -302,10 +308,15 @@ class Node(Actor):
             self._send_edge(edge, m.Rejected(submit.request_id, reason, code))
             return
         num_prompt = len(submit.prompt_token_ids)
-        max_tokens = submit.params.max_tokens
-        self.inflight.add(
-            InFlight(submit.request_id, edge, submit.epoch, num_prompt, 0, max_tokens)
+        entry = InFlight(
+            submit.request_id,
+            edge,
+            submit.epoch,
+            num_prompt,
+            len(submit.output_token_ids),  # delta indices continue after them
+            submit.params.max_tokens,
         )
+        self.inflight.add(entry)
         self.stepper.wake()
 
     def _refusal(self, submit: m.Submit) -> tuple[str, str] | None:

@@ -61,9 +61,19 @@ class Journal:
     token_ids: list[int] = field(default_factory=list)
     num_attempts: int = 0
     tried_nodes: set[str] = field(default_factory=set)
+    num_moves: int = 0  # resubmissions after its node died or went silent
 
     def submit_message(self) -> m.Submit:
-        return m.Submit(self.request_id, self.prompt_token_ids, self.params, self.seed, self.epoch)
+        """Submit, or resubmit after a move: the outputs so far travel along, so the new node
+        continues at the same positions with the same seeded draws."""
+        return m.Submit(
+            self.request_id,
+            self.prompt_token_ids,
+            self.params,
+            self.seed,
+            self.epoch,
+            list(self.token_ids),
+        )
 
 
 class Sample:

@@ -120,7 +120,7 @@ class Cluster:
                 case m.Tokens() as tokens:
                     self.on_node_tokens(link.node_id, tokens)
                 case m.Rejected() as rejected:
-                    self._deliver(rejected.request_id, rejected)
+                    self._deliver(rejected.request_id, rejected, link.node_id)
 
     # -- the routing table -----------------------------------------------------------------
 
@@ -189,10 +189,13 @@ class Cluster:
 
     # -- requests --------------------------------------------------------------------------
 
-    def submit(self, sample: Sample, queue: asyncio.Queue[Event]) -> bool:
-        """Send a sample to the least-loaded replica it has not tried; False if none is left."""
+    def submit(
+        self, sample: Sample, queue: asyncio.Queue[Event], exclude: set[str] | None = None
+    ) -> bool:
+        """Send a sample to the least-loaded replica not excluded (default: not tried yet);
+        False if none is left."""
         journal = sample.journal
-        route = self.pick(journal.model, journal.tried_nodes)
+        route = self.pick(journal.model, journal.tried_nodes if exclude is None else exclude)
         if route is None:
             return False
         journal.node_id, journal.epoch = route.node_id, route.epoch
@@ -203,7 +206,7 @@ class Cluster:
         self.sent_load[route.node_id] = self.sent_load.get(route.node_id, 0) + cost
         if not wire.send(self.links[route.node_id].socket, journal.submit_message()):
             self.inflight.pop(sample.request_id, None)
-            return self.submit(sample, queue)  # try the next replica
+            return self.submit(sample, queue, (exclude or set()) | {route.node_id})
         return True
 
     def cancel(self, sample: Sample) -> None:
@@ -229,13 +232,19 @@ class Cluster:
             self.on_tokens(tokens)
         received_at = time.perf_counter()
         for delta in tokens.deltas:
-            self._deliver(delta.request_id, delta, received_at)
+            self._deliver(delta.request_id, delta, node_id, received_at)
 
     def _deliver(
-        self, request_id: str, msg: m.TokenDelta | m.Rejected, received_at: float | None = None
+        self,
+        request_id: str,
+        msg: m.TokenDelta | m.Rejected,
+        node_id: str,
+        received_at: float | None = None,
     ) -> None:
         entry = self.inflight.get(request_id)
         if entry is None:
             return  # cancelled, finished, or never ours: nothing waits for it
         sample, queue = entry
+        if sample.journal.node_id != node_id:
+            return  # from a node the sample has moved away from: the new one speaks for it
         queue.put_nowait((sample, msg, received_at or time.perf_counter()))

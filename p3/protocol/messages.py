@@ -210,6 +210,7 @@ class Submit(Msg, tag="submit"):
     params: WireSamplingParams = WireSamplingParams()
     seed: int = 0  # the effective seed (the edge draws one when the client gave none)
     epoch: int = 0  # the node's epoch as the edge's routing table knows it
+    output_token_ids: list[int] = []  # generated elsewhere already: continue after them
 
 
 class Cancel(Msg, tag="cancel"):
