@@ -42,6 +42,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    # with SamplingParams(prompt_logprobs=k), as vLLM gives them: None for the first prompt
+    # token, then each one's {token id: Logprob} (its own and the top k)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -84,13 +87,20 @@ class _Child:
         for token, lp, top in zip(
             step.new_token_ids, step.logprobs, step.top_logprobs, strict=True
         ):
-            entry = {
-                t: Logprob(v, rank + 1, self.tokenizer.decode([t], False))
-                for rank, (t, v) in enumerate(top or [])
-            }
-            entry.setdefault(token, Logprob(lp, None, self.tokenizer.decode([token], False)))
-            self.out.logprobs.append(entry)
+            self.out.logprobs.append(logprob_entry(self.tokenizer, token, lp, top))
             self.out.cumulative_logprob = (self.out.cumulative_logprob or 0.0) + lp
+
+
+def logprob_entry(
+    tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None
+) -> dict[int, Logprob]:
+    """vLLM's shape: the top k by rank, and the token itself (rank None if not among them)."""
+    entry = {
+        t: Logprob(v, rank + 1, tokenizer.decode([t], False))
+        for rank, (t, v) in enumerate(top or [])
+    }
+    entry.setdefault(token, Logprob(logprob, None, tokenizer.decode([token], False)))
+    return entry
 
 
 def child_seed(seed: int | None, index: int) -> int | None:
@@ -187,6 +197,11 @@ class LLM:
                     continue
                 out, child = entry
                 text = child.update(step)
+                if step.prompt_logprobs is not None and out.prompt_logprobs is None:
+                    out.prompt_logprobs = [None] + [
+                        logprob_entry(self.tokenizer, t, lp, top)
+                        for t, lp, top in step.prompt_logprobs
+                    ]
                 if step.num_cached_tokens:
                     out.num_cached_tokens = max(out.num_cached_tokens, step.num_cached_tokens)
                 if child.out.finish_reason is not None:

@@ -25,6 +25,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and the top k
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and top k
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -58,6 +59,11 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
             (self.repetition_penalty > 0.0, "repetition_penalty", "must be positive"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be non-negative"),
+            (
+                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+                "prompt_logprobs",
+                "must be non-negative",
+            ),
             (all(s for s in self.stop), "stop", "must not contain empty strings"),
             (
                 all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()),

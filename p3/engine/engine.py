@@ -252,6 +252,8 @@ class Engine:
             )
             if result.logprobs[i] is not None:
                 out.logprobs, out.top_logprobs = [result.logprobs[i]], [result.top_logprobs[i]]
+            if seq.prompt_logprobs is not None:  # complete with the prompt: out with token 1
+                out.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
             out.finish_reason = self._finish_reason(seq, token)
             if out.finish_reason:
                 self._finish(seq, out.finish_reason)

@@ -34,6 +34,7 @@ class Launched:
     sampling_seqs: list[Sequence]
     logits: Tensor | None
     pending: PendingLogits | None
+    prompt_rows: list[tuple[Sequence, int]]  # logits rows after the sampled ones: (seq, next id)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -83,23 +84,28 @@ class ModelRunner:
         """Start a step: the plan goes to the other ranks and this rank runs its part. With
         a single stage the logits are ready on return; with several, `finish` waits for the
         last stage's, so the leader may launch another micro-batch in between."""
-        plan, sampling_seqs = self.plan(batch)
+        plan, sampling_seqs, prompt_rows = self.plan(batch)
         pending = None
         if self.shard.world_size > 1:
             if plan.logits_indices and not self.shard.is_last_stage:
                 vocab = self.model.cfg.vocab_size
                 pending = PendingLogits(len(plan.logits_indices), vocab, self.device, self.shard)
             send_plan(plan, self.shard)
-        return Launched(sampling_seqs, self.forward(plan), pending)
+        return Launched(sampling_seqs, self.forward(plan), pending, prompt_rows)
 
     @torch.inference_mode()
     def finish(self, launched: Launched) -> tuple[list[Sequence], SampleResult | None]:
         """The launched step's samples (waiting for its logits if they are still coming)."""
-        if not launched.sampling_seqs:
+        if not launched.sampling_seqs and not launched.prompt_rows:
             return [], None
         logits = launched.logits if launched.pending is None else launched.pending.wait()
+        num_sampled = len(launched.sampling_seqs)
+        if launched.prompt_rows:
+            _add_prompt_logprobs(logits[num_sampled:], launched.prompt_rows)
+        if not num_sampled:
+            return [], None
         rows = [self._sample_row(seq) for seq in launched.sampling_seqs]
-        return launched.sampling_seqs, self.sampler(logits, rows)
+        return launched.sampling_seqs, self.sampler(logits[:num_sampled], rows)
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> Tensor | None:
@@ -129,14 +135,17 @@ class ModelRunner:
             send_plan(StepPlan(stop=True), self.shard)
 
     def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
-        plan, sampling_seqs = self.plan(batch)
+        plan, sampling_seqs, _ = self.plan(batch)
         prepared = self.tensors(plan)
         prepared.sampling_seqs = sampling_seqs
         return prepared
 
-    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
-        """The packed batch as plain lists (decode tokens first, then prefill chunks), and the
-        sequences whose last row is sampled."""
+    def plan(
+        self, batch: ScheduledBatch
+    ) -> tuple[StepPlan, list[Sequence], list[tuple[Sequence, int]]]:
+        """The packed batch as plain lists (decode tokens first, then prefill chunks), the
+        sequences whose last row is sampled, and the prompt rows whose logprobs are wanted
+        (their logits follow the sampled rows')."""
         pairs = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
         decode = [(s, n) for s, n in pairs if n == 1]
         prefill = [(s, n) for s, n in pairs if n > 1]
@@ -145,9 +154,15 @@ class ModelRunner:
         slots: list[int] = []
         logits_indices: list[int] = []
         sampling_seqs: list[Sequence] = []
+        prompt_rows: list[tuple[Sequence, int]] = []
+        prompt_indices: list[int] = []
         cu_seqlens = [0]
         for seq, num_new in decode + prefill:
             start = seq.num_computed_tokens
+            if seq.prompt_logprobs is not None:  # rows predicting the next prompt token
+                for pos in range(start, min(start + num_new, seq.num_prompt_tokens - 1)):
+                    prompt_indices.append(len(input_ids) + pos - start)
+                    prompt_rows.append((seq, seq.token_ids[pos + 1]))
             input_ids += seq.token_ids[start : start + num_new]
             positions += range(start, start + num_new)
             slots += self._slots(seq, start, start + num_new)
@@ -166,9 +181,9 @@ class ModelRunner:
             prefill_cu_seqlens=cu_seqlens,
             prefill_cached_lens=[s.num_computed_tokens for s, _ in prefill],
             prefill_block_tables=[s.block_table for s, _ in prefill],
-            logits_indices=logits_indices,
+            logits_indices=logits_indices + prompt_indices,
         )
-        return plan, sampling_seqs
+        return plan, sampling_seqs, prompt_rows
 
     def tensors(self, plan: StepPlan) -> PreparedBatch:
         ctx = AttentionContext(
@@ -212,3 +227,16 @@ class ModelRunner:
             output_token_ids=seq.output_token_ids if history else (),
             eos_token_ids=self.eos_token_ids,
         )
+
+
+def _add_prompt_logprobs(logits: Tensor, rows: list[tuple[Sequence, int]]) -> None:
+    """Each row's logprob of the prompt token that follows it, and the top k, onto its seq."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    next_ids = torch.tensor([token for _, token in rows], device=logits.device)
+    chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1).tolist()
+    k = min(max(seq.params.prompt_logprobs for seq, _ in rows), logprobs.shape[-1])
+    top_values, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1)) if k else ([], [])
+    for i, (seq, token) in enumerate(rows):
+        n = seq.params.prompt_logprobs
+        top = list(zip(top_ids[i][:n], top_values[i][:n], strict=True)) if k else []
+        seq.prompt_logprobs.append((token, chosen[i], top))

@@ -112,7 +112,8 @@ class Scheduler:
             seq = next((s for s in self.waiting if _in(s, lane)), None)
             if seq is None:
                 break
-            hits = bm.find_cached_prefix(seq)
+            # prompt logprobs need every prompt position's logits: no cached prefix then
+            hits = [] if seq.prompt_logprobs is not None else bm.find_cached_prefix(seq)
             num_new = min(len(seq) - len(hits) * bm.block_size, budget)
             uncached_blocks = -(-(len(hits) * bm.block_size + num_new) // bm.block_size) - len(hits)
             if not bm.can_allocate(bm.num_revived(hits) + uncached_blocks):

@@ -39,6 +39,8 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # prompt tokens 1.. as (token, logprob, top k), with the first sampled token
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -63,6 +65,10 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache
         self.block_hashes: list[int] = []  # chain hashes of the leading full, computed blocks
         self.num_preemptions = 0
+        # (token, logprob, top k) of prompt tokens 1.. as prefill computes them
+        self.prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = (
+            [] if request.params.prompt_logprobs is not None else None
+        )
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -95,6 +101,8 @@ class Sequence:
 
     def reset_for_recompute(self) -> None:
         """Preempted: its blocks are gone; it starts again from its tokens so far."""
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = []  # computed again with the prompt
         self.block_table = []
         self.block_hashes = []
         self.num_computed_tokens = self.num_cached_tokens = 0

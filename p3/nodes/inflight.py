@@ -96,6 +96,7 @@ class InFlightTable:
             finish_reason=out.finish_reason,
             num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
+            prompt_logprobs=out.prompt_logprobs,
         )
 
     def abort_deltas(self) -> dict[tuple[bytes, int], list[m.TokenDelta]]:

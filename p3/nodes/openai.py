@@ -124,6 +124,8 @@ def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionRequest:
     request.logprobs = f.int("logprobs", None, 0, MAX_TOP_LOGPROBS)
     if request.logprobs is not None:
         request.params["logprobs"] = request.logprobs
+        if request.echo:  # the echoed prompt's tokens get logprobs too (the first: null)
+            request.params["prompt_logprobs"] = request.logprobs
     if request.max_tokens is None and "max_tokens" not in f.body:
         request.max_tokens = 16  # the legacy completions default, as OpenAI and vLLM
     return request

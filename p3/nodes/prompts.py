@@ -39,12 +39,12 @@ class Prepared:
 
     def responder(self, chat: bool) -> Responder:
         request = self.request
-        echo = None
+        echo = echo_ids = None
         if isinstance(request, CompletionRequest) and request.echo:
-            echo = [self.tokenizer.decode(ids) for ids in self.prompt_ids]
-            echo = [e for e in echo for _ in range(request.n)]
+            echo_ids = [ids for ids in self.prompt_ids for _ in range(request.n)]
+            echo = [self.tokenizer.decode(ids) for ids in echo_ids]
         logprobs = request.params.get("logprobs") if request is not None else None
-        return Responder(chat, self.model_name, self.tokenizer, logprobs, echo)
+        return Responder(chat, self.model_name, self.tokenizer, logprobs, echo, echo_ids)
 
 
 async def prepare(edge: Edge, body: Any, chat: bool | None) -> Prepared:

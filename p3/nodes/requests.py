@@ -45,6 +45,7 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., with the first token
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Sample:
         self.finish_reason: str | None = None
         self.num_prompt_tokens = len(journal.prompt_token_ids)
         self.num_cached_tokens = 0
+        self.prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def request_id(self) -> str:
@@ -116,6 +118,11 @@ class Sample:
         self.journal.token_ids += token_ids
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         out = Delta(self.index, "", token_ids, _logprobs(delta, skip))
+        if delta.prompt_logprobs is not None and self.prompt_logprobs is None:  # once, moved or not
+            self.prompt_logprobs = out.prompt_logprobs = [
+                TokenLogprob(t, lp, [tuple(pair) for pair in top])
+                for t, lp, top in delta.prompt_logprobs
+            ]
         self._add_text(out, delta.finish_reason is not None)
         if out.finish_reason is None and delta.finish_reason is not None:
             out.finish_reason = delta.finish_reason

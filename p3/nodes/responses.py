@@ -28,8 +28,11 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def add(self, delta: Delta) -> None:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.text += delta.text
         self.token_ids += delta.token_ids
         self.logprobs += delta.logprobs or []
@@ -49,6 +52,7 @@ class Responder:
         tokenizer: Tokenizer,
         logprobs: int | None,
         echo_texts: list[str] | None = None,
+        echo_ids: list[list[int]] | None = None,
     ):
         self.chat = chat
         self.id = new_id("chatcmpl" if chat else "cmpl")
@@ -57,7 +61,9 @@ class Responder:
         self.tokenizer = tokenizer
         self.logprobs = logprobs  # None: off
         self.echo_texts = echo_texts  # completions with echo: the prompt text of each choice
+        self.echo_ids = echo_ids  # and its token ids (echo with logprobs)
         self.text_offsets: dict[int, int] = {}
+        self._echoed: set[int] = set()  # streamed choices whose echo chunk is out
 
     # -- streamed ---------------------------------------------------------------------------
 
@@ -67,15 +73,26 @@ class Responder:
             return [
                 self._chunk(i, {"role": "assistant", "content": ""}) for i in range(num_choices)
             ]
-        if self.echo_texts is None:
-            return []
+        if self.echo_texts is None or self._echo_logprobs_wanted:
+            return []  # with logprobs, each echo waits for its prompt's logprobs (chunks())
         return [self._chunk(i, self.echo_texts[i]) for i in range(num_choices)]
+
+    @property
+    def _echo_logprobs_wanted(self) -> bool:
+        return self.echo_texts is not None and self.logprobs is not None and not self.chat
 
     def chunks(self, delta: Delta) -> list[dict[str, Any]]:
         """A delta's SSE chunks. Chat, as OpenAI streams it: the finish_reason comes in a
         chunk of its own with an empty delta, after the last content."""
         if not self.chat:
-            return [
+            echo = []
+            if self._echo_logprobs_wanted and delta.index not in self._echoed:
+                self._echoed.add(delta.index)
+                chunk = self._chunk(delta.index, self.echo_texts[delta.index])
+                echoed = self._echo_logprobs(delta.index, delta.prompt_logprobs)
+                chunk["choices"][0]["logprobs"] = echoed
+                echo = [chunk]
+            return echo + [
                 self._chunk(
                     delta.index, delta.text, delta.logprobs, delta.finish_reason, delta.stop_reason
                 )
@@ -109,9 +126,12 @@ class Responder:
         }
 
     def _choice(self, choice: Choice) -> dict[str, Any]:
-        logprobs = (
-            self._logprobs(choice.index, choice.logprobs) if self.logprobs is not None else None
-        )
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = self._logprobs(choice.index, choice.logprobs)
+            if self._echo_logprobs_wanted:
+                echoed = self._echo_logprobs(choice.index, choice.prompt_logprobs)
+                logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
         if self.chat:
             message = {"role": "assistant", "content": choice.text}
             return {
@@ -156,6 +176,21 @@ class Responder:
             "token": token_text(self.tokenizer, token_id),
             "logprob": _finite(logprob),
             "bytes": raw,
+        }
+
+    def _echo_logprobs(
+        self, index: int, entries: list[TokenLogprob] | None
+    ) -> dict[str, list[Any]]:
+        """The echoed prompt's part of a completion's logprobs: its first token has none."""
+        ids = self.echo_ids[index] if self.echo_ids else []
+        texts = [token_text(self.tokenizer, t) for t in ids]
+        offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        entries = entries or []
+        return {
+            "tokens": texts,
+            "token_logprobs": [None] + [_finite(e.logprob) for e in entries],
+            "top_logprobs": [None] + [self._top_dict(e) for e in entries],
+            "text_offset": offsets,
         }
 
     def _completion_logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class WireSamplingParams(Msg, tag="sampling"):
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = {}
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 # -- node -> coordinator -----------------------------------------------------------------------
@@ -236,6 +237,8 @@ class TokenDelta(Msg, tag="delta"):
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # with prompt_logprobs: (token, logprob, top k) of prompt tokens 1.. (the first has none)
+    prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 class Tokens(Msg, tag="tokens"):

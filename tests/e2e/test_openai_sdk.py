@@ -144,14 +144,25 @@ def test_chat_logprobs_have_tokens_bytes_and_top(client):
 
 
 def test_completion_logprobs_and_echo(client):
-    out = client.completions.create(
-        model=MODEL, prompt="The sky is", max_tokens=3, temperature=0, logprobs=2, echo=True
-    )
+    """As OpenAI's legacy completions: the echoed prompt's tokens lead the logprobs, the first
+    with none; offsets run through prompt and completion; a stream carries the same."""
+    body = dict(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0, logprobs=2)
+    out = client.completions.create(**body, echo=True)
     choice = out.choices[0]
     assert choice.text.startswith("The sky is")
-    assert len(choice.logprobs.tokens) == 3
-    assert all(len(top) >= 2 for top in choice.logprobs.top_logprobs)
-    assert choice.logprobs.text_offset[0] == len("The sky is")
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == 3 + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(top) >= 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset[3] == len("The sky is")
+    plain = client.completions.create(**body)  # without echo: the completion's part alone
+    assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[3:]
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(**body, echo=True, stream=True):
+        for key in streamed:
+            streamed[key] += getattr(chunk.choices[0].logprobs, key)
+    assert streamed == {key: getattr(lp, key) for key in streamed}
 
 
 def test_prompt_as_token_ids_and_several_prompts(client, url):
