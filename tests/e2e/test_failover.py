@@ -93,3 +93,33 @@ async def test_streams_survive_a_node_killed_mid_stream(two_nodes):
         assert text == want, i
         assert finish == "length"
         assert usage.completion_tokens == MAX_TOKENS  # the moved tokens billed once
+
+
+async def test_a_paused_node_that_comes_back_sends_nothing_into_moved_streams(two_nodes):
+    """SIGSTOP: declared dead, its streams move; SIGCONT while they still run: the node wakes
+    up mid-step under its old epoch, and whatever it sends for them is dropped (fenced)."""
+    client = AsyncOpenAI(base_url=two_nodes.url + "/v1", api_key="unused", max_retries=0)
+    reference = await asyncio.gather(*(stream(client, i) for i in range(8)))
+    started = asyncio.Event()
+    runs = [asyncio.create_task(stream(client, i, started)) for i in range(8)]
+    await asyncio.wait_for(started.wait(), 60)
+    victim = await busiest_node(two_nodes.url)
+    os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while victim["id"] not in await dead_nodes(two_nodes.url):
+            assert time.monotonic() < deadline, "the paused node was never declared dead"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # the streams run on elsewhere
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)
+    assert not all(run.done() for run in runs)  # it woke while the moved streams still ran
+    results = await asyncio.gather(*runs)
+    for i, ((text, finish, usage), (want, _, _)) in enumerate(zip(results, reference, strict=True)):
+        assert text == want, i
+        assert finish == "length" and usage.completion_tokens == MAX_TOKENS
+
+
+async def dead_nodes(url: str) -> set[str]:
+    async with aiohttp.ClientSession() as session, session.get(url + "/cluster") as r:
+        return {n["id"] for n in (await r.json())["nodes"] if n.get("status") == "dead"}
