@@ -73,13 +73,26 @@ async def busiest_node(url: str) -> dict:
     return max(nodes, key=lambda n: n["load"]["num_running"] + n["load"]["num_tokens_to_do"])
 
 
-async def test_streams_survive_a_node_killed_mid_stream(two_nodes):
-    client = AsyncOpenAI(base_url=two_nodes.url + "/v1", api_key="unused", max_retries=0)
+async def streams_under_way(url: str) -> tuple[list, list[asyncio.Task], dict]:
+    """The 8 streams' no-fault results, then the same 8 started again and under way, and the
+    node that holds the most of them."""
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     reference = await asyncio.gather(*(stream(client, i) for i in range(8)))
     started = asyncio.Event()
     runs = [asyncio.create_task(stream(client, i, started)) for i in range(8)]
     await asyncio.wait_for(started.wait(), 60)
-    victim = await busiest_node(two_nodes.url)
+    return reference, runs, await busiest_node(url)
+
+
+def assert_as_without_fault(results: list, reference: list) -> None:
+    for i, ((text, finish, usage), (want, _, _)) in enumerate(zip(results, reference, strict=True)):
+        assert text == want, i
+        assert finish == "length"
+        assert usage.completion_tokens == MAX_TOKENS  # moved tokens billed once
+
+
+async def test_streams_survive_a_node_killed_mid_stream(two_nodes):
+    reference, runs, victim = await streams_under_way(two_nodes.url)
     assert victim["load"]["num_running"] > 0, victim  # it holds streams in mid-flight
     os.kill(victim["pid"], signal.SIGKILL)
     stream.max_gaps.clear()
@@ -89,21 +102,13 @@ async def test_streams_survive_a_node_killed_mid_stream(two_nodes):
         f"longest pause between tokens in a stream: {max(stream.max_gaps):.3f} s "
         f"(streams ended {time.perf_counter() - killed_at:.2f} s after the kill)"
     )
-    for i, ((text, finish, usage), (want, _, _)) in enumerate(zip(results, reference, strict=True)):
-        assert text == want, i
-        assert finish == "length"
-        assert usage.completion_tokens == MAX_TOKENS  # the moved tokens billed once
+    assert_as_without_fault(results, reference)
 
 
 async def test_a_paused_node_that_comes_back_sends_nothing_into_moved_streams(two_nodes):
     """SIGSTOP: declared dead, its streams move; SIGCONT while they still run: the node wakes
     up mid-step under its old epoch, and whatever it sends for them is dropped (fenced)."""
-    client = AsyncOpenAI(base_url=two_nodes.url + "/v1", api_key="unused", max_retries=0)
-    reference = await asyncio.gather(*(stream(client, i) for i in range(8)))
-    started = asyncio.Event()
-    runs = [asyncio.create_task(stream(client, i, started)) for i in range(8)]
-    await asyncio.wait_for(started.wait(), 60)
-    victim = await busiest_node(two_nodes.url)
+    reference, runs, victim = await streams_under_way(two_nodes.url)
     os.kill(victim["pid"], signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 10
@@ -115,9 +120,7 @@ async def test_a_paused_node_that_comes_back_sends_nothing_into_moved_streams(tw
         os.kill(victim["pid"], signal.SIGCONT)
     assert not all(run.done() for run in runs)  # it woke while the moved streams still ran
     results = await asyncio.gather(*runs)
-    for i, ((text, finish, usage), (want, _, _)) in enumerate(zip(results, reference, strict=True)):
-        assert text == want, i
-        assert finish == "length" and usage.completion_tokens == MAX_TOKENS
+    assert_as_without_fault(results, reference)
 
 
 async def dead_nodes(url: str) -> set[str]:
