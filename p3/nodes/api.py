@@ -1,12 +1,14 @@
 """The edge's HTTP routes: OpenAI completions and chat, models, tokenize, health, metrics.
 
 Every refusal is an OpenAI-shaped error; a streamed failure ends the stream with an error
-event and `data: [DONE]`. Anything unexpected becomes a 500 of the same shape, logged with
-its traceback (bad input must never get there).
+event and `data: [DONE]`. Streams are resumable (p3.nodes.replay): every event has an id,
+and a POST with `Last-Event-ID` continues the stream it names. Anything unexpected becomes a
+500 of the same shape, logged with its traceback (bad input must never get there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import time
@@ -20,6 +22,7 @@ from p3.nodes.generation import Generation, RequestFailed
 from p3.nodes.metrics import kv_usage
 from p3.nodes.openai import ApiError, bad_request
 from p3.nodes.prompts import Prepared, prepare
+from p3.nodes.replay import Replay, ReplayStore
 from p3.nodes.requests import Sample, make_samples
 from p3.nodes.responses import Choice, new_id
 
@@ -70,6 +73,8 @@ class Api:
         self.cluster = edge.cluster
         self.metrics = edge.metrics
         self.num_pending = 0
+        self.replays = ReplayStore(edge.config.resume_window_s)
+        self._pumps: set[asyncio.Task] = set()
 
     # -- middlewares -----------------------------------------------------------------------
 
@@ -110,6 +115,8 @@ class Api:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if (last_event_id := request.headers.get("Last-Event-ID")) is not None:
+            return await self._resume(request, last_event_id)
         if self.num_pending >= self.edge.config.max_pending:
             raise ApiError(429, "too many requests in this edge; retry later", code="queue_full")
         self.num_pending += 1
@@ -156,35 +163,74 @@ class Api:
         self, request: web.Request, prepared: Prepared, generation: Generation
     ) -> web.StreamResponse:
         responder = prepared.responder(chat=prepared.chat)
+        replay = self.replays.open(responder.id)
+        pump = asyncio.create_task(self._pump(prepared, responder, generation, replay))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+        return await self._serve(request, replay, 0)
+
+    async def _resume(self, request: web.Request, last_event_id: str) -> web.StreamResponse:
+        found = self.replays.find(last_event_id)
+        if found is None:
+            raise ApiError(
+                404,
+                f"no stream to resume after event {last_event_id!r} here (unknown, or expired)",
+                code="stream_not_found",
+            )
+        replay, after = found
+        log.info("edge.stream_resumed", response_id=replay.response_id, after=after)
+        return await self._serve(request, replay, after)
+
+    async def _serve(self, request: web.Request, replay: Replay, after: int) -> web.StreamResponse:
+        """Write a stream's events after the after-th to this client as they come."""
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        first_text = True
+        try:
+            async for event in replay.read(after):
+                await response.write(event)
+        except ConnectionError:
+            log.info("edge.client_gone", response_id=replay.response_id)
+            return response
+        await response.write_eof()
+        return response
+
+    async def _pump(
+        self, prepared: Prepared, responder, generation: Generation, replay: Replay
+    ) -> None:
+        """The generation, into the replay; cancelled once no client has read it for the
+        grace period."""
+        first_text, grace_s = True, self.edge.config.resume_grace_s
+
+        def send(body: dict[str, Any]) -> None:
+            replay.append(msgspec.json.encode(body))
+
         try:
             for chunk in responder.first_chunks(len(generation.samples)):
-                await _send(response, chunk)
+                send(chunk)
             async with contextlib.aclosing(generation.stream()) as deltas:
                 async for delta in deltas:
                     if delta.text or delta.finish_reason or delta.logprobs:
                         for chunk in responder.chunks(delta):
-                            await _send(response, chunk)
+                            send(chunk)
                     if first_text and delta.text:
                         first_text = False
                         egress_s = time.perf_counter() - generation.received_at
                         self.metrics.edge_overhead.labels("first_token").observe(egress_s)
+                    gone = replay.orphaned_at
+                    if gone is not None and time.monotonic() - gone > grace_s:
+                        log.info("edge.stream_abandoned", request_ids=generation.request_ids)
+                        return  # leaving the iteration cancels the samples on their nodes
             if prepared.request.include_usage:
-                await _send(response, responder.usage_chunk(generation.samples))
+                send(responder.usage_chunk(generation.samples))
             self._finished(generation)
         except RequestFailed as failure:
             self._failed(failure)
-            await _send(response, failure_error(failure).body())
-        except ConnectionError:
-            log.info("edge.client_gone", request_ids=generation.request_ids)
-            return response
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+            send(failure_error(failure).body())
+        finally:
+            replay.append(b"[DONE]")
+            replay.finish()
 
     def _finished(self, generation: Generation) -> None:
         m = self.metrics
@@ -301,10 +347,6 @@ async def _read_json(request: web.Request) -> Any:
         return msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise bad_request(None, f"the body is not valid JSON: {exc}", "invalid_json") from None
-
-
-async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:
-    await response.write(b"data: " + msgspec.json.encode(body) + b"\n\n")
 
 
 def _key_ok(request: web.Request, keys: tuple[str, ...]) -> bool:

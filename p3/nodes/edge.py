@@ -48,6 +48,8 @@ class EdgeConfig:
     max_pending: int = 1024
     limits: Limits = field(default_factory=Limits)
     token_timeout_s: float = DEFAULT_TIMEOUT_S
+    resume_grace_s: float = 3.0  # a stream with no client goes on this long, then is cancelled
+    resume_window_s: float = 60.0  # a finished stream's events stay this long for a resume
     drain_timeout_s: float = 30.0
     edge_id: str = ""
 
@@ -172,7 +174,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_TIMEOUT_S,
         dest="token_timeout_s",
-        help="fail a request whose tokens stop this long",
+        help="move a request whose tokens stop this long to another replica",
+    )
+    parser.add_argument(
+        "--resume-grace",
+        type=float,
+        default=3.0,
+        dest="resume_grace_s",
+        help="seconds a stream whose client left goes on, awaiting a Last-Event-ID resume",
+    )
+    parser.add_argument(
+        "--resume-window",
+        type=float,
+        default=60.0,
+        dest="resume_window_s",
+        help="seconds a finished stream stays resumable",
     )
     parser.add_argument("--edge-id", default="")
 
@@ -189,6 +205,8 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         max_pending=args.max_pending,
         limits=Limits(args.max_n, args.max_tokens_limit, args.max_prompt_tokens),
         token_timeout_s=args.token_timeout_s,
+        resume_grace_s=args.resume_grace_s,
+        resume_window_s=args.resume_window_s,
         edge_id=args.edge_id,
     )
 
