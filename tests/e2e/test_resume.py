@@ -65,9 +65,10 @@ async def test_a_dropped_stream_resumes_after_its_last_event(url):
 
 async def test_resuming_an_unknown_stream_is_an_openai_shaped_404(url):
     headers = {"Last-Event-ID": "cmpl-nosuchstream.3"}
-    async with aiohttp.ClientSession() as session, session.post(
-        url + "/v1/completions", json={**BODY, "stream": True}, headers=headers
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url + "/v1/completions", json={**BODY, "stream": True}, headers=headers) as r,
+    ):
         assert r.status == 404
         error = (await r.json())["error"]
     assert error["code"] == "stream_not_found" and "cmpl-nosuchstream.3" in error["message"]
