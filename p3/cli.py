@@ -88,6 +88,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel nodes per pipeline stage")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
+    p.add_argument("--keys", default=None, help="cluster keys dir (p3 keys generate): CurveZMQ")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -162,6 +163,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         hung_after_s=args.hung_after,
         tp_size=args.tp,
         pp_size=args.pp,
+        keys=args.keys,
     )
     return run_actor(Coordinator(config))
 
@@ -182,8 +184,17 @@ def cmd_node(args: argparse.Namespace) -> int:
         engine=engine,
         max_in_flight=args.max_in_flight,
         drain_timeout_s=args.drain_timeout,
+        keys=args.keys,
     )
     return run_actor(Node(config))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from p3.protocol.security import generate
+
+    path = generate(args.dir)
+    print(f"cluster keys in {path}: give every coordinator, node, edge and client --keys {path}")
+    return 0
 
 
 def cmd_edge(args: argparse.Namespace, rest: list[str]) -> int:
@@ -234,7 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, default=None, help="torch threads")
     node.add_argument("--max-in-flight", type=int, default=1024)
     node.add_argument("--drain-timeout", type=float, default=30.0, help="seconds")
+    node.add_argument("--keys", default=None, help="cluster keys dir (p3 keys generate): CurveZMQ")
     node.set_defaults(func=cmd_node)
+
+    keys = sub.add_parser("keys", help="CurveZMQ keys for a cluster's sockets")
+    keys.add_argument("action", choices=["generate"])
+    keys.add_argument("dir", help="where to write server.key(_secret) and client.key(_secret)")
+    keys.set_defaults(func=cmd_keys)
 
     edge = sub.add_parser("edge", help="the OpenAI HTTP edge (p3 edge --help)", add_help=False)
     edge.set_defaults(func=cmd_edge)

@@ -27,6 +27,7 @@ from p3.nodes.models import Models
 from p3.nodes.requests import Delta, make_samples
 from p3.nodes.responses import Choice, token_text
 from p3.nodes.router import Cluster
+from p3.protocol.security import ClusterKeys
 from p3.sampling_params import SamplingParams
 from p3.tokenizer import Tokenizer
 
@@ -42,8 +43,11 @@ class Client:
         model: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = 30.0,
+        keys: str | None = None,
     ):
-        self.cluster = Cluster(coordinator, new_edge_id("client"))
+        """keys: the cluster's `p3 keys generate` directory, when its sockets use CurveZMQ."""
+        cluster_keys = ClusterKeys.load(keys) if keys else None
+        self.cluster = Cluster(coordinator, new_edge_id("client"), cluster_keys)
         self.models = Models()
         self.cluster.on_models = self.models.learn
         self.model = model

@@ -77,6 +77,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
             "--heartbeat-interval", str(args.heartbeat_interval),
             "--heartbeat-misses", str(args.heartbeat_misses),
             "--hung-after", str(args.hung_after), "--tp", str(args.tp), "--pp", str(args.pp),
+            *_keys(args),
         ),
     )  # fmt: skip
     children.append(coordinator)
@@ -103,6 +104,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
                 "--threads",
                 str(threads),
                 *model_of(i),
+                *_keys(args),
                 *engine_argv,
             ),
         )  # fmt: skip
@@ -116,12 +118,16 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
         "edge",
         python_m_p3(
             *common, "edge", "--coordinator", address, "--host", args.host, "--port", str(port),
-            *api_key, *[a for m in models if m for a in ("--model", m)],
+            *api_key, *[a for m in models if m for a in ("--model", m)], *_keys(args),
         ),
         ready_url=f"http://{_dial_host(args.host)}:{port}/ready",
     )  # fmt: skip
     children.append(edge)
     wait_ready([edge], args.ready_timeout)
+
+
+def _keys(args: argparse.Namespace) -> list[str]:
+    return ["--keys", args.keys] if args.keys else []
 
 
 def _dial_host(host: str) -> str:

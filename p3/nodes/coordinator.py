@@ -27,6 +27,7 @@ from p3.nodes.membership import Member, Membership, NodeStatus, Verdict
 from p3.nodes.placement import why_unfit
 from p3.protocol import messages as m
 from p3.protocol import wire
+from p3.protocol.security import ClusterKeys, Gate
 
 log = get_logger(__name__)
 
@@ -38,6 +39,7 @@ class CoordinatorConfig:
     heartbeat_misses: int = 3
     hung_after_s: float = 30.0
     edge_timeout_s: float = 5.0  # an edge silent this long is forgotten (it says hello every 1 s)
+    keys: str | None = None  # a `p3 keys generate` directory: CurveZMQ on every socket
     tp_size: int = 1  # tensor-parallel ranks per pipeline stage
     pp_size: int = 1  # pipeline stages per replica
 
@@ -76,7 +78,9 @@ class Coordinator(Actor):
 
     async def setup(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._sock = wire.make_socket(self._ctx, zmq.ROUTER, bind=self.config.bind)
+        keys = ClusterKeys.load(self.config.keys) if self.config.keys else None
+        self._gate = Gate(self._ctx, keys, self.name) if keys else None
+        self._sock = wire.make_socket(self._ctx, zmq.ROUTER, bind=self.config.bind, keys=keys)
         self.address = wire.bound_address(self._sock)
         log.info("coordinator.listening", address=self.address)
         self.serving.set()
@@ -89,6 +93,8 @@ class Coordinator(Actor):
 
     async def teardown(self) -> None:
         self._sock.close(linger=0)
+        if self._gate is not None:
+            self._gate.stop()
         self._ctx.term()
 
     # -- inbound ----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from p3.nodes.metrics import EdgeMetrics
 from p3.nodes.models import Models
 from p3.nodes.openai import ApiError, Fields, Limits
 from p3.nodes.router import Cluster
+from p3.protocol.security import ClusterKeys
 from p3.tokenizer import Tokenizer
 
 log = get_logger(__name__)
@@ -48,6 +49,7 @@ class EdgeConfig:
     max_pending: int = 1024
     limits: Limits = field(default_factory=Limits)
     token_timeout_s: float = DEFAULT_TIMEOUT_S
+    keys: str | None = None  # a `p3 keys generate` directory: CurveZMQ on every socket
     resume_grace_s: float = 3.0  # a stream with no client goes on this long, then is cancelled
     resume_window_s: float = 60.0  # a finished stream's events stay this long for a resume
     drain_timeout_s: float = 30.0
@@ -80,7 +82,8 @@ class Edge(Actor):
         aliases = {config.model_name: config.models[0]} if config.model_name else {}
         self.models = Models(aliases)
         self.metrics = EdgeMetrics()
-        self.cluster = Cluster(config.coordinator, self.edge_id)
+        keys = ClusterKeys.load(config.keys) if config.keys else None
+        self.cluster = Cluster(config.coordinator, self.edge_id, keys)
         self.cluster.on_models = self.models.learn
         self.url = ""
         self.serving = asyncio.Event()  # listening: run_actor announces ready_info() then
@@ -176,6 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="token_timeout_s",
         help="move a request whose tokens stop this long to another replica",
     )
+    parser.add_argument("--keys", default=None, help="cluster keys dir (p3 keys generate)")
     parser.add_argument(
         "--resume-grace",
         type=float,
@@ -205,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         max_pending=args.max_pending,
         limits=Limits(args.max_n, args.max_tokens_limit, args.max_prompt_tokens),
         token_timeout_s=args.token_timeout_s,
+        keys=args.keys,
         resume_grace_s=args.resume_grace_s,
         resume_window_s=args.resume_window_s,
         edge_id=args.edge_id,

@@ -37,6 +37,7 @@ from p3.parallel import host_rendezvous, init_shard
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.sampling import from_wire
+from p3.protocol.security import ClusterKeys, Gate
 
 log = get_logger(__name__)
 
@@ -79,9 +80,16 @@ class Node(Actor):
         self.memory_bytes = placement.available_memory(cfg.engine.device)
         self.model_bytes = placement.model_bytes(cfg.model, cfg.engine.dtype)
         self._ctx = zmq.asyncio.Context()
-        self._edges = wire.make_socket(self._ctx, zmq.ROUTER, bind=cfg.bind)
+        keys = ClusterKeys.load(cfg.keys) if cfg.keys else None
+        self._gate = Gate(self._ctx, keys, self.name) if keys else None
+        self._edges = wire.make_socket(self._ctx, zmq.ROUTER, bind=cfg.bind, keys=keys)
         self._coordinator = wire.make_socket(
-            self._ctx, zmq.DEALER, connect=cfg.coordinator, identity=cfg.node_id, immediate=True
+            self._ctx,
+            zmq.DEALER,
+            connect=cfg.coordinator,
+            identity=cfg.node_id,
+            immediate=True,
+            keys=keys,
         )
         self.address = advertised_address(wire.bound_address(self._edges), cfg.advertise_host)
         self._edge_decoder = wire.node_from_edge()
@@ -118,6 +126,8 @@ class Node(Actor):
             await asyncio.to_thread(self.stepper.stop)
         self._edges.close(linger=500)  # let the last Tokens and Goodbye leave
         self._coordinator.close(linger=500)
+        if self._gate is not None:
+            self._gate.stop()
         await asyncio.to_thread(self._ctx.term)
 
     # -- the coordinator ------------------------------------------------------------------

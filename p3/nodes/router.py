@@ -25,6 +25,7 @@ from p3.nodes.inflight import expected_output_tokens
 from p3.nodes.requests import Sample
 from p3.protocol import messages as m
 from p3.protocol import wire
+from p3.protocol.security import ClusterKeys
 
 log = get_logger(__name__)
 
@@ -52,7 +53,11 @@ class NodeLink:
         self.node_id = route.node_id
         self.address = route.address
         self.socket = wire.make_socket(
-            cluster.ctx, zmq.DEALER, connect=route.address, identity=cluster.edge_id
+            cluster.ctx,
+            zmq.DEALER,
+            connect=route.address,
+            identity=cluster.edge_id,
+            keys=cluster.keys,
         )
         self.reader = asyncio.create_task(cluster.read_node(self), name=f"read.{self.node_id}")
 
@@ -62,9 +67,10 @@ class NodeLink:
 
 
 class Cluster:
-    def __init__(self, coordinator: str, edge_id: str):
+    def __init__(self, coordinator: str, edge_id: str, keys: ClusterKeys | None = None):
         self.coordinator = coordinator
         self.edge_id = edge_id
+        self.keys = keys  # CurveZMQ client keys, when the cluster has keys
         self.ctx = zmq.asyncio.Context()
         self.routes: dict[str, m.Route] = {}  # READY replicas' rank 0 nodes, by node id
         self.shards: list[m.Route] = []  # their other ranks: listed, never routed to
@@ -85,7 +91,12 @@ class Cluster:
 
     def open(self) -> None:
         self._coordinator_socket = wire.make_socket(
-            self.ctx, zmq.DEALER, connect=self.coordinator, identity=self.edge_id, immediate=True
+            self.ctx,
+            zmq.DEALER,
+            connect=self.coordinator,
+            identity=self.edge_id,
+            immediate=True,
+            keys=self.keys,
         )
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import zmq.asyncio
 
 from p3.log import get_logger
 from p3.protocol import messages as m
+from p3.protocol.security import ClusterKeys
 
 log = get_logger(__name__)
 
@@ -75,6 +76,7 @@ def make_socket(
     connect: str | None = None,
     identity: str | None = None,
     immediate: bool = False,
+    keys: ClusterKeys | None = None,
 ) -> zmq.asyncio.Socket:
     """A ROUTER/DEALER socket that never blocks shutdown (linger 0) and keeps TCP alive.
 
@@ -93,6 +95,8 @@ def make_socket(
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer that reconnects takes its identity back
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
+    if keys is not None:  # CurveZMQ: a server where it binds, a client where it connects
+        keys.secure(sock, serving=bind is not None)
     if bind is not None:
         sock.bind(bind)
     if connect is not None:

@@ -20,6 +20,7 @@ import pytest
 from p3.launch import READY_MARKER
 
 from ..model.tiny import load_reference, make_tiny_chat_model, reference_greedy
+from . import openai_cluster
 
 pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,13 +167,7 @@ def test_a_tp2_replica_across_two_hosts_serves_an_edge_on_a_third(
         assert client.returncode == 0, out
         answer = json.loads(out)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        openai_cluster.Cluster("", procs).stop()  # SIGTERM in reverse, SIGKILL what stays
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
