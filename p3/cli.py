@@ -225,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="node processes, split evenly over the models; tp x pp per replica, the rest spare",
     )
-    serve.add_argument("--api-key", default=None)
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="a bearer key clients must send (repeatable)",
+    )
     serve.add_argument("--threads", type=int, default=None, help="per node (default: cores/N)")
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="per start-up stage")
     serve.add_argument("--stop-timeout", type=float, default=30.0)

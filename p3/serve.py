@@ -113,7 +113,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
     children.extend(nodes)
     spares = len(models) * (per_model % (args.tp * args.pp))
     wait_ready(nodes, args.ready_timeout, num_spare=spares)
-    api_key = ["--api-key", args.api_key] if args.api_key else []
+    api_key = [f"--api-key={key}" for key in args.api_key or []]
     edge = Child(
         "edge",
         python_m_p3(

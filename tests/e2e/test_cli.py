@@ -43,3 +43,33 @@ def test_convert_bin_checkpoint_to_safetensors(tmp_path):
 def test_convert_refuses_what_it_cannot_read(tmp_path):
     result = p3("convert", str(tmp_path / "missing"), str(tmp_path / "out"))
     assert result.returncode == 2 and "p3: error" in result.stderr
+
+
+def test_serve_takes_several_api_keys_and_refuses_others(tmp_path, default_model_dir):
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from ..model.tiny import make_tiny_chat_model
+    from . import openai_cluster
+
+    model = make_tiny_chat_model(tmp_path, default_model_dir)
+    args = ["serve", "--model", str(model), "--port", "0", "--api-key", "k1", "--api-key", "k2"]
+    proc = openai_cluster._spawn([sys.executable, "-m", "p3", *args])
+    cluster = openai_cluster.Cluster("", [proc])
+    try:
+        cluster.url = openai_cluster._wait_ready(proc)["url"]
+
+        def status(key: str) -> int:
+            request = urllib.request.Request(
+                cluster.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert [status(k) for k in ("k1", "k2", "k3")] == [200, 200, 401]
+    finally:
+        cluster.stop()
