@@ -103,16 +103,12 @@ class Shard:
         remainder."""
         if num_layers < self.num_stages:
             raise ValueError(f"{num_layers} layers cannot fill {self.num_stages} pipeline stages")
-        width, extra = divmod(num_layers, self.num_stages)
-        start = self.stage * width + min(self.stage, extra)
-        return start, start + width + (self.stage < extra)
+        return _share(num_layers, self.num_stages, self.stage)
 
     def split(self, n: int) -> tuple[int, int]:
         """This rank's [start, end) of n things: as even as can be, earlier ranks take the
         remainder (SmolLM2's 3 KV heads over 2 ranks: 2 and 1)."""
-        width, extra = divmod(n, self.size)
-        start = self.rank * width + min(self.rank, extra)
-        return start, start + width + (self.rank < extra)
+        return _share(n, self.size, self.rank)
 
     def vocab_range(self, vocab_size: int) -> tuple[int, int]:
         """Rows of the vocabulary on this rank; the last rank's may pass vocab_size (padding)."""
@@ -136,6 +132,14 @@ class Shard:
         width = num_heads // self.size
         head = self.rank // (self.size // num_kv_heads)
         return self.rank * width, (self.rank + 1) * width, head, head + 1
+
+
+def _share(n: int, parts: int, index: int) -> tuple[int, int]:
+    """Part index's [start, end) of n things cut into parts as even as can be, the remainder
+    going one each to the first parts."""
+    width, extra = divmod(n, parts)
+    start = index * width + min(index, extra)
+    return start, start + width + (index < extra)
 
 
 def host_rendezvous(host: str, size: int, timeout_s: float = 60.0) -> dist.TCPStore:

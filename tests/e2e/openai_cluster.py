@@ -62,11 +62,7 @@ def serve_available() -> bool:
 def start(num_nodes: int = 1, edge_args: tuple[str, ...] = (), own: bool = False) -> Cluster:
     """own: our launcher even when `p3 serve` exists (to pass edge-only flags)."""
     if not own and serve_available() and not os.environ.get("P3_TEST_OWN_LAUNCHER"):
-        args = ["serve", "--port", "0", "--nodes", str(num_nodes), *edge_args]
-        proc = _spawn([sys.executable, "-m", "p3", *args])
-        cluster = Cluster(_wait_ready(proc)["url"], [proc])
-        wait_routed(cluster.url)
-        return cluster
+        return serve("--nodes", str(num_nodes), *edge_args)
     cluster_proc = _spawn([sys.executable, __file__, str(num_nodes)])
     coordinator = _wait_ready(cluster_proc)["coordinator"]
     edge_cmd = [sys.executable, "-c", EDGE_SCRIPT, "--coordinator", coordinator, "--port", "0"]
@@ -78,6 +74,20 @@ def start(num_nodes: int = 1, edge_args: tuple[str, ...] = (), own: bool = False
         Cluster("", [cluster_proc, edge_proc]).stop()
         raise
     return Cluster(url, [cluster_proc, edge_proc], coordinator)
+
+
+def serve(*args: str) -> Cluster:
+    """`p3 serve --port 0 ARGS` as a subprocess, once it has a ready replica; stopped again
+    if it never gets there."""
+    proc = _spawn([sys.executable, "-m", "p3", "serve", "--port", "0", *args])
+    cluster = Cluster("", [proc])
+    try:
+        cluster.url = _wait_ready(proc)["url"]
+        wait_routed(cluster.url)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 def wait_routed(url: str, timeout_s: float = 60.0) -> None:

@@ -46,7 +46,6 @@ def test_convert_refuses_what_it_cannot_read(tmp_path):
 
 
 def test_serve_takes_several_api_keys_and_refuses_others(tmp_path, default_model_dir):
-    import sys
     import urllib.error
     import urllib.request
 
@@ -54,11 +53,8 @@ def test_serve_takes_several_api_keys_and_refuses_others(tmp_path, default_model
     from . import openai_cluster
 
     model = make_tiny_chat_model(tmp_path, default_model_dir)
-    args = ["serve", "--model", str(model), "--port", "0", "--api-key", "k1", "--api-key", "k2"]
-    proc = openai_cluster._spawn([sys.executable, "-m", "p3", *args])
-    cluster = openai_cluster.Cluster("", [proc])
+    cluster = openai_cluster.serve("--model", str(model), "--api-key", "k1", "--api-key", "k2")
     try:
-        cluster.url = openai_cluster._wait_ready(proc)["url"]
 
         def status(key: str) -> int:
             request = urllib.request.Request(

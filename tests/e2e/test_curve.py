@@ -4,7 +4,6 @@ coordinator logs the refusal of the wrong key."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,6 @@ import aiohttp
 import pytest
 
 from p3.client import Client
-from p3.launch import READY_MARKER
 from p3.protocol.security import generate
 from p3.sampling_params import SamplingParams
 
@@ -29,10 +27,7 @@ def start(*args: str, stderr=None) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "p3", *args], stdout=subprocess.PIPE, stderr=stderr, text=True
     )
-    for line in proc.stdout:
-        if line.startswith(READY_MARKER):
-            return proc, json.loads(line[len(READY_MARKER) :])
-    raise RuntimeError(f"p3 {args[0]} exited with {proc.wait()}")
+    return proc, openai_cluster._wait_ready(proc)
 
 
 def node_args(address: str, model, node_id: str, *keys: str) -> list[str]:

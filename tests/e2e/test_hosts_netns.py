@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from p3.launch import READY_MARKER
-
 from ..model.tiny import load_reference, make_tiny_chat_model, reference_greedy
 from . import openai_cluster
 
@@ -97,13 +95,6 @@ def p3(hosts: Hosts, i: int, *args: str) -> subprocess.Popen:
     return hosts.run(i, sys.executable, "-m", "p3", *args, stdout=subprocess.PIPE)
 
 
-def ready(proc: subprocess.Popen) -> dict:
-    for line in proc.stdout:
-        if line.startswith(READY_MARKER):
-            return json.loads(line[len(READY_MARKER) :])
-    raise RuntimeError(f"{proc.args} exited with {proc.wait()}")
-
-
 @pytest.fixture
 def hosts():
     reason = namespaces_unavailable()
@@ -124,7 +115,7 @@ def test_a_tp2_replica_across_two_hosts_serves_an_edge_on_a_third(
     procs: list[subprocess.Popen] = []
     try:
         procs.append(p3(hosts, 0, "coordinator", "--bind", f"tcp://{hosts.ip(0)}:0", "--tp", "2"))
-        address = ready(procs[0])["address"]
+        address = openai_cluster._wait_ready(procs[0])["address"]
         assert address.startswith(f"tcp://{hosts.ip(0)}:")
         nodes = [
             p3(
@@ -150,13 +141,13 @@ def test_a_tp2_replica_across_two_hosts_serves_an_edge_on_a_third(
         ]
         procs += nodes  # both at once: a tp rank loads only when its peer has joined
         for i, node in zip((1, 2), nodes, strict=True):
-            assert ready(node)["address"].startswith(f"tcp://{hosts.ip(i)}:")
+            assert openai_cluster._wait_ready(node)["address"].startswith(f"tcp://{hosts.ip(i)}:")
         edge = p3(
             hosts, 0, "edge", "--coordinator", address, "--host", hosts.ip(0), "--port", "0",
             "--model", str(model),
         )  # fmt: skip
         procs.append(edge)
-        edge_info = ready(edge)
+        edge_info = openai_cluster._wait_ready(edge)
         prompt = [400, 500, 600, 700, 800]
         client = hosts.run(
             0, sys.executable, "-c", CLIENT, edge_info["url"], model.name, json.dumps(prompt),

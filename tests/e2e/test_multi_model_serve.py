@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 from openai import AsyncOpenAI, NotFoundError
@@ -26,12 +25,10 @@ def three_models(tmp_path_factory, default_model_dir):
 
 @pytest.fixture(scope="module")
 def cluster(three_models):
-    args = ["--nodes", "3", "--port", "0", "--dtype", "float32"]
+    args = ["--nodes", "3", "--dtype", "float32"]
     args += [a for model in three_models for a in ("--model", str(model))]
-    proc = openai_cluster._spawn([sys.executable, "-m", "p3", "serve", *args])
-    served = openai_cluster.Cluster("", [proc])
+    served = openai_cluster.serve(*args)
     try:
-        served.url = openai_cluster._wait_ready(proc)["url"]
         for model in three_models:  # every model routed, not just the first
             openai_cluster.wait_model(served.url, str(model))
         yield served

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from p3.launch import READY_MARKER
 from p3.nodes.placement import why_unfit
 from p3.protocol import messages as m
 
 from ..model.tiny import make_tiny_model
+from . import openai_cluster
 
 pytestmark = pytest.mark.timeout(120)
 GIB = 1024**3
@@ -34,8 +33,7 @@ def test_a_node_that_cannot_hold_its_shard_is_refused_and_says_why(tmp_path):
         text=True,
     )
     try:
-        line = next(line for line in coordinator.stdout if line.startswith(READY_MARKER))
-        address = json.loads(line[len(READY_MARKER) :])["address"]
+        address = openai_cluster._wait_ready(coordinator)["address"]
         node = subprocess.run(
             [sys.executable, "-m", "p3", "node", "--coordinator", address, "--model", str(model),
              "--kv-cache-memory", "100000GiB"],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 
 import aiohttp
@@ -29,12 +28,9 @@ async def replica(url: str) -> list[dict]:
 
 async def test_a_killed_rank_is_replaced_and_the_replica_serves_again(tmp_path, default_model_dir):
     model = make_tiny_chat_model(tmp_path, default_model_dir)
-    args = ["--model", str(model), "--nodes", "3", "--tp", "2", "--port", "0", "--threads", "1"]
-    proc = openai_cluster._spawn([sys.executable, "-m", "p3", "serve", *args])
-    cluster = openai_cluster.Cluster("", [proc])
+    args = ["--model", str(model), "--nodes", "3", "--tp", "2", "--threads", "1"]
+    cluster = openai_cluster.serve(*args)
     try:
-        cluster.url = openai_cluster._wait_ready(proc)["url"]
-        openai_cluster.wait_routed(cluster.url)
         client = AsyncOpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0)
 
         async def answer() -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
 
 import aiohttp
@@ -28,13 +27,10 @@ def tiny_chat(tmp_path_factory, default_model_dir):
 
 @pytest.fixture(scope="module", params=["--tp", "--pp"])
 def tp_cluster(tiny_chat, request):
-    args = ["--model", str(tiny_chat), "--nodes", "2", request.param, "2", "--port", "0"]
+    args = ["--model", str(tiny_chat), "--nodes", "2", request.param, "2"]
     args += ["--dtype", "float32"]  # transformers' reference runs in fp32
-    proc = openai_cluster._spawn([sys.executable, "-m", "p3", "serve", *args])
-    cluster = openai_cluster.Cluster("", [proc])
+    cluster = openai_cluster.serve(*args)
     try:
-        cluster.url = openai_cluster._wait_ready(proc)["url"]
-        openai_cluster.wait_routed(cluster.url)
         yield cluster
     finally:
         cluster.stop()
