@@ -180,6 +180,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         node_id=args.node_id or default_node_id(),
         bind=args.bind,
         advertise_host=args.advertise_host,
+        advertise_port=args.advertise_port,
         model=args.model,
         engine=engine,
         max_in_flight=args.max_in_flight,
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--node-id", default=None, help="default: HOSTNAME-PID")
     node.add_argument("--bind", default="tcp://127.0.0.1:0", help="where edges reach this node")
     node.add_argument("--advertise-host", default=None, help="host edges dial (default: bind's)")
+    node.add_argument("--advertise-port", type=int, default=None, help="port edges dial")
     node.add_argument("--threads", type=int, default=None, help="torch threads")
     node.add_argument("--max-in-flight", type=int, default=1024)
     node.add_argument("--drain-timeout", type=float, default=30.0, help="seconds")

@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
+from typing import TextIO
 
 READY_MARKER = "P3_READY "
 PARENT_PID_ENV = "P3_PARENT_PID"
@@ -79,8 +80,11 @@ class Child:
         argv: list[str],
         ready_url: str | None = None,
         env: dict[str, str] | None = None,
+        output: TextIO | None = None,
     ):
+        """output: where its lines go (default: ours, stdout and stderr), name-prefixed."""
         self.name = name
+        self._output = output
         self.argv = argv
         self.ready_url = ready_url
         self.info: dict | None = None  # what it announced
@@ -117,12 +121,12 @@ class Child:
                 with contextlib.suppress(ValueError):
                     self.info = json.loads(line[len(READY_MARKER) :])
                     continue
-            sys.stdout.write(f"[{self.name}] {line}")
+            (self._output or sys.stdout).write(f"[{self.name}] {line}")
 
     def _pump_stderr(self) -> None:
         for line in self.proc.stderr:
             self.tail.append(line.rstrip("\n"))
-            sys.stderr.write(f"[{self.name}] {line}")
+            (self._output or sys.stderr).write(f"[{self.name}] {line}")
 
     def probe(self) -> None:
         """GET ready_url once; 200 means ready."""

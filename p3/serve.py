@@ -1,8 +1,11 @@
 """`p3 serve`: a coordinator, N nodes (N / tp replicas) and an edge on this machine.
 
 Starts them in order (coordinator on an ephemeral port, then the nodes, then the edge),
-waiting for each to be ready; prints the URL; on Ctrl-C or SIGTERM stops the edge, the
-nodes, then the coordinator (each drains, then is killed after a timeout).
+waiting for each to be ready; prints the URL; then supervises them: a node or the
+coordinator that exits is started again (the coordinator on the very address it had, which
+the nodes and the edge keep dialling, so they reconnect and register again by themselves);
+a dead edge ends the cluster. On Ctrl-C or SIGTERM stops the edge, the nodes, then the
+coordinator (each drains, then is killed after a timeout).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
     children.append(coordinator)
     wait_ready([coordinator], args.ready_timeout)
     address = coordinator.info["address"]
+    coordinator.argv = _bind_at(coordinator.argv, address)  # a restart binds it again
     threads = args.threads or threads_per_node(args.nodes)
     models = args.model or [None]
     per_model = args.nodes // len(models)  # nodes of each model, in a block
@@ -126,6 +130,12 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
     wait_ready([edge], args.ready_timeout)
 
 
+def _bind_at(argv: list[str], address: str) -> list[str]:
+    """argv with its --bind value replaced by address (the port the first start was given)."""
+    i = argv.index("--bind")
+    return [*argv[: i + 1], address, *argv[i + 2 :]]
+
+
 def _keys(args: argparse.Namespace) -> list[str]:
     return ["--keys", args.keys] if args.keys else []
 
@@ -150,10 +160,14 @@ RESTARTS_PER_WINDOW, RESTART_WINDOW_S = 5, 60.0
 
 
 def _supervise(children: list[Child], stop: threading.Event) -> int:
-    """Until a signal: a node that exits is started again (the others serve on meanwhile;
-    the new process joins as a spare, so a tensor- or pipeline-parallel replica that lost a
-    member is formed anew), unless it keeps exiting: more than RESTARTS_PER_WINDOW times in
-    RESTART_WINDOW_S and it stays down. A dead edge or coordinator ends the cluster."""
+    """Until a signal: a node or the coordinator that exits is started again, unless it keeps
+    exiting (more than RESTARTS_PER_WINDOW times in RESTART_WINDOW_S). The others serve on
+    meanwhile. A restarted node joins as a spare, so a tensor- or pipeline-parallel replica
+    that lost a member is formed anew; a node that keeps exiting stays down. The coordinator
+    is off the token path: streams go on while it is away, and the restarted one binds the
+    same address, where nodes and the edge reconnect, register again and rebuild its
+    membership and routing table. A coordinator that keeps exiting, or a dead edge, ends the
+    cluster."""
     restarts: dict[str, list[float]] = {}
     given_up: set[str] = set()
     while not stop.wait(0.2):
@@ -161,16 +175,22 @@ def _supervise(children: list[Child], stop: threading.Event) -> int:
             if child.proc.poll() is None or child.name in given_up:
                 continue
             log.warning("serve.child_exited", child=child.name, code=child.proc.returncode)
-            if not child.name.startswith("node-"):
+            if not _restartable(child):
                 print(f"p3 serve: {child.describe_failure('exited')}", file=sys.stderr)
                 return 1
             now = time.monotonic()
             recent = [t for t in restarts.get(child.name, []) if now - t < RESTART_WINDOW_S]
             if len(recent) >= RESTARTS_PER_WINDOW:
-                given_up.add(child.name)
                 print(f"p3 serve: {child.describe_failure('keeps exiting')}", file=sys.stderr)
+                if child.name == "coordinator":
+                    return 1
+                given_up.add(child.name)
                 continue
             restarts[child.name] = [*recent, now]
             children[i] = Child(child.name, child.argv)
-            log.info("serve.node_restarted", child=child.name, attempt=len(recent) + 1)
+            log.info("serve.child_restarted", child=child.name, attempt=len(recent) + 1)
     return 0
+
+
+def _restartable(child: Child) -> bool:
+    return child.name == "coordinator" or child.name.startswith("node-")

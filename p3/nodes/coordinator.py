@@ -10,6 +10,13 @@ once tp x pp of one model wait, they become a replica. Its rank 0 gets Place and
 Rendezvous (its torch.distributed store's host:port); the others then get Place with it. A
 replica is routed (through rank 0) once all its members are ready; when one dies, the
 others are told to shut down (re-forming a replica from spare nodes is not done yet).
+
+Restarts: a coordinator keeps no state on disk. A restarted one (on the same address, which
+nodes and edges keep dialling) hears heartbeats from nodes it does not know and answers
+Reregister: they say Hello again, carrying their old epoch (the new one is higher), and
+Ready at once, streaming on meanwhile. It publishes nothing until it has something to
+route (or someone to list dead), so edges keep routing on the table they have rather than
+on the empty one of a coordinator that has not heard from its nodes yet.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ class Coordinator(Actor):
         self._forming: dict[str, list[Member]] = {}  # leader id -> its group, until Rendezvous
         self.edges: dict[bytes, float] = {}  # identity -> when last heard
         self.routes_version = 0
+        self._has_published = False  # a table went out (an empty one is news from then on)
         self.address = ""
         self._decoder = wire.to_coordinator()
         self._changed_dead: list[str] = []
@@ -237,7 +245,8 @@ class Coordinator(Actor):
         self.edges[identity] = time.monotonic()
         if is_new:
             log.info("coordinator.edge_joined", edge_id=hello.edge_id)
-            wire.send(self._sock, self._table(dead=[]), identity)
+            if (table := self._table(dead=[])) is not None:
+                wire.send(self._sock, table, identity)
 
     def _current(self, identity: bytes, node_id: str, epoch: int) -> Member | None:
         """The member if this epoch is its live one; otherwise answer as the epoch deserves."""
@@ -291,15 +300,24 @@ class Coordinator(Actor):
         self._changed.set()
 
     def _publish(self) -> None:
-        table = self._table(dead=self._changed_dead)
-        self._changed_dead = []
         self._last_publish_at = time.monotonic()
+        table = self._table(dead=self._changed_dead)
+        if table is None:
+            return
+        self._changed_dead = []
         for identity in list(self.edges):
             wire.send(self._sock, table, identity)
 
-    def _table(self, dead: list[str]) -> m.Routes:
+    def _table(self, dead: list[str]) -> m.Routes | None:
+        """The routing table; None while it would be the first and says nothing (no route,
+        no one dead): edges keep the table they have until then (after a restart, the old
+        coordinator's, whose nodes are registering again)."""
+        routes = self.membership.routes()
+        if not (routes or dead or self._has_published):
+            return None
+        self._has_published = True
         self.routes_version += 1
-        return m.Routes(self.routes_version, self.membership.routes(), list(dead))
+        return m.Routes(self.routes_version, routes, list(dead))
 
     def _forget_silent_edges(self) -> None:
         now = time.monotonic()

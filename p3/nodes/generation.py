@@ -6,7 +6,8 @@ is bad. A sample whose node is declared dead, or whose tokens stop for `timeout_
 its prompt and the tokens already streamed go to another ready replica, which continues at
 the same positions with the same seed, so the client sees the stream it would have seen (the
 journal drops anything repeated; tokens from the node it left are ignored). The request
-fails (RequestFailed) only when no replica can take it, or after MAX_MOVES moves. Leaving the
+fails (RequestFailed) only when no replica can take it, or after MAX_IDLE_MOVES moves in a row
+with no token in between (a request that kills every node it lands on). Leaving the
 iteration early (client gone) cancels every sample still running on its node.
 """
 
@@ -24,7 +25,8 @@ from p3.protocol import messages as m
 log = get_logger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
-MAX_MOVES = 3  # per sample: a request that kills every node it lands on stops moving
+MAX_IDLE_MOVES = 3  # moves in a row without a new token: a request that kills every node it
+# lands on stops moving; a stream that progresses between faults survives any number of them
 
 
 class RequestFailed(Exception):
@@ -102,6 +104,11 @@ class Generation:
 
     def _handle(self, sample: Sample, msg: m.TokenDelta | m.Rejected | NodeLost) -> Delta | None:
         match msg:
+            case m.TokenDelta() if msg.index > sample.num_output_tokens and not sample.finished:
+                # tokens between were lost on the link: what the node holds is no use
+                self.cluster.cancel(sample)
+                gap = f"tokens {sample.num_output_tokens}..{msg.index - 1} lost on the link"
+                self._move(sample, gap, "link_lost", may_stay=True)
             case m.TokenDelta():
                 delta = sample.apply(msg)
                 if sample.finished:
@@ -109,21 +116,35 @@ class Generation:
                 return delta
             case m.Rejected():
                 self._rejected(sample, msg)
-            case NodeLost():
-                if msg.node_id == sample.journal.node_id:  # not a node it already left
+            case NodeLost() if msg.node_id == sample.journal.node_id:  # not one it left
+                if msg.alive:
+                    self.cluster.cancel(sample)
+                    self._move(sample, f"{msg.reason} ({msg.node_id})", "link_lost", True)
+                else:
                     self.cluster.forget(sample)
                     self._move(sample, f"node {msg.node_id} died ({msg.reason})", "node_dead")
         return None
 
-    def _move(self, sample: Sample, cause: str, code: str) -> None:
-        """Resubmit an unfinished sample elsewhere, continuing after the tokens it has."""
+    def _move(self, sample: Sample, cause: str, code: str, may_stay: bool = False) -> None:
+        """Resubmit an unfinished sample elsewhere, continuing after the tokens it has.
+        may_stay: the node it leaves is alive (its link failed), so when no other replica
+        is there, it may go back to the same one."""
         journal = sample.journal
         left = journal.node_id
-        if journal.num_moves >= MAX_MOVES:
-            raise RequestFailed(f"{cause}; moved {MAX_MOVES} times already", code, False)
+        progressed = len(journal.token_ids) > journal.tokens_at_move
+        journal.num_idle_moves = 1 if progressed else journal.num_idle_moves + 1
+        if journal.num_idle_moves > MAX_IDLE_MOVES:
+            raise RequestFailed(
+                f"{cause}; moved {MAX_IDLE_MOVES} times in a row with no token", code,
+                len(journal.token_ids) == 0,
+            )  # fmt: skip
         journal.num_moves += 1
-        exclude = {left} | self.cluster.dead_nodes if left else set(self.cluster.dead_nodes)
-        if not self.cluster.submit(sample, self.queue, exclude):
+        journal.tokens_at_move = len(journal.token_ids)
+        dead = set(self.cluster.dead_nodes)
+        exclude = {left} | dead if left else dead
+        if not self.cluster.submit(sample, self.queue, exclude) and not (
+            may_stay and left not in dead and self.cluster.submit(sample, self.queue, dead)
+        ):
             definite = sample.num_output_tokens == 0
             log.warning("edge.request_failed", request_id=sample.request_id, cause=cause)
             raise RequestFailed(f"{cause}, and no other replica can take it", code, definite)

@@ -9,6 +9,11 @@ With tensor or pipeline parallelism a replica is a group of replica_size (tp x p
 of one model: a member joins unplaced, and `form_groups` makes a replica of replica_size
 unplaced members in the order they joined (ranks 0..replica_size-1). Only rank 0 of a group
 whose every member is ready is routed; a group with a dead member is down.
+
+A node that registers again after a coordinator restart says where it was placed (replica,
+rank): its engine is built and joined to its replica's, so it keeps that place (under the
+same replica number, unless a replica formed since has it: then under the one its replica's
+other members got), rather than waiting as a spare to be formed anew.
 """
 
 from __future__ import annotations
@@ -104,19 +109,48 @@ class Membership:
         """A Hello: a new epoch, and the lowest replica index free for its model."""
         self.last_epoch = max(self.last_epoch, hello.epoch) + 1
         old = self.members.get(hello.node_id)
-        placed = self.replica_size == 1
+        kept = self._kept_replica(hello, old)
+        placed = kept is not None or self.replica_size == 1
+        if kept is None and placed:
+            kept = self._free_replica(hello.model, hello.node_id)
         member = Member(
             node_id=hello.node_id,
             identity=identity,
             epoch=self.last_epoch,
             hello=hello,
-            replica=self._free_replica(hello.model, hello.node_id) if placed else -1,
+            replica=kept if placed else -1,
             last_heard_at=self.clock(),
             dead_epochs=old.dead_epochs if old else set(),
             placed=placed,
         )
+        if placed and self.replica_size > 1:  # it registers again, already in a replica
+            member.rank, member.group_size = hello.replica_rank, self.replica_size
         self.members[hello.node_id] = member
         return member
+
+    def _kept_replica(self, hello: m.Hello, old: Member | None) -> int | None:
+        """The replica number of a node that says it is placed already (registering again
+        after a coordinator restart), or None: not placed, or its place cannot be kept."""
+        size = self.replica_size
+        if hello.replica < 0 or hello.replica_size != size or not 0 <= hello.replica_rank < size:
+            return None
+        if old is not None and not old.is_live:
+            return None  # declared dead: its replica is down
+        if old is not None and old.placed and old.hello.replica == hello.replica:
+            return old.replica  # its Hello again
+        others = [
+            mb
+            for mb in self.members.values()
+            if mb.is_live and mb.placed and mb.node_id != hello.node_id
+            and mb.hello.model == hello.model
+        ]  # fmt: skip
+        if size > 1:
+            for mb in others:  # a member of the same replica registered again before it
+                if mb.hello.replica == hello.replica and mb.hello.replica_size == size:
+                    return None if mb.hello.replica_rank == hello.replica_rank else mb.replica
+        if hello.replica not in {mb.replica for mb in others}:
+            return hello.replica
+        return self._free_replica(hello.model, hello.node_id)
 
     def form_groups(self) -> list[list[Member]]:
         """New replicas of replica_size unplaced live members of one model, ranks in join

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import signal
 import time
 from urllib.parse import urlsplit
 
@@ -91,10 +93,16 @@ class Node(Actor):
             immediate=True,
             keys=keys,
         )
-        self.address = advertised_address(wire.bound_address(self._edges), cfg.advertise_host)
+        self.address = advertised_address(
+            wire.bound_address(self._edges), cfg.advertise_host, cfg.advertise_port
+        )
         self._edge_decoder = wire.node_from_edge()
         self._coordinator_decoder = wire.node_from_coordinator()
         log.info("node.listening", node_id=cfg.node_id, address=self.address)
+        if os.environ.get("P3_FAULT_SIGNALS") == "1":
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGUSR1, self.faults.raise_next)
+            loop.add_signal_handler(signal.SIGUSR2, self.faults.hang)
 
     def loops(self):
         return [
@@ -334,8 +342,8 @@ class Node(Actor):
             return "draining", "node is stopping"
         if self.engine is None:
             return "overloaded", "node is still loading its model"
-        if submit.epoch != self.epoch or self.epoch <= self.fenced_epoch:
-            return "stale_epoch", f"epoch {submit.epoch} is not this node's epoch {self.epoch}"
+        if not self.fenced_epoch < submit.epoch <= self.epoch:  # older: not fenced, re-registered
+            return "stale_epoch", f"epoch {submit.epoch} is not a live epoch of this node"
         if submit.request_id in self.inflight:
             return "bad_request", f"request_id {submit.request_id!r} is already running here"
         if len(self.inflight) >= self.config.max_in_flight:

@@ -21,6 +21,7 @@ class NodeConfig:
     node_id: str = field(default_factory=default_node_id)
     bind: str = "tcp://127.0.0.1:0"
     advertise_host: str | None = None  # None: the bind host (the hostname if it is a wildcard)
+    advertise_port: int | None = None  # None: the bound port (set: a proxy or NAT in between)
     model: str | None = None  # None: the embedded default model
     engine: EngineConfig = field(default_factory=EngineConfig)
     max_in_flight: int = 1024  # Submits beyond this are Rejected "overloaded"
@@ -33,10 +34,13 @@ class NodeConfig:
         return self.model or DEFAULT_MODEL
 
 
-def advertised_address(bound: str, advertise_host: str | None) -> str:
-    """tcp://0.0.0.0:PORT as the edges should dial it: the advertised host, the real port."""
+def advertised_address(
+    bound: str, advertise_host: str | None, advertise_port: int | None = None
+) -> str:
+    """tcp://0.0.0.0:PORT as the edges should dial it: the advertised host and port (by
+    default the bound ones; the hostname for a wildcard host)."""
     parts = urlsplit(bound)
     host = advertise_host or parts.hostname
     if host in (None, "0.0.0.0", "*", "::"):
         host = socket.gethostname()
-    return f"{parts.scheme}://{host}:{parts.port}"
+    return f"{parts.scheme}://{host}:{advertise_port or parts.port}"

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 
 def hello(node: Node) -> m.Hello:
+    """Who the node is; once placed, where (so a restarted coordinator keeps its replica)."""
     cfg = node.config
     num_threads = cfg.engine.num_threads or len(os.sched_getaffinity(0))
+    place = node.place
     return m.Hello(
         protocol_version=m.PROTOCOL_VERSION,
         node_id=node.name,
@@ -38,6 +40,9 @@ def hello(node: Node) -> m.Hello:
         ),
         model=cfg.model_name,
         epoch=node.epoch,
+        replica=place.replica if place is not None else -1,
+        replica_rank=place.rank if place is not None else 0,
+        replica_size=place.tp_size * place.pp_size if place is not None else 1,
     )
 
 

@@ -63,6 +63,8 @@ class Journal:
     num_attempts: int = 0
     tried_nodes: set[str] = field(default_factory=set)
     num_moves: int = 0  # resubmissions after its node died or went silent
+    num_idle_moves: int = 0  # moves in a row with no new token between them
+    tokens_at_move: int = -1  # how many tokens it had at its latest move
 
     def submit_message(self) -> m.Submit:
         """Submit, or resubmit after a move: the outputs so far travel along, so the new node

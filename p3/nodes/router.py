@@ -5,7 +5,15 @@ p3.client. It says EdgeHello to the coordinator every second, keeps the latest r
 table, connects a DEALER to every routed node, picks the least-loaded replica of a model
 (the table's load plus what this edge sent since that table, so a burst does not herd onto
 one replica), and hands each Tokens/Rejected message to the request that owns the sample.
-A node listed dead fails its samples; Tokens under another epoch than the routed one drop.
+A node listed dead fails its samples; Tokens under another epoch than the one the sample
+was submitted under drop.
+
+The coordinator is off the token path: while it is away no table comes, and the edge routes
+on its last one (it says hello often then, so a restarted coordinator knows it at once). A
+node that registers again with a restarted coordinator is routed under a new epoch, but it
+was not fenced: it streams on under the epoch its samples were submitted under, so those
+epochs stay accepted until the node is listed dead. A node routed from another process
+(a new address or pid: it died and was started again) lost the samples of the old one.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils import monitor as zmq_monitor
 
 from p3.log import get_logger
 from p3.nodes.inflight import expected_output_tokens
@@ -30,8 +39,11 @@ from p3.protocol.security import ClusterKeys
 log = get_logger(__name__)
 
 HELLO_INTERVAL_S = 1.0
+QUIET_AFTER_S = 2.0  # no table this long (it comes every heartbeat): the coordinator is away
 LOAD_GRAIN = 256  # tokens of work left below which two replicas count as equally loaded
 FIRST_HELLO_INTERVAL_S = 0.05
+LINK_PING_S = 0.2  # ZMTP heartbeat on every edge->node link
+LINK_TIMEOUT_S = 1.0  # no traffic (pongs included) this long: the link is down
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class NodeLost:
 
     node_id: str
     reason: str
+    alive: bool = False  # the link broke, not the node: cancel the sample there too
 
 
 # (sample, what happened, perf_counter when its frame arrived: the edge's egress time starts)
@@ -52,17 +65,26 @@ class NodeLink:
     def __init__(self, cluster: Cluster, route: m.Route):
         self.node_id = route.node_id
         self.address = route.address
+        self.pid = route.pid  # the process behind the address, as last routed
         self.socket = wire.make_socket(
             cluster.ctx,
             zmq.DEALER,
-            connect=route.address,
             identity=cluster.edge_id,
             keys=cluster.keys,
         )
+        self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(LINK_PING_S * 1000))
+        self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LINK_TIMEOUT_S * 1000))
+        self.socket.setsockopt(zmq.HEARTBEAT_TTL, int(LINK_TIMEOUT_S * 1000))
+        self.monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.socket.connect(route.address)
         self.reader = asyncio.create_task(cluster.read_node(self), name=f"read.{self.node_id}")
+        self.watcher = asyncio.create_task(cluster.watch_link(self), name=f"link.{self.node_id}")
 
     def close(self) -> None:
         self.reader.cancel()
+        self.watcher.cancel()
+        self.socket.disable_monitor()
+        self.monitor.close(linger=0)
         self.socket.close(linger=0)
 
 
@@ -74,11 +96,12 @@ class Cluster:
         self.ctx = zmq.asyncio.Context()
         self.routes: dict[str, m.Route] = {}  # READY replicas' rank 0 nodes, by node id
         self.shards: list[m.Route] = []  # their other ranks: listed, never routed to
-        self.epochs: dict[str, int] = {}  # the routed epoch of every node we may hear from
+        self.epochs: dict[str, set[int]] = {}  # per node: the epochs we may hear from it under
         self.links: dict[str, NodeLink] = {}
         self.sent_load: dict[str, int] = {}  # work this edge sent since the last table
         self.inflight: dict[str, tuple[Sample, asyncio.Queue[Event]]] = {}
         self.routes_version = -1
+        self.routes_at = 0.0  # when the last table came (monotonic)
         self.dead_nodes: set[str] = set()  # declared dead and not routed since
         self.routes_changed = asyncio.Event()
         self.on_models: Callable[[set[str]], Any] | None = None  # called with the routed models
@@ -112,9 +135,13 @@ class Cluster:
 
     async def hello_loop(self) -> None:
         hello = m.EdgeHello(m.PROTOCOL_VERSION, self.edge_id)
+        heard = False
         while True:
             wire.send(self._coordinator_socket, hello)
-            heard = self.routes_version >= 0  # until the first table, say it often
+            # until the first table, or while tables do not come, say it often
+            was_heard, heard = heard, time.monotonic() - self.routes_at < QUIET_AFTER_S
+            if was_heard and not heard:
+                log.warning("edge.coordinator_quiet", routing_on_version=self.routes_version)
             await asyncio.sleep(HELLO_INTERVAL_S if heard else FIRST_HELLO_INTERVAL_S)
 
     async def coordinator_loop(self) -> None:
@@ -133,6 +160,20 @@ class Cluster:
                 case m.Rejected() as rejected:
                     self._deliver(rejected.request_id, rejected, link.node_id)
 
+    async def watch_link(self, link: NodeLink) -> None:
+        while True:
+            event = zmq_monitor.parse_monitor_message(await link.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.link_lost(link.node_id)
+
+    def link_lost(self, node_id: str) -> None:
+        """Frames to or from node_id may be lost: its samples move (and are cancelled there)."""
+        moved = [(s, q) for s, q in self.inflight.values() if s.journal.node_id == node_id]
+        log.warning("edge.link_lost", node_id=node_id, num_samples=len(moved))
+        for sample, queue in moved:
+            lost = NodeLost(node_id, "link to the node lost", alive=True)
+            queue.put_nowait((sample, lost, time.perf_counter()))
+
     # -- the routing table -----------------------------------------------------------------
 
     def on_routes(self, table: m.Routes) -> None:
@@ -140,7 +181,7 @@ class Cluster:
         known = {(r.node_id, r.epoch) for r in [*self.routes.values(), *self.shards]}
         if members != known or table.dead:
             log.info("edge.routes", version=table.version, nodes=sorted(members), dead=table.dead)
-        self.routes_version = table.version
+        self.routes_version, self.routes_at = table.version, time.monotonic()
         for node_id in table.dead:
             self._node_dead(node_id)
         self.routes = {r.node_id: r for r in table.routes if r.replica_rank == 0}
@@ -155,9 +196,16 @@ class Cluster:
             self.on_models({r.model for r in self.routes.values()})
 
     def _link(self, route: m.Route) -> None:
-        self.epochs[route.node_id] = route.epoch
         link = self.links.get(route.node_id)
+        if link is not None and (link.address, link.pid) != (route.address, route.pid):
+            self._lose_samples(route.node_id, "node restarted")  # the old process is gone
+            self.epochs.pop(route.node_id, None)
+        epochs = self.epochs.setdefault(route.node_id, set())
+        if route.epoch not in epochs:  # registered again: older epochs live while used
+            epochs &= {s.journal.epoch for s, _ in self._samples_on(route.node_id)}
+            epochs.add(route.epoch)
         if link is not None and link.address == route.address:
+            link.pid = route.pid
             return
         if link is not None:
             link.close()
@@ -169,10 +217,15 @@ class Cluster:
         self.epochs.pop(node_id, None)
         if (link := self.links.pop(node_id, None)) is not None:
             link.close()
-        for sample, queue in list(self.inflight.values()):
-            if sample.journal.node_id == node_id:
-                lost = NodeLost(node_id, "node declared dead")
-                queue.put_nowait((sample, lost, time.perf_counter()))
+        self._lose_samples(node_id, "node declared dead")
+
+    def _samples_on(self, node_id: str) -> list[tuple[Sample, asyncio.Queue[Event]]]:
+        return [(s, q) for s, q in self.inflight.values() if s.journal.node_id == node_id]
+
+    def _lose_samples(self, node_id: str, reason: str) -> None:
+        """Every sample on node_id moves (its request gets NodeLost)."""
+        for sample, queue in self._samples_on(node_id):
+            queue.put_nowait((sample, NodeLost(node_id, reason), time.perf_counter()))
 
     def replicas(self, model: str) -> list[m.Route]:
         return [r for r in self.routes.values() if r.model == model]
@@ -231,19 +284,19 @@ class Cluster:
         self.inflight.pop(sample.request_id, None)
 
     def on_node_tokens(self, node_id: str, tokens: m.Tokens) -> None:
-        if self.epochs.get(node_id) != tokens.epoch or tokens.node_id != node_id:
+        if tokens.epoch not in self.epochs.get(node_id, ()) or tokens.node_id != node_id:
             log.warning(
                 "edge.tokens_dropped",
                 node_id=node_id,
                 epoch=tokens.epoch,
-                routed_epoch=self.epochs.get(node_id),
+                routed_epochs=sorted(self.epochs.get(node_id, ())),
             )
             return
         if self.on_tokens is not None:
             self.on_tokens(tokens)
         received_at = time.perf_counter()
         for delta in tokens.deltas:
-            self._deliver(delta.request_id, delta, node_id, received_at)
+            self._deliver(delta.request_id, delta, node_id, received_at, tokens.epoch)
 
     def _deliver(
         self,
@@ -251,6 +304,7 @@ class Cluster:
         msg: m.TokenDelta | m.Rejected,
         node_id: str,
         received_at: float | None = None,
+        epoch: int | None = None,
     ) -> None:
         entry = self.inflight.get(request_id)
         if entry is None:
@@ -258,4 +312,6 @@ class Cluster:
         sample, queue = entry
         if sample.journal.node_id != node_id:
             return  # from a node the sample has moved away from: the new one speaks for it
+        if epoch is not None and epoch != sample.journal.epoch:
+            return  # from an older submission to this node (it moved away and came back)
         queue.put_nowait((sample, msg, received_at or time.perf_counter()))

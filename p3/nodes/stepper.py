@@ -12,8 +12,10 @@ outputs go back to the loop with `call_soon_threadsafe`. An exception inside a s
 fatal: it is handed to the loop (which sends Fatal and exits) and the thread ends.
 
 Fault points for chaos and tests (real code paths, not mocks): `faults.hang()` blocks the
-thread inside its next step until `faults.release()`; env P3_FAULT_HANG_STEP=N and
-P3_FAULT_RAISE_STEP=N hang or raise at step N.
+thread inside its next step until `faults.release()`, `faults.raise_next()` raises inside
+it; env P3_FAULT_HANG_STEP=N and P3_FAULT_RAISE_STEP=N hang or raise at step N. A node
+started with P3_FAULT_SIGNALS=1 arms them at run time: SIGUSR1 raises in the next step,
+SIGUSR2 hangs it (chaos runs use both).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class StepFaults:
         self.raise_at_step = raise_at_step
         self._hang = threading.Event()
         self._release = threading.Event()
+        self._raise = threading.Event()
 
     @classmethod
     def from_env(cls) -> StepFaults:
@@ -51,6 +54,10 @@ class StepFaults:
         self._release.clear()
         self._hang.set()
 
+    def raise_next(self) -> None:
+        """Raise inside the next step (as a kernel or engine bug would)."""
+        self._raise.set()
+
     def release(self) -> None:
         self._hang.clear()
         self._release.set()
@@ -59,7 +66,7 @@ class StepFaults:
         if self._hang.is_set() or step == self.hang_at_step:
             log.warning("node.fault_hang", step=step)
             self._release.wait()
-        if step == self.raise_at_step:
+        if step == self.raise_at_step or self._raise.is_set():
             raise RuntimeError(f"injected fault at step {step}")
 
 

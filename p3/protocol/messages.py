@@ -57,6 +57,11 @@ class Hello(Msg, tag="hello"):
     capacity: Capacity = Capacity()
     model: str = ""  # the model this node was started with ("" = let the coordinator place)
     epoch: int = 0  # the epoch this node held before (0: none); a new epoch is always higher
+    # registering again (the coordinator restarted): the replica it already serves in, as
+    # placed (-1: none yet), its rank there and the replica's size; its engine is built
+    replica: int = -1
+    replica_rank: int = 0
+    replica_size: int = 1
 
 
 class Ready(Msg, tag="ready"):

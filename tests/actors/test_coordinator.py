@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -100,6 +101,22 @@ async def test_an_unknown_node_is_asked_to_register_again(fake_node):
     assert isinstance(again, m.Reregister) and again.epoch == 41
     welcome = await join(peer, epoch=41)
     assert welcome.epoch > 41
+
+
+async def test_a_new_coordinator_sends_edges_no_table_until_it_has_a_route(
+    fake_node, edge, coordinator
+):
+    """After a restart, edges route on the old coordinator's table until the nodes have
+    registered again: an empty table first would leave them nothing to route to."""
+    async with asyncio.timeout(5):
+        while not coordinator.edges:
+            await asyncio.sleep(0.01)
+    peer = fake_node("n1")
+    peer.send(m.Heartbeat("n1", 41))  # a node of the cluster its predecessor ran
+    assert isinstance(await peer.recv(), m.Reregister)
+    await join(peer, epoch=41)
+    first = await edge.coordinator.recv()
+    assert isinstance(first, m.Routes) and node_ids(first) == {"n1"}
 
 
 async def test_goodbye_removes_the_node_from_the_routes(fake_node, edge, coordinator):

@@ -64,3 +64,48 @@ def test_a_replica_is_routed_through_rank_0_only_while_every_rank_is_ready():
     assert members.group_of(follower) == [leader, follower]
     members.declare_dead(follower, "heartbeat-timeout")
     assert members.routes() == []  # half a model serves no one
+
+
+def placed_hello(node_id: str, replica: int, rank: int, size: int = 2) -> m.Hello:
+    """The Hello of a node registering again (the coordinator restarted), placed already."""
+    return m.Hello(
+        m.PROTOCOL_VERSION, node_id, model="a", epoch=5, replica=replica, replica_rank=rank,
+        replica_size=size,
+    )  # fmt: skip
+
+
+def test_nodes_registering_again_keep_their_replica_and_ranks_in_any_order():
+    members = Membership(0.1, 3, hung_after_s=30.0, replica_size=2)
+    follower = members.register(b"y", placed_hello("y", 3, 1))
+    leader = members.register(b"x", placed_hello("x", 3, 0))
+    assert members.form_groups() == []  # nothing to form: they are a replica still
+    assert [(mb.replica, mb.rank, mb.group_size) for mb in (leader, follower)] == [
+        (3, 0, 2),
+        (3, 1, 2),
+    ]
+    members.mark_ready(follower, m.Ready("y", follower.epoch, "a", replica_rank=1, replica_size=2))
+    assert members.routes() == []
+    members.mark_ready(leader, m.Ready("x", leader.epoch, "a"))
+    assert [(r.node_id, r.replica_rank) for r in members.routes()] == [("x", 0), ("y", 1)]
+
+
+def test_a_kept_replica_number_taken_since_moves_the_whole_replica_to_another():
+    members = Membership(0.1, 3, hung_after_s=30.0, replica_size=2)
+    for n in "ab":
+        members.register(n.encode(), m.Hello(m.PROTOCOL_VERSION, n, model="a"))
+    (formed,) = members.form_groups()
+    assert formed[0].replica == 0
+    x = members.register(b"x", placed_hello("x", 0, 0))
+    y = members.register(b"y", placed_hello("y", 0, 1))
+    assert (x.replica, x.rank, y.replica, y.rank) == (1, 0, 1, 1)
+    assert members.group_of(x) == [x, y]
+
+
+def test_a_node_declared_dead_keeps_no_place_and_size_one_keeps_its_number():
+    members = Membership(0.1, 3, hung_after_s=30.0, replica_size=2)
+    x = members.register(b"x", placed_hello("x", 0, 0))
+    members.declare_dead(x, "heartbeat-timeout")
+    assert not members.register(b"x", placed_hello("x", 0, 0)).placed  # its replica is down
+    single, _ = table()
+    assert single.register(b"n", placed_hello("n", 4, 0, size=1)).replica == 4
+    assert single.register(b"o", placed_hello("o", 4, 0, size=1)).replica == 0  # 4 is taken

@@ -1,10 +1,15 @@
-"""The edge's choice of replica: least work left, then least work given in all."""
+"""The edge's choice of replica (least work left, then least work given in all), and which
+epochs it hears a node under."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
-from p3.nodes.router import LOAD_GRAIN, Cluster
+from p3.nodes.requests import Journal
+from p3.nodes.router import LOAD_GRAIN, Cluster, NodeLost
 from p3.protocol import messages as m
 
 
@@ -38,3 +43,63 @@ def test_excluded_and_other_models_replicas_are_not_picked(cluster):
     cluster.routes = {"a": route("a"), "b": route("b", processed=10**6)}
     assert cluster.pick("tiny", exclude={"a"}).node_id == "b"
     assert cluster.pick("other") is None
+
+
+# -- epochs: a coordinator restart, a death, a restarted node process ----------------------
+
+
+def routed(node_id: str, epoch: int, pid: int = 7) -> m.Route:
+    return m.Route(node_id, epoch, "tcp://127.0.0.1:9", "tiny", pid=pid)
+
+
+def on_node(cluster: Cluster, node_id: str, request_id: str) -> asyncio.Queue:
+    """A sample in flight on node_id under the epoch the edge routes it by."""
+    epoch = max(cluster.epochs[node_id])
+    journal = Journal(request_id, "tiny", [1, 2], m.WireSamplingParams(), 0, node_id, epoch)
+    queue: asyncio.Queue = asyncio.Queue()
+    cluster.inflight[request_id] = (SimpleNamespace(request_id=request_id, journal=journal), queue)
+    return queue
+
+
+def tokens(node_id: str, epoch: int, request_id: str, index: int) -> m.Tokens:
+    return m.Tokens(node_id, epoch, index, [m.TokenDelta(request_id, [100 + index], index)])
+
+
+def received(queue: asyncio.Queue) -> list:
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait()[1])
+    return out
+
+
+async def test_a_node_registered_again_streams_on_under_the_epoch_of_its_samples(cluster):
+    cluster.on_routes(m.Routes(40, [routed("a", 1)]))
+    old = on_node(cluster, "a", "old")
+    cluster.on_routes(m.Routes(1, [routed("a", 3)]))  # a new coordinator: a new epoch, no death
+    new = on_node(cluster, "a", "new")
+    cluster.on_node_tokens("a", tokens("a", 1, "old", 0))
+    cluster.on_node_tokens("a", tokens("a", 3, "new", 0))
+    cluster.on_node_tokens("a", tokens("a", 3, "old", 1))  # not the epoch "old" went under
+    assert [d.token_ids for d in received(old)] == [[100]]
+    assert [d.token_ids for d in received(new)] == [[100]]
+    assert cluster.epochs["a"] == {1, 3}
+    del cluster.inflight["old"]
+    cluster.on_routes(m.Routes(2, [routed("a", 5)]))  # epochs no sample uses are forgotten
+    assert cluster.epochs["a"] == {3, 5}
+
+
+async def test_a_node_listed_dead_is_heard_under_none_of_its_epochs(cluster):
+    cluster.on_routes(m.Routes(1, [routed("a", 1)]))
+    queue = on_node(cluster, "a", "r")
+    cluster.on_routes(m.Routes(2, [routed("a", 3)]))
+    cluster.on_routes(m.Routes(3, [], dead=["a"]))
+    cluster.on_node_tokens("a", tokens("a", 1, "r", 0))
+    assert [type(x) for x in received(queue)] == [NodeLost]
+
+
+async def test_a_node_routed_from_another_process_lost_the_samples_of_the_old_one(cluster):
+    cluster.on_routes(m.Routes(1, [routed("a", 1, pid=7)]))
+    queue = on_node(cluster, "a", "r")
+    cluster.on_routes(m.Routes(2, [routed("a", 2, pid=8)]))  # died, started again, registered
+    cluster.on_node_tokens("a", tokens("a", 1, "r", 0))
+    assert received(queue) == [NodeLost("a", "node restarted")]

@@ -1,0 +1,311 @@
+"""Check a chaos run's history against the promises, and measure it.
+
+Checked, per request (a violation is a line in `Report.violations`):
+- it ends exactly once (one `ok` or `gave_up`), and each attempt once (`done` or `fail`);
+- nothing after its end: no token in a choice after its finish, nothing after [DONE];
+- contiguity: every event's text offset is where the choice's text so far ends, and the SSE
+  ids count up by one (no event lost or repeated across moves);
+- a failure after the first token (indefinite) is a violation; before it (definite, so the
+  client retried) it is counted;
+- usage bills each delivered token once (completion_tokens = tokens delivered);
+- its output equals the fault-free reference run's (same tokens, same text, same finish):
+  tokens missing from the reference alignment count as lost, extra ones as repeated.
+Measured: detection time (fault to the coordinator's `node_dead`), and for every stream under
+way at a fault the pause between its last token before and its first token after the fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from chaos.nemesis import DEATHS
+
+
+@dataclass
+class Attempt:
+    num: int
+    choices: dict[int, dict] = field(default_factory=dict)  # index -> tokens, text, finish
+    sids: list[str] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    usage: dict | None = None
+    ends: list[str] = field(default_factory=list)  # "done" / "fail"
+    num_tokens_at_failure: int | None = None
+    errors: list = field(default_factory=list)
+    extra: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c["tokens"]) for c in self.choices.values())
+
+
+@dataclass
+class Report:
+    requests: int = 0
+    ok: int = 0
+    failed: int = 0
+    retried: int = 0  # definite failures (no token yet), retried by the client
+    tokens: int = 0
+    tokens_lost: int = 0
+    tokens_repeated: int = 0
+    differing: int = 0  # requests whose output differs from the reference
+    faults: list[dict] = field(default_factory=list)
+    detection_s: dict[str, list[float]] = field(default_factory=dict)  # by fault kind
+    fault_gaps_s: list[float] = field(default_factory=list)
+    gaps_s: list[float] = field(default_factory=list)  # every pause between two tokens
+    reference_gaps_s: list[float] = field(default_factory=list)  # the same, with no fault
+    gaps_by_kind: dict[str, list[float]] = field(default_factory=dict)
+    kv_free: bool | None = None
+    leftovers: list[int] = field(default_factory=list)
+    stuck: int = 0  # faults after which the cluster was not whole again
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+    def summary(self) -> dict:
+        gaps = sorted(self.fault_gaps_s)
+        return {
+            "passed": self.passed,
+            "requests": self.requests,
+            "ok": self.ok,
+            "failed": self.failed,
+            "retried_definite": self.retried,
+            "tokens": self.tokens,
+            "tokens_lost": self.tokens_lost,
+            "tokens_repeated": self.tokens_repeated,
+            "differing_from_reference": self.differing,
+            "faults": [f"{f['kind']}@{f['node']}" for f in self.faults],
+            "detection_ms": {
+                k: [round(v * 1000) for v in vs] for k, vs in self.detection_s.items()
+            },
+            "fault_gap_s": {
+                "n": len(gaps),
+                "p50": _pct(gaps, 50),
+                "p99": _pct(gaps, 99),
+                "max": round(gaps[-1], 3) if gaps else None,
+            },
+            "token_gap_s": _gap_stats(self.gaps_s),
+            "reference_token_gap_s": _gap_stats(self.reference_gaps_s),
+            "max_gap_by_kind_s": {k: round(max(v), 3) for k, v in self.gaps_by_kind.items() if v},
+            "kv_free": self.kv_free,
+            "leftover_pids": self.leftovers,
+            "stuck": self.stuck,
+            "violations": self.violations[:50],
+        }
+
+
+def read_history(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def attempts_of(history: list[dict]) -> dict[str, list[Attempt]]:
+    """Each request's attempts, rebuilt from its events."""
+    out: dict[str, dict[int, Attempt]] = defaultdict(dict)
+    for rec in history:
+        if "attempt" not in rec:
+            continue
+        attempt = out[rec["req"]].setdefault(rec["attempt"], Attempt(rec["attempt"]))
+        _apply(attempt, rec)
+    return {req: [a[k] for k in sorted(a)] for req, a in out.items()}
+
+
+def _apply(a: Attempt, rec: dict) -> None:
+    kind = rec["type"]
+    if rec.get("sid") is not None and (not a.sids or a.sids[-1] != rec["sid"]):
+        a.sids.append(rec["sid"])
+    if a.ends and kind != "extra":
+        a.problems.append(f"{kind} after the attempt ended")
+    if kind == "event":
+        for c in rec["choices"]:
+            choice = a.choices.setdefault(c["index"], {"tokens": [], "text": "", "finish": None})
+            if choice["finish"] is not None and (c["tokens"] or c["text"]):
+                a.problems.append(f"choice {c['index']}: tokens after its finish")
+            if c["offset"] is not None and c["tokens"] and c["offset"] != len(choice["text"]):
+                a.problems.append(
+                    f"choice {c['index']}: text offset {c['offset']} where its text has "
+                    f"{len(choice['text'])} characters (a gap or a repeat)"
+                )
+            choice["tokens"] += c["tokens"]
+            choice["text"] += c["text"]
+            choice["finish"] = choice["finish"] or c["finish"]
+            if c["tokens"]:
+                a.token_times.append(rec["t"])
+    elif kind == "usage":
+        a.usage = rec["usage"]
+    elif kind == "error":
+        a.errors.append(rec["error"])
+    elif kind == "done":
+        a.ends.append("done")
+    elif kind == "fail":
+        a.ends.append("fail")
+        a.num_tokens_at_failure = rec["tokens"]
+        a.errors.append(rec.get("error") or rec.get("status"))
+    elif kind == "extra":
+        a.extra += 1
+
+
+def check(
+    history: list[dict],
+    reference: list[dict],
+    coordinator_log: Path | None = None,
+) -> Report:
+    report = Report()
+    report.faults = [r for r in history if r.get("type") == "fault"]
+    report.stuck = sum(1 for r in history if r.get("type") == "stuck")
+    if report.stuck:
+        report.violations.append(f"the cluster was not whole again after {report.stuck} faults")
+    ends = defaultdict(list)
+    for rec in history:
+        if rec.get("type") in ("ok", "gave_up"):
+            ends[rec["req"]].append(rec["type"])
+    runs = attempts_of(history)
+    expected = {req: attempts[-1] for req, attempts in attempts_of(reference).items()}
+    report.requests = len(runs)
+    for req, attempts in sorted(runs.items()):
+        _check_request(report, req, attempts, ends.get(req, []), expected.get(req))
+    _measure_gaps(report, runs)
+    report.gaps_s = _all_gaps(runs)
+    report.reference_gaps_s = _all_gaps(attempts_of(reference))
+    if coordinator_log is not None and coordinator_log.exists():
+        cut = {r["fault_t"] for r in history if r.get("type") == "cut"}
+        _measure_detection(report, coordinator_log, cut)
+    return report
+
+
+def _check_request(report: Report, req: str, attempts: list[Attempt], ends: list[str],
+                   reference: Attempt | None) -> None:
+    def violation(what: str) -> None:
+        report.violations.append(f"{req}: {what}")
+
+    if len(ends) != 1:
+        violation(f"ended {len(ends)} times ({ends})")
+    for a in attempts:
+        for problem in a.problems:
+            violation(f"attempt {a.num}: {problem}")
+        if len(a.ends) != 1:
+            violation(f"attempt {a.num} ended {len(a.ends)} times")
+        if a.extra:
+            violation(f"attempt {a.num}: {a.extra} events after [DONE]")
+        if not _contiguous(a.sids):
+            violation(f"attempt {a.num}: SSE ids not contiguous: {a.sids[:3]}..{a.sids[-3:]}")
+        if a.ends == ["fail"] or a.errors:
+            if a.num_tokens > 0:
+                violation(f"attempt {a.num} failed after {a.num_tokens} tokens: {a.errors[:2]}")
+            else:
+                report.retried += 1
+    last = attempts[-1]
+    report.tokens += last.num_tokens
+    if ends != ["ok"]:
+        report.failed += 1
+        return
+    report.ok += 1
+    if last.usage is None or last.usage.get("completion_tokens") != last.num_tokens:
+        billed = last.usage and last.usage.get("completion_tokens")
+        violation(f"usage bills {billed} completion tokens for {last.num_tokens} delivered")
+    if reference is None:
+        violation("no fault-free reference run")
+        return
+    _compare(report, req, last, reference)
+
+
+def _compare(report: Report, req: str, got: Attempt, want: Attempt) -> None:
+    differs = False
+    for index in sorted(set(got.choices) | set(want.choices)):
+        g = got.choices.get(index, {"tokens": [], "text": "", "finish": None})
+        w = want.choices.get(index, {"tokens": [], "text": "", "finish": None})
+        if g == w:
+            continue
+        differs = True
+        matcher = difflib.SequenceMatcher(None, w["tokens"], g["tokens"], autojunk=False)
+        lost = repeated = 0
+        for op, i1, i2, j1, j2 in matcher.get_opcodes():
+            if op in ("delete", "replace"):
+                lost += max(0, (i2 - i1) - (j2 - j1)) if op == "replace" else i2 - i1
+            if op in ("insert", "replace"):
+                repeated += max(0, (j2 - j1) - (i2 - i1)) if op == "replace" else j2 - j1
+        pairs = zip(w["tokens"], g["tokens"], strict=False)
+        same = min(len(w["tokens"]), len(g["tokens"]))
+        first = next((k for k, (a, b) in enumerate(pairs) if a != b), same)
+        report.tokens_lost += lost
+        report.tokens_repeated += repeated
+        report.violations.append(
+            f"{req} choice {index}: differs from the reference at token {first} "
+            f"({len(g['tokens'])} tokens vs {len(w['tokens'])}; lost {lost}, extra {repeated}; "
+            f"finish {g['finish']} vs {w['finish']}): {g['text'][-60:]!r} vs {w['text'][-60:]!r}"
+        )
+    report.differing += differs
+
+
+def _contiguous(sids: list[str]) -> bool:
+    numbers = []
+    for sid in sids:
+        try:
+            numbers.append(int(sid.rsplit(".", 1)[1]))
+        except (IndexError, ValueError):
+            return False
+    return all(b == a + 1 for a, b in zip(numbers, numbers[1:], strict=False))
+
+
+def _measure_gaps(report: Report, runs: dict[str, list[Attempt]]) -> None:
+    """For every fault and every stream under way at it: the pause its client saw."""
+    for fault in report.faults:
+        tf = fault["t"]
+        gaps = report.gaps_by_kind.setdefault(fault["kind"], [])
+        for attempts in runs.values():
+            times = sorted(attempts[-1].token_times)
+            if not times or not times[0] < tf < times[-1]:
+                continue
+            before = max(t for t in times if t <= tf)
+            after = min(t for t in times if t > tf)
+            gaps.append(after - before)
+            report.fault_gaps_s.append(after - before)
+
+
+def _all_gaps(runs: dict[str, list[Attempt]]) -> list[float]:
+    gaps = []
+    for attempts in runs.values():
+        times = sorted(attempts[-1].token_times)
+        gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
+    return gaps
+
+
+def _gap_stats(gaps: list[float]) -> dict:
+    gaps = sorted(gaps)
+    return {"p50": _pct(gaps, 50), "p99": _pct(gaps, 99), "max": _pct(gaps, 100)}
+
+
+def _measure_detection(report: Report, coordinator_log: Path, cut: set[float]) -> None:
+    """cut: the times of faults the end of the workload cut short (maybe never noticed)."""
+    deaths = []
+    for line in coordinator_log.read_text(errors="replace").splitlines():
+        if '"coordinator.node_dead"' not in line:
+            continue
+        try:
+            rec = json.loads(line[line.index("{"):])
+            when = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError):
+            continue
+        deaths.append((rec.get("node_id"), when))
+    for fault in report.faults:
+        if fault["kind"] not in DEATHS or fault["t"] in cut:
+            continue
+        seen = [t - fault["t"] for node, t in deaths if node == fault["node"] and t >= fault["t"]]
+        if seen and min(seen) < 30:
+            report.detection_s.setdefault(fault["kind"], []).append(min(seen))
+        else:
+            report.violations.append(f"{fault['kind']} of {fault['node']}: never declared dead")
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    k = min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))
+    return round(values[k], 3)

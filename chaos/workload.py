@@ -1,0 +1,212 @@
+"""A bounded workload of streaming clients that records every event as a history.
+
+`clients` streams run at once, each going through its own seeded list of requests until the
+deadline (no new request after it) or its count; every request is a streamed
+/v1/completions with per-token logprobs, so each SSE event names its tokens and their text
+offset. The client is raw aiohttp rather than the openai SDK because the checker needs what
+the SDK hides: the SSE `id:` of every event and the exact event order. The edge is on
+loopback.
+
+History: one JSON object per line, `t` wall-clock seconds, `req` "c<client>.<k>", `attempt`:
+- `invoke`: the request (its body) goes out;
+- `event`: one SSE event: `sid` (its id), `choices` [{index, text, tokens, offset, finish}];
+- `usage`: the final usage chunk;
+- `error`: an error event inside the stream (`after_tokens`: how many came before it);
+- `done`: `data: [DONE]`; `extra` after it: anything that came after [DONE] (a stream
+  with an `error` event fails, [DONE] or not);
+- `fail`: the attempt ended without [DONE] (HTTP status, error, tokens so far);
+- `ok` / `gave_up`: the request's end (a failed attempt with no token is retried: definite).
+The nemesis writes `fault` and `heal` lines into the same history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+WORDS = [
+    "river", "harbor", "lantern", "orchard", "engine", "copper", "winter", "signal", "meadow",
+    "archive", "falcon", "quiet", "granite", "tide", "compass", "ember", "violet", "thunder",
+    "pocket", "silver", "canyon", "whistle", "marble", "cedar", "beacon", "ladder", "saffron",
+    "glacier", "ribbon",
+]  # fmt: skip
+RETRIES = 3  # a definite failure (no token yet) is retried, as any client would
+RETRY_PAUSE_S = 0.5
+
+
+@dataclass(frozen=True)
+class Spec:
+    req: str
+    prompt: str
+    max_tokens: int
+    temperature: float
+    seed: int
+    n: int
+    stop: str | None
+
+    def body(self, model: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": model,
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "n": self.n,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "logprobs": 1,
+        }
+        if self.stop is None:
+            body["ignore_eos"] = True
+        else:
+            body["stop"] = [self.stop]
+        return body
+
+
+def make_spec(seed: int, client: int, k: int, max_tokens: tuple[int, int]) -> Spec:
+    rng = random.Random(f"{seed}/{client}/{k}")
+    words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 160)))
+    prompt = f"Write a story about {words}. Story {client}.{k}: once upon a time,"
+    kind = rng.random()
+    return Spec(
+        req=f"c{client}.{k}",
+        prompt=prompt,
+        max_tokens=rng.randint(*max_tokens),
+        temperature=0.0 if kind < 0.5 else 0.8,
+        seed=rng.getrandbits(31),
+        n=2 if rng.random() < 0.15 else 1,
+        stop="." if rng.random() < 0.2 else None,
+    )
+
+
+@dataclass
+class Workload:
+    url: str
+    model: str
+    seed: int
+    clients: int = 8
+    requests_per_client: int = 1000
+    duration_s: float = 10.0  # no new request after this
+    max_tokens: tuple[int, int] = (24, 64)
+    request_timeout_s: float = 120.0
+    record: Callable[[dict], None] = print
+    specs_run: list[Spec] = field(default_factory=list)
+    first_token = None  # asyncio.Event set at the first token of any stream
+
+    async def run(self, only: list[Spec] | None = None) -> None:
+        """Every client's requests until the deadline; or exactly `only`, `clients` at once."""
+        self.first_token = asyncio.Event()
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            if only is None:
+                deadline = time.monotonic() + self.duration_s
+                clients = (self._client(session, c, deadline) for c in range(self.clients))
+                await asyncio.gather(*clients)
+            else:
+                queue = list(reversed(only))
+                await asyncio.gather(*(self._drain(session, queue) for _ in range(self.clients)))
+
+    async def _client(self, session, client: int, deadline: float) -> None:
+        for k in range(self.requests_per_client):
+            if time.monotonic() >= deadline:
+                return
+            spec = make_spec(self.seed, client, k, self.max_tokens)
+            self.specs_run.append(spec)
+            await self.request(session, spec)
+
+    async def _drain(self, session, queue: list[Spec]) -> None:
+        while queue:
+            await self.request(session, queue.pop())
+
+    async def request(self, session: aiohttp.ClientSession, spec: Spec) -> None:
+        for attempt in range(RETRIES + 1):
+            num_tokens = await self._attempt(session, spec, attempt)
+            if num_tokens is None:
+                self.record({"t": time.time(), "req": spec.req, "type": "ok"})
+                return
+            if num_tokens > 0 or attempt == RETRIES:
+                break  # indefinite (tokens were sent): a retry would start the text again
+            await asyncio.sleep(RETRY_PAUSE_S)
+        self.record({"t": time.time(), "req": spec.req, "type": "gave_up"})
+
+    async def _attempt(self, session, spec: Spec, attempt: int) -> int | None:
+        """None when the stream ended with [DONE]; else the number of tokens it had."""
+        base = {"req": spec.req, "attempt": attempt}
+        self.record({"t": time.time(), **base, "type": "invoke", "body": spec.body(self.model)})
+        num_tokens, done, errored = 0, False, False
+        try:
+            async with session.post(self.url + "/v1/completions", json=spec.body(self.model)) as r:
+                if r.status != 200:
+                    error = (await r.text())[:300]
+                    self._fail(base, num_tokens, status=r.status, error=error)
+                    return num_tokens
+                async for sid, data in sse_events(r):
+                    now = time.time()
+                    if done:
+                        self.record({"t": now, **base, "type": "extra", "data": data[:200]})
+                        continue
+                    if data == "[DONE]":
+                        done = True
+                        self.record({"t": now, **base, "type": "done", "sid": sid})
+                        continue
+                    chunk = json.loads(data)
+                    errored = errored or "error" in chunk
+                    num_tokens += self._chunk(base, now, sid, chunk)
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+            self._fail(base, num_tokens, error=repr(exc)[:300])
+            return num_tokens
+        if not done:
+            self._fail(base, num_tokens, error="stream ended without [DONE]")
+            return num_tokens
+        return num_tokens if errored else None  # an error event: the attempt failed
+
+    def _chunk(self, base: dict, now: float, sid: str | None, chunk: dict) -> int:
+        if "error" in chunk:
+            self.record({"t": now, **base, "type": "error", "sid": sid, "error": chunk["error"]})
+            return 0
+        choices = [
+            {
+                "index": c["index"],
+                "text": c["text"],
+                "tokens": (c.get("logprobs") or {}).get("tokens") or [],
+                "offset": ((c.get("logprobs") or {}).get("text_offset") or [None])[0],
+                "finish": c.get("finish_reason"),
+            }
+            for c in chunk.get("choices") or []
+        ]
+        if choices:
+            self.record({"t": now, **base, "type": "event", "sid": sid, "choices": choices})
+        if chunk.get("usage"):
+            self.record({"t": now, **base, "type": "usage", "sid": sid, "usage": chunk["usage"]})
+        num_tokens = sum(len(c["tokens"]) for c in choices)
+        if num_tokens and self.first_token is not None:
+            self.first_token.set()
+        return num_tokens
+
+    def _fail(self, base: dict, num_tokens: int, **what) -> None:
+        self.record({"t": time.time(), **base, "type": "fail", "tokens": num_tokens, **what})
+
+
+async def sse_events(response: aiohttp.ClientResponse):
+    """(id, data) of each server-sent event."""
+    sid, data = None, []
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if data:
+                yield sid, "\n".join(data)
+            sid, data = None, []
+        elif line.startswith("id:"):
+            sid = line[3:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+    if data:
+        yield sid, "\n".join(data)
