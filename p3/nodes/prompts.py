@@ -44,7 +44,10 @@ class Prepared:
             echo_ids = [ids for ids in self.prompt_ids for _ in range(request.n)]
             echo = [self.tokenizer.decode(ids) for ids in echo_ids]
         logprobs = request.params.get("logprobs") if request is not None else None
-        return Responder(chat, self.model_name, self.tokenizer, logprobs, echo, echo_ids)
+        responder = Responder(chat, self.model_name, self.tokenizer, logprobs, echo, echo_ids)
+        if self.params is not None:
+            responder.skip_special_tokens = self.params.skip_special_tokens
+        return responder
 
 
 async def prepare(edge: Edge, body: Any, chat: bool | None) -> Prepared:

@@ -63,6 +63,7 @@ class Responder:
         self.echo_texts = echo_texts  # completions with echo: the prompt text of each choice
         self.echo_ids = echo_ids  # and its token ids (echo with logprobs)
         self.text_offsets: dict[int, int] = {}
+        self.skip_special_tokens = True  # as the request's text: skipped ones take no room
         self._echoed: set[int] = set()  # streamed choices whose echo chunk is out
 
     # -- streamed ---------------------------------------------------------------------------
@@ -196,11 +197,12 @@ class Responder:
     def _completion_logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any]:
         offset = self.text_offsets.get(index, len(self.echo_texts[index]) if self.echo_texts else 0)
         tokens, offsets = [], []
+        skipped = self.tokenizer.all_special_ids if self.skip_special_tokens else ()
         for entry in entries:
             text = token_text(self.tokenizer, entry.token_id)
             tokens.append(text)
-            offsets.append(offset)
-            offset += len(text)
+            offsets.append(offset)  # where the token's text starts in the choice's text
+            offset += 0 if entry.token_id in skipped else len(text)
         self.text_offsets[index] = offset
         return {
             "tokens": tokens,

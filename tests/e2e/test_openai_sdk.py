@@ -165,6 +165,21 @@ def test_completion_logprobs_and_echo(client):
     assert streamed == {key: getattr(lp, key) for key in streamed}
 
 
+def test_text_offsets_index_the_text_when_special_tokens_are_skipped(client, url):
+    """A special token (here <|im_end|>, forced past ignore_eos) is in `tokens` but not in
+    the text, so it takes no room: every offset still points into the text returned."""
+    end = post(url, "/tokenize", {"model": MODEL, "prompt": "<|im_end|>"})["tokens"][-1]
+    body = dict(model=MODEL, prompt="The sky is", max_tokens=4, temperature=0, logprobs=0)
+    extra = {"ignore_eos": True}
+    first = client.completions.create(**body, extra_body=extra).choices[0]
+    forced = client.completions.create(
+        **body, logit_bias={str(end): 100}, extra_body=extra
+    ).choices[0]
+    assert forced.logprobs.tokens == ["<|im_end|>"] * 4 and forced.text == ""
+    assert forced.logprobs.text_offset == [0, 0, 0, 0]
+    assert first.logprobs.text_offset[-1] < len(first.text)
+
+
 def test_prompt_as_token_ids_and_several_prompts(client, url):
     ids = post(url, "/tokenize", {"model": MODEL, "prompt": "The sky is"})["tokens"]
     by_text = client.completions.create(
