@@ -56,6 +56,7 @@ class Report:
     differing: int = 0  # requests whose output differs from the reference
     faults: list[dict] = field(default_factory=list)
     detection_s: dict[str, list[float]] = field(default_factory=dict)  # by fault kind
+    edge_reaction_s: dict[str, list[float]] = field(default_factory=dict)  # by fault kind
     fault_gaps_s: list[float] = field(default_factory=list)
     gaps_s: list[float] = field(default_factory=list)  # every pause between two tokens
     reference_gaps_s: list[float] = field(default_factory=list)  # the same, with no fault
@@ -84,6 +85,9 @@ class Report:
             "faults": [f"{f['kind']}@{f['node']}" for f in self.faults],
             "detection_ms": {
                 k: [round(v * 1000) for v in vs] for k, vs in self.detection_s.items()
+            },
+            "edge_reaction_ms": {
+                k: [round(v * 1000) for v in vs] for k, vs in self.edge_reaction_s.items()
             },
             "fault_gap_s": {
                 "n": len(gaps),
@@ -155,8 +159,10 @@ def _apply(a: Attempt, rec: dict) -> None:
 def check(
     history: list[dict],
     reference: list[dict],
-    coordinator_log: Path | None = None,
+    logs: Path | None = None,
 ) -> Report:
+    """logs: the run's log directory (detection times come from the coordinator's and the
+    edge's logs)."""
     report = Report()
     report.faults = [r for r in history if r.get("type") == "fault"]
     report.stuck = sum(1 for r in history if r.get("type") == "stuck")
@@ -174,9 +180,9 @@ def check(
     _measure_gaps(report, runs)
     report.gaps_s = _all_gaps(runs)
     report.reference_gaps_s = _all_gaps(attempts_of(reference))
-    if coordinator_log is not None and coordinator_log.exists():
+    if logs is not None:
         cut = {r["fault_t"] for r in history if r.get("type") == "cut"}
-        _measure_detection(report, coordinator_log, cut)
+        _measure_detection(report, logs, cut)
     return report
 
 
@@ -282,23 +288,40 @@ def _gap_stats(gaps: list[float]) -> dict:
     return {"p50": _pct(gaps, 50), "p99": _pct(gaps, 99), "max": _pct(gaps, 100)}
 
 
-def _measure_detection(report: Report, coordinator_log: Path, cut: set[float]) -> None:
-    """cut: the times of faults the end of the workload cut short (maybe never noticed)."""
-    deaths = []
-    for line in coordinator_log.read_text(errors="replace").splitlines():
-        if '"coordinator.node_dead"' not in line:
+def _log_events(path: Path, events: tuple[str, ...]) -> list[tuple[str, str | None, float]]:
+    """(event, node_id, wall time) of the JSON log lines naming one of events."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        if not any(f'"{event}"' in line for event in events):
             continue
         try:
             rec = json.loads(line[line.index("{"):])
             when = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
         except (ValueError, KeyError):
             continue
-        deaths.append((rec.get("node_id"), when))
-    for fault in report.faults:
+        found.append((rec["event"], rec.get("node_id"), when))
+    return found
+
+
+def _measure_detection(report: Report, logs: Path, cut: set[float]) -> None:
+    """Detection: the coordinator's node_dead after each fault that kills, pauses or cuts a
+    node off. The edge's reaction: its first link_lost or node_dead for that node, for any
+    fault (a crash closes the node's sockets, which the edge sees before any heartbeat is
+    missed). cut: the times of faults the end of the workload cut short."""
+    coordinator, edge = logs / "coordinator.log", logs / "edge.log"
+    deaths = _log_events(coordinator, ("coordinator.node_dead",)) if coordinator.exists() else []
+    reactions = _log_events(edge, ("edge.link_lost", "edge.node_dead")) if edge.exists() else []
+    ends = [f["t"] for f in report.faults[1:]] + [float("inf")]
+    for fault, next_at in zip(report.faults, ends, strict=True):
+        after = [t - fault["t"] for _, node, t in reactions
+                 if node == fault["node"] and fault["t"] <= t < min(next_at, fault["t"] + 30)]
+        if after:
+            report.edge_reaction_s.setdefault(fault["kind"], []).append(min(after))
         if fault["kind"] not in DEATHS or fault["t"] in cut:
             continue
-        seen = [t - fault["t"] for node, t in deaths if node == fault["node"] and t >= fault["t"]]
-        if seen and min(seen) < 30:
+        seen = [t - fault["t"] for _, node, t in deaths
+                if node == fault["node"] and 0 <= t - fault["t"] < 30]
+        if seen:
             report.detection_s.setdefault(fault["kind"], []).append(min(seen))
         else:
             report.violations.append(f"{fault['kind']} of {fault['node']}: never declared dead")

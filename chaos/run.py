@@ -7,8 +7,9 @@ KV blocks are free, stop everything and look for leftover processes, then check 
 (chaos.checker) and print the report. `--runs K` does K runs with seeds S..S+K-1, each on a
 fresh cluster, and prints the totals. Exit status 0 when every run passed.
 
-Scenarios: `smoke` (CI: 8 streams, one kill -9 mid-stream), `reset-once` (CI: the same with
-one reset of the edge's link to the busiest node), one per fault kind (`kill`,
+Scenarios: `smoke` (CI: 8 streams, one kill -9 mid-stream), `reset-once` and `hang-once`
+(CI: the same with one reset of the edge's link to the busiest node, or one hung engine
+step there), one per fault kind (`kill`,
 `term`, `pause`, `raise`, `hang`, `partition`, `isolate`, `reset`, `latency`, `loss`,
 `coordinator`: faults of that kind, one after another, for the duration), and `mixed` (a
 seeded draw of every kind).
@@ -49,6 +50,7 @@ class Scenario:
 SCENARIOS = {
     "smoke": Scenario(("kill",), 1, requests_per_client=1, max_tokens=(40, 64)),
     "reset-once": Scenario(("reset",), 1, requests_per_client=1, max_tokens=(40, 64)),
+    "hang-once": Scenario(("hang",), 1, requests_per_client=1, max_tokens=(40, 64)),
     **{kind: Scenario((kind,), 100) for kind in KINDS},
     "mixed": Scenario(KINDS, 100),
 }
@@ -95,7 +97,7 @@ async def run_once(scenario: str, seed: int, duration_s: float, out: Path,
         history_file.close()
         reference_file.close()
     report = check(read_history(out / "history.jsonl"), read_history(out / "reference.jsonl"),
-                   out / "logs" / "coordinator.log")
+                   out / "logs")
     report.kv_free = kv_free
     if not kv_free:
         report.violations.append("KV blocks still held after the workload ended")
@@ -141,9 +143,12 @@ async def _kv_free(cluster: ChaosCluster) -> bool:
 def totals(reports: list[Report]) -> dict:
     gaps = sorted(g for r in reports for g in r.fault_gaps_s)
     detection: dict[str, list[float]] = {}
+    reaction: dict[str, list[float]] = {}
     for r in reports:
         for kind, values in r.detection_s.items():
             detection.setdefault(kind, []).extend(values)
+        for kind, values in r.edge_reaction_s.items():
+            reaction.setdefault(kind, []).extend(values)
 
     def pct(values, q):
         if not values:
@@ -166,6 +171,10 @@ def totals(reports: list[Report]) -> dict:
         "detection_ms": {
             k: {"n": len(v), "p50": round(pct(v, 50) * 1000), "max": round(max(v) * 1000)}
             for k, v in detection.items()
+        },
+        "edge_reaction_ms": {
+            k: {"n": len(v), "p50": round(pct(v, 50) * 1000), "max": round(max(v) * 1000)}
+            for k, v in reaction.items()
         },
         "fault_gap_s": {"n": len(gaps), "p50": pct(gaps, 50), "p99": pct(gaps, 99),
                         "max": round(gaps[-1], 3) if gaps else None},

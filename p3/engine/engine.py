@@ -87,6 +87,11 @@ class Engine:
 
     # -- the three calls ------------------------------------------------------------------
 
+    def holds(self, request_id: str) -> bool:
+        """Whether request_id is queued or running (a cancelled one until its step ends)."""
+        with self._lock:
+            return request_id in self._pending_ids
+
     def add(self, request: Request) -> None:
         """Queue a request for the next step; ValueError if it can never run."""
         self.validate(request)

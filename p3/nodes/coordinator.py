@@ -265,10 +265,12 @@ class Coordinator(Actor):
     # -- failure detection and publishing -----------------------------------------------------
 
     async def monitor(self) -> None:
-        """Every half interval: declare the dead; every interval: refresh the edges' load."""
+        """Every quarter interval: declare the dead (a check every half interval added up to
+        50 ms to detection: 253-342 ms were seen after a kill -9 with 300 ms of silence
+        allowed); every interval: refresh the edges' load."""
         interval_s = self.config.heartbeat_interval_s
         while True:
-            await asyncio.sleep(interval_s / 2)
+            await asyncio.sleep(interval_s / 4)
             for member, cause in self.membership.find_dead():
                 self._declare_dead(member, cause)
             self._forget_silent_edges()

@@ -25,6 +25,7 @@ from p3.protocol import messages as m
 log = get_logger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
+QUEUED_ROUNDS = 3  # token timeouts a sample may wait queued on a node that progresses
 MAX_IDLE_MOVES = 3  # moves in a row without a new token: a request that kills every node it
 # lands on stops moving; a stream that progresses between faults survives any number of them
 
@@ -53,6 +54,7 @@ class Generation:
         self.inter_token_s: list[float] = []
         self.submitted_at: float | None = None  # when the last sample's Submit left
         self.received_at = 0.0  # when the frame of the latest Delta arrived from its node
+        self._quiet: dict[int, int] = {}  # sample index -> token timeouts in a row on its node
 
     @property
     def request_ids(self) -> list[str]:
@@ -92,15 +94,30 @@ class Generation:
         while True:
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    return await self.queue.get()
+                    event = await self.queue.get()
             except TimeoutError:
                 log.warning(
                     "edge.request_timeout", request_ids=self.request_ids, after_s=self.timeout_s
                 )
                 for sample in self.samples:
-                    if not sample.finished:
-                        self.cluster.cancel(sample)  # the stuck node: stop it there
-                        self._move(sample, f"no tokens for {self.timeout_s:g} s", "timeout")
+                    if sample.finished:
+                        continue
+                    self._quiet[sample.index] = self._quiet.get(sample.index, 0) + 1
+                    if self._only_queued(sample):
+                        continue
+                    self.cluster.cancel(sample)  # the stuck node: stop it there
+                    sample.journal.stuck_nodes.add(sample.journal.node_id or "")
+                    self._move(sample, f"no tokens for {self.timeout_s:g} s", "timeout")
+            else:
+                self._quiet.clear()
+                return event
+
+    def _only_queued(self, sample: Sample) -> bool:
+        """Its node works on (tokens come for other requests, or its reports show progress),
+        so the sample is waiting its turn there: moving it would start its prompt again
+        behind another queue. Up to QUEUED_ROUNDS timeouts in a row; then it moves anyway."""
+        recent = self.cluster.progressed_within(sample.journal.node_id or "", self.timeout_s)
+        return recent and self._quiet.get(sample.index, 0) < QUEUED_ROUNDS
 
     def _handle(self, sample: Sample, msg: m.TokenDelta | m.Rejected | NodeLost) -> Delta | None:
         match msg:
@@ -140,7 +157,8 @@ class Generation:
             )  # fmt: skip
         journal.num_moves += 1
         journal.tokens_at_move = len(journal.token_ids)
-        dead = set(self.cluster.dead_nodes)
+        self._quiet.pop(sample.index, None)
+        dead = set(self.cluster.dead_nodes) | journal.stuck_nodes  # stuck: may still hold it
         exclude = {left} | dead if left else dead
         if not self.cluster.submit(sample, self.queue, exclude) and not (
             may_stay and left not in dead and self.cluster.submit(sample, self.queue, dead)
@@ -175,7 +193,8 @@ class Generation:
             raise RequestFailed(rejected.reason, "bad_request", True)
         if not self.cluster.submit(sample, self.queue):
             code = "overloaded" if rejected.code == "overloaded" else "no_replica"
-            raise RequestFailed(f"every replica refused: {rejected.reason}", code, True)
+            definite = sample.num_output_tokens == 0  # a moved sample has sent tokens
+            raise RequestFailed(f"every replica refused: {rejected.reason}", code, definite)
 
     def _timing(self, delta: Delta) -> None:
         if not delta.token_ids:

@@ -344,8 +344,10 @@ class Node(Actor):
             return "overloaded", "node is still loading its model"
         if not self.fenced_epoch < submit.epoch <= self.epoch:  # older: not fenced, re-registered
             return "stale_epoch", f"epoch {submit.epoch} is not a live epoch of this node"
-        if submit.request_id in self.inflight:
-            return "bad_request", f"request_id {submit.request_id!r} is already running here"
+        if submit.request_id in self.inflight or self.engine.holds(submit.request_id):
+            # a sample moved back here before its cancel took effect (a hung step): the edge
+            # tries elsewhere; the client's request is not at fault
+            return "busy", f"request_id {submit.request_id!r} is still running here"
         if len(self.inflight) >= self.config.max_in_flight:
             return "overloaded", f"{len(self.inflight)} requests in flight"
         return None

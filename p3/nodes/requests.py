@@ -65,6 +65,7 @@ class Journal:
     num_moves: int = 0  # resubmissions after its node died or went silent
     num_idle_moves: int = 0  # moves in a row with no new token between them
     tokens_at_move: int = -1  # how many tokens it had at its latest move
+    stuck_nodes: set[str] = field(default_factory=set)  # left after a token timeout: not again
 
     def submit_message(self) -> m.Submit:
         """Submit, or resubmit after a move: the outputs so far travel along, so the new node

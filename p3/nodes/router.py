@@ -99,6 +99,8 @@ class Cluster:
         self.epochs: dict[str, set[int]] = {}  # per node: the epochs we may hear from it under
         self.links: dict[str, NodeLink] = {}
         self.sent_load: dict[str, int] = {}  # work this edge sent since the last table
+        self.progress_at: dict[str, float] = {}  # node id -> when its work last advanced
+        self.routes_processed: dict[str, int] = {}  # node id -> tokens processed, as reported
         self.inflight: dict[str, tuple[Sample, asyncio.Queue[Event]]] = {}
         self.routes_version = -1
         self.routes_at = 0.0  # when the last table came (monotonic)
@@ -189,6 +191,7 @@ class Cluster:
         self.dead_nodes -= {r.node_id for r in table.routes}
         self.sent_load.clear()
         for route in self.routes.values():
+            self._note_progress(route)
             self._link(route)
         self.routes_changed.set()
         self.routes_changed = asyncio.Event()
@@ -226,6 +229,17 @@ class Cluster:
         """Every sample on node_id moves (its request gets NodeLost)."""
         for sample, queue in self._samples_on(node_id):
             queue.put_nowait((sample, NodeLost(node_id, reason), time.perf_counter()))
+
+    def _note_progress(self, route: m.Route) -> None:
+        known = self.routes_processed.get(route.node_id)
+        if known is not None and route.num_tokens_processed > known:
+            self.progress_at[route.node_id] = time.monotonic()
+        self.routes_processed[route.node_id] = route.num_tokens_processed
+
+    def progressed_within(self, node_id: str, seconds: float) -> bool:
+        """Whether node_id's work advanced in the last `seconds`: Tokens came from it, or its
+        reports count more tokens processed (a busy node's queue moves: it is not stuck)."""
+        return time.monotonic() - self.progress_at.get(node_id, float("-inf")) < seconds
 
     def replicas(self, model: str) -> list[m.Route]:
         return [r for r in self.routes.values() if r.model == model]
@@ -292,6 +306,7 @@ class Cluster:
                 routed_epochs=sorted(self.epochs.get(node_id, ())),
             )
             return
+        self.progress_at[node_id] = time.monotonic()
         if self.on_tokens is not None:
             self.on_tokens(tokens)
         received_at = time.perf_counter()

@@ -14,8 +14,8 @@ from chaos.run import run_once
 pytestmark = pytest.mark.timeout(300)
 
 
-def run(scenario: str, seed: int, tmp_path):
-    return asyncio.run(run_once(scenario, seed, 10.0, tmp_path, Settings()))
+def run(scenario: str, seed: int, tmp_path, settings: Settings | None = None):
+    return asyncio.run(run_once(scenario, seed, 10.0, tmp_path, settings or Settings()))
 
 
 def test_smoke_two_replicas_eight_streams_one_kill(default_model_dir, tmp_path):
@@ -45,3 +45,21 @@ def test_link_reset_moves_streams_with_nothing_lost(default_model_dir, tmp_path)
     # seen: 1-2 s with the edge's disconnect monitor; 21 s without it (the streams' tokens
     # were gone and they waited out the 20 s token timeout before moving)
     assert max(report.fault_gaps_s) < 10.0, report.fault_gaps_s
+
+
+def test_a_hung_node_nobody_declares_dead_loses_its_streams_to_the_token_timeout(
+    default_model_dir, tmp_path
+):
+    """The last resort: a node whose engine step hangs while its process, heartbeats and
+    links stay up, and which the coordinator does not call hung (--hung-after 60 s here).
+    The edge's token timeout (2 s here) moves its streams; nothing is lost or repeated."""
+    settings = Settings(hung_after_s=60.0, token_timeout_s=2.0)
+    report = run("hang-once", 5, tmp_path, settings)
+    print(report.summary())
+    undeclared = [v for v in report.violations if v.endswith("never declared dead")]
+    assert [v for v in report.violations if v not in undeclared] == []
+    assert report.ok == report.requests == 8
+    assert report.tokens_lost == report.tokens_repeated == 0
+    moves = (tmp_path / "logs" / "edge.log").read_text().count("no tokens for 2 s")
+    assert moves > 0, "no stream was moved by the token timeout"
+    assert 2.0 <= max(report.gaps_s) < 10.0  # one waited out the timeout, then moved
