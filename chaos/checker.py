@@ -129,14 +129,18 @@ def _apply(a: Attempt, rec: dict) -> None:
         a.problems.append(f"{kind} after the attempt ended")
     if kind == "event":
         for c in rec["choices"]:
-            choice = a.choices.setdefault(c["index"], {"tokens": [], "text": "", "finish": None})
+            choice = a.choices.setdefault(
+                c["index"], {"tokens": [], "text": "", "finish": None, "offsets": []}
+            )
             if choice["finish"] is not None and (c["tokens"] or c["text"]):
                 a.problems.append(f"choice {c['index']}: tokens after its finish")
-            if c["offset"] is not None and c["tokens"] and c["offset"] != len(choice["text"]):
-                a.problems.append(
-                    f"choice {c['index']}: text offset {c['offset']} where its text has "
-                    f"{len(choice['text'])} characters (a gap or a repeat)"
-                )
+            if c["offset"] is not None and c["tokens"]:
+                if choice["offsets"] and c["offset"] < choice["offsets"][-1][1]:
+                    a.problems.append(
+                        f"choice {c['index']}: text offset {c['offset']} goes back from "
+                        f"{choice['offsets'][-1][1]} (a repeat)"
+                    )
+                choice["offsets"].append((len(choice["tokens"]), c["offset"]))
             choice["tokens"] += c["tokens"]
             choice["text"] += c["text"]
             choice["finish"] = choice["finish"] or c["finish"]
@@ -225,9 +229,17 @@ def _check_request(report: Report, req: str, attempts: list[Attempt], ends: list
 def _compare(report: Report, req: str, got: Attempt, want: Attempt) -> None:
     differs = False
     for index in sorted(set(got.choices) | set(want.choices)):
-        g = got.choices.get(index, {"tokens": [], "text": "", "finish": None})
-        w = want.choices.get(index, {"tokens": [], "text": "", "finish": None})
-        if g == w:
+        empty = {"tokens": [], "text": "", "finish": None, "offsets": []}
+        g, w = got.choices.get(index, empty), want.choices.get(index, empty)
+        same = ("tokens", "text", "finish")
+        if all(g[k] == w[k] for k in same):
+            at, want_at = dict(g["offsets"]), dict(w["offsets"])
+            moved = [i for i in at.keys() & want_at.keys() if at[i] != want_at[i]]
+            if moved:  # offsets are a function of the tokens: they must agree too
+                report.violations.append(
+                    f"{req} choice {index}: text offsets differ from the reference's at "
+                    f"token {min(moved)}"
+                )
             continue
         differs = True
         matcher = difflib.SequenceMatcher(None, w["tokens"], g["tokens"], autojunk=False)
@@ -332,3 +344,28 @@ def _pct(values: list[float], q: float) -> float | None:
         return None
     k = min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))
     return round(values[k], 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m chaos.checker RUN_DIR...`: check stored runs again (history.jsonl,
+    reference.jsonl, logs/; the KV and leftover figures from their report.json)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m chaos.checker", description=main.__doc__)
+    p.add_argument("runs", nargs="+", type=Path)
+    args = p.parse_args(argv)
+    failed = 0
+    for run in args.runs:
+        report = check(read_history(run / "history.jsonl"),
+                       read_history(run / "reference.jsonl"), run / "logs")
+        stored = json.loads((run / "report.json").read_text())
+        report.kv_free, report.leftovers = stored["kv_free"], stored["leftover_pids"]
+        report.violations += [v for v in stored["violations"]
+                              if v.startswith(("KV blocks", "p3 processes"))]
+        failed += not report.passed
+        print(json.dumps({"run": str(run), **report.summary()}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
