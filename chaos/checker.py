@@ -10,8 +10,9 @@ Checked, per request (a violation is a line in `Report.violations`):
 - usage bills each delivered token once (completion_tokens = tokens delivered);
 - its output equals the fault-free reference run's (same tokens, same text, same finish):
   tokens missing from the reference alignment count as lost, extra ones as repeated.
-Measured: detection time (fault to the coordinator's `node_dead`), and for every stream under
-way at a fault the pause between its last token before and its first token after the fault.
+Measured: detection time (fault to the coordinator's `node_dead`), the edge's reaction time,
+and for every stream under way at a fault the longest pause between two of its tokens while
+the fault acted (until shortly after the cluster was whole again).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def check(
     report.requests = len(runs)
     for req, attempts in sorted(runs.items()):
         _check_request(report, req, attempts, ends.get(req, []), expected.get(req))
-    _measure_gaps(report, runs)
+    _measure_gaps(report, runs, history)
     report.gaps_s = _all_gaps(runs)
     report.reference_gaps_s = _all_gaps(attempts_of(reference))
     if logs is not None:
@@ -272,19 +273,28 @@ def _contiguous(sids: list[str]) -> bool:
     return all(b == a + 1 for a, b in zip(numbers, numbers[1:], strict=False))
 
 
-def _measure_gaps(report: Report, runs: dict[str, list[Attempt]]) -> None:
-    """For every fault and every stream under way at it: the pause its client saw."""
-    for fault in report.faults:
+AFTER_WHOLE_S = 2.0  # a fault's effect is counted until this long after the cluster is whole
+
+
+def _measure_gaps(report: Report, runs: dict[str, list[Attempt]], history: list[dict]) -> None:
+    """For every fault and every stream under way at it: the longest pause its client saw
+    while the fault acted, from the fault until AFTER_WHOLE_S after the cluster was whole
+    again (or the next fault). A stream moved when its node is declared dead, 300 ms after
+    the fault, pauses then, not across the fault's instant: so the window."""
+    marks = sorted(r["t"] for r in history if r.get("type") in ("whole", "stuck"))
+    starts = [f["t"] for f in report.faults]
+    for k, fault in enumerate(report.faults):
         tf = fault["t"]
+        whole = next((t for t in marks if t > tf), float("inf"))
+        end = min(whole + AFTER_WHOLE_S, starts[k + 1] if k + 1 < len(starts) else float("inf"))
         gaps = report.gaps_by_kind.setdefault(fault["kind"], [])
         for attempts in runs.values():
             times = sorted(attempts[-1].token_times)
             if not times or not times[0] < tf < times[-1]:
                 continue
-            before = max(t for t in times if t <= tf)
-            after = min(t for t in times if t > tf)
-            gaps.append(after - before)
-            report.fault_gaps_s.append(after - before)
+            pauses = [b - a for a, b in zip(times, times[1:], strict=False) if b > tf and a < end]
+            gaps.append(max(pauses))
+            report.fault_gaps_s.append(max(pauses))
 
 
 def _all_gaps(runs: dict[str, list[Attempt]]) -> list[float]:
