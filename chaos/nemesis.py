@@ -45,6 +45,7 @@ class Nemesis:
         self.rng = rng
         self.record = record
         self.faults: list[dict] = []
+        self.acting: tuple[str, int] | None = None  # (kind, node) while a fault is under way
 
     async def run(self, kinds: tuple[str, ...], count: int, until: asyncio.Event,
                   started: asyncio.Event, pause_s: tuple[float, float] = (0.2, 1.0)) -> None:
@@ -62,11 +63,13 @@ class Nemesis:
         fault = {"t": time.time(), "type": "fault", "kind": kind, "node": f"node-{target}"}
         self.faults.append(fault)
         self.record(fault)
+        self.acting = (kind, target)
         try:
             await getattr(self, f"_{kind}")(target)
         except asyncio.CancelledError:  # the workload ended first: the run repairs it
             self.record({"t": time.time(), "type": "cut", "kind": kind, "fault_t": fault["t"]})
             raise
+        self.acting = None
         self.record({"t": time.time(), "type": "heal", "kind": kind, "node": f"node-{target}"})
         whole = await self.wait_whole()
         self.record({"t": time.time(), "type": "whole" if whole else "stuck", "kind": kind})

@@ -35,6 +35,7 @@ from chaos.workload import Workload
 
 MODEL = "SmolLM2-135M-Instruct"
 KV_FREE_TIMEOUT_S = 20.0
+PROCESS_FAULTS = {"kill", "term", "raise", "hang"}  # cut short, they leave a node to restart
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ async def _repair(cluster: ChaosCluster, nemesis: Nemesis) -> None:
         proxy.heal()
     for i in range(cluster.settings.num_nodes):
         cluster.signal_node(i, signal.SIGCONT)
+    if nemesis.acting is not None and nemesis.acting[0] in PROCESS_FAULTS:
+        await cluster.restart_node(nemesis.acting[1])  # hung, or half-way through a restart
     if not await nemesis.wait_whole(15.0):
         for i in range(cluster.settings.num_nodes):
             if cluster.node_pid(i) is None:
