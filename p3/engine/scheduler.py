@@ -2,7 +2,8 @@
 
 Running sequences go first (each decode costs one token; a prompt still being prefilled takes
 what is left of the budget, so long prompts are split into chunks). Waiting sequences are then
-admitted in arrival order while budget, sequence slots and KV blocks last. When KV runs out,
+admitted in arrival order (streams moved here mid-way ahead of fresh prompts) while budget,
+sequence slots and KV blocks last. When KV runs out,
 the most recently arrived running sequence is preempted: its blocks are freed and it goes back
 to the head of the queue to be recomputed (cheaply, where its blocks stay in the prefix cache).
 
@@ -50,7 +51,14 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Fresh prompts queue in arrival order. A sequence that comes with outputs (a stream
+        moved here from a failed node) goes ahead of them: its client is mid-stream and
+        stalled, where a fresh request has not seen its first token yet."""
+        if seq.num_output_tokens:
+            fresh = (k for k, s in enumerate(self.waiting) if not s.num_output_tokens)
+            self.waiting.insert(next(fresh, len(self.waiting)), seq)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

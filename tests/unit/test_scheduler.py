@@ -71,3 +71,14 @@ def test_finish_frees_blocks_wherever_the_sequence_is():
     s.finish(a, "abort")
     assert a.status is Status.FINISHED and a.block_table == []
     assert s.running == [b]
+
+
+def test_a_stream_moved_here_mid_way_goes_ahead_of_fresh_prompts():
+    s = make(budget=8)
+    add(s, "fresh-1", 8)
+    add(s, "fresh-2", 8)
+    moved = Sequence(Request("moved", list(range(1, 7)), output_token_ids=(9, 9)), BS, arrival=2)
+    s.add(moved)
+    assert [seq.request_id for seq in s.waiting] == ["moved", "fresh-1", "fresh-2"]
+    batch = s.schedule()
+    assert batch.seqs[0] is moved and batch.num_new_tokens[0] == 8  # prompt and its 2 outputs
