@@ -123,9 +123,8 @@ class Generation:
         match msg:
             case m.TokenDelta() if msg.index > sample.num_output_tokens and not sample.finished:
                 # tokens between were lost on the link: what the node holds is no use
-                self.cluster.cancel(sample)
                 gap = f"tokens {sample.num_output_tokens}..{msg.index - 1} lost on the link"
-                self._move(sample, gap, "link_lost", may_stay=True)
+                self._leave_live_node(sample, gap)
             case m.TokenDelta():
                 delta = sample.apply(msg)
                 if sample.finished:
@@ -135,12 +134,16 @@ class Generation:
                 self._rejected(sample, msg)
             case NodeLost() if msg.node_id == sample.journal.node_id:  # not one it left
                 if msg.alive:
-                    self.cluster.cancel(sample)
-                    self._move(sample, f"{msg.reason} ({msg.node_id})", "link_lost", True)
+                    self._leave_live_node(sample, f"{msg.reason} ({msg.node_id})")
                 else:
                     self.cluster.forget(sample)
                     self._move(sample, f"node {msg.node_id} died ({msg.reason})", "node_dead")
         return None
+
+    def _leave_live_node(self, sample: Sample, cause: str) -> None:
+        """Its link lost frames, but the node lives: cancel it there, move it on."""
+        self.cluster.cancel(sample)
+        self._move(sample, cause, "link_lost", may_stay=True)
 
     def _move(self, sample: Sample, cause: str, code: str, may_stay: bool = False) -> None:
         """Resubmit an unfinished sample elsewhere, continuing after the tokens it has.

@@ -170,11 +170,8 @@ class Cluster:
 
     def link_lost(self, node_id: str) -> None:
         """Frames to or from node_id may be lost: its samples move (and are cancelled there)."""
-        moved = [(s, q) for s, q in self.inflight.values() if s.journal.node_id == node_id]
-        log.warning("edge.link_lost", node_id=node_id, num_samples=len(moved))
-        for sample, queue in moved:
-            lost = NodeLost(node_id, "link to the node lost", alive=True)
-            queue.put_nowait((sample, lost, time.perf_counter()))
+        num = self._lose_samples(node_id, "link to the node lost", alive=True)
+        log.warning("edge.link_lost", node_id=node_id, num_samples=num)
 
     # -- the routing table -----------------------------------------------------------------
 
@@ -225,10 +222,12 @@ class Cluster:
     def _samples_on(self, node_id: str) -> list[tuple[Sample, asyncio.Queue[Event]]]:
         return [(s, q) for s, q in self.inflight.values() if s.journal.node_id == node_id]
 
-    def _lose_samples(self, node_id: str, reason: str) -> None:
-        """Every sample on node_id moves (its request gets NodeLost)."""
-        for sample, queue in self._samples_on(node_id):
-            queue.put_nowait((sample, NodeLost(node_id, reason), time.perf_counter()))
+    def _lose_samples(self, node_id: str, reason: str, alive: bool = False) -> int:
+        """Every sample on node_id moves (its request gets NodeLost); how many there were."""
+        lost = self._samples_on(node_id)
+        for sample, queue in lost:
+            queue.put_nowait((sample, NodeLost(node_id, reason, alive), time.perf_counter()))
+        return len(lost)
 
     def _note_progress(self, route: m.Route) -> None:
         known = self.routes_processed.get(route.node_id)
