@@ -72,7 +72,6 @@ class Report:
         return not self.violations
 
     def summary(self) -> dict:
-        gaps = sorted(self.fault_gaps_s)
         return {
             "passed": self.passed,
             "requests": self.requests,
@@ -90,14 +89,9 @@ class Report:
             "edge_reaction_ms": {
                 k: [round(v * 1000) for v in vs] for k, vs in self.edge_reaction_s.items()
             },
-            "fault_gap_s": {
-                "n": len(gaps),
-                "p50": _pct(gaps, 50),
-                "p99": _pct(gaps, 99),
-                "max": round(gaps[-1], 3) if gaps else None,
-            },
-            "token_gap_s": _gap_stats(self.gaps_s),
-            "reference_token_gap_s": _gap_stats(self.reference_gaps_s),
+            "fault_gap_s": gap_stats(self.fault_gaps_s),
+            "token_gap_s": gap_stats(self.gaps_s),
+            "reference_token_gap_s": gap_stats(self.reference_gaps_s),
             "max_gap_by_kind_s": {k: round(max(v), 3) for k, v in self.gaps_by_kind.items() if v},
             "kv_free": self.kv_free,
             "leftover_pids": self.leftovers,
@@ -305,9 +299,10 @@ def _all_gaps(runs: dict[str, list[Attempt]]) -> list[float]:
     return gaps
 
 
-def _gap_stats(gaps: list[float]) -> dict:
-    gaps = sorted(gaps)
-    return {"p50": _pct(gaps, 50), "p99": _pct(gaps, 99), "max": _pct(gaps, 100)}
+def gap_stats(gaps: list[float]) -> dict:
+    """n, p50, p99 and max of a list of pauses (seconds)."""
+    stats = {q: percentile(gaps, p) for q, p in (("p50", 50), ("p99", 99), ("max", 100))}
+    return {"n": len(gaps), **stats}
 
 
 def _log_events(path: Path, events: tuple[str, ...]) -> list[tuple[str, str | None, float]]:
@@ -349,9 +344,11 @@ def _measure_detection(report: Report, logs: Path, cut: set[float]) -> None:
             report.violations.append(f"{fault['kind']} of {fault['node']}: never declared dead")
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile of values (nearest rank), rounded to ms; None if empty."""
     if not values:
         return None
+    values = sorted(values)
     k = min(len(values) - 1, max(0, round(q / 100 * len(values) + 0.5) - 1))
     return round(values[k], 3)
 

@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -28,15 +29,10 @@ import aiohttp
 
 from chaos.proxy import FaultProxy
 from p3.launch import Child, python_m_p3, stop_all, wait_ready
+from p3.serve import free_port
 
 RUN_ENV = "P3_CHAOS_RUN"
 LOCALHOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOCALHOST, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -67,8 +63,8 @@ class ChaosCluster:
         self.run_dir = run_dir
         self.run_id = run_id
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.coordinator_port = free_port()
-        self.node_ports = [free_port() for _ in range(settings.num_nodes)]
+        self.coordinator_port = free_port(LOCALHOST)
+        self.node_ports = [free_port(LOCALHOST) for _ in range(settings.num_nodes)]
         self.proxies: dict[str, FaultProxy] = {}
         self.coordinator: Child | None = None
         self.nodes: list[Child | None] = [None] * settings.num_nodes
@@ -91,7 +87,7 @@ class ChaosCluster:
             self.start_node(i)
         nodes = [n for n in self.nodes if n is not None]
         await asyncio.to_thread(wait_ready, nodes, s.ready_timeout_s)
-        edge_port = free_port()
+        edge_port = free_port(LOCALHOST)
         self.url = f"http://{LOCALHOST}:{edge_port}"
         self.edge = self._child(
             "edge",
@@ -186,6 +182,18 @@ class ChaosCluster:
     async def cluster_state(self) -> dict:
         async with aiohttp.ClientSession() as session, session.get(self.url + "/cluster") as r:
             return await r.json()
+
+    async def wait_nodes(
+        self, done: Callable[[list[dict]], bool], timeout_s: float, interval_s: float = 0.05
+    ) -> bool:
+        """Poll the edge's /cluster nodes until done(nodes); False after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if done((await self.cluster_state())["nodes"]):
+                    return True
+            await asyncio.sleep(interval_s)  # polling the edge's table, bounded by the deadline
+        return False
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -162,24 +162,17 @@ class Nemesis:
         return self.rng.randrange(num)
 
     async def wait_dead(self, i: int, timeout_s: float = 10.0) -> bool:
-        return await self._poll(lambda nodes: _status(nodes, f"node-{i}") != "ready", timeout_s)
+        return await self.cluster.wait_nodes(
+            lambda nodes: _status(nodes, f"node-{i}") != "ready", timeout_s
+        )
 
     async def wait_whole(self, timeout_s: float = WHOLE_TIMEOUT_S) -> bool:
         """Every node routed again (ready in /cluster)."""
         num = self.cluster.settings.num_nodes
-        return await self._poll(
+        return await self.cluster.wait_nodes(
             lambda nodes: all(_status(nodes, f"node-{i}") == "ready" for i in range(num)),
             timeout_s,
         )
-
-    async def _poll(self, done: Callable[[list[dict]], bool], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                if done((await self.cluster.cluster_state())["nodes"]):
-                    return True
-            await asyncio.sleep(0.05)  # polling the edge's table, bounded by the deadline
-        return False
 
 
 def _status(nodes: list[dict], node_id: str) -> str | None:

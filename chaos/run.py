@@ -23,12 +23,13 @@ import contextlib
 import json
 import random
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from chaos.checker import Report, check, read_history
+from chaos.checker import Report, check, gap_stats, percentile, read_history
 from chaos.cluster import ChaosCluster, Settings
 from chaos.nemesis import KINDS, Nemesis
 from chaos.workload import Workload
@@ -111,8 +112,6 @@ async def run_once(scenario: str, seed: int, duration_s: float, out: Path,
 
 async def _repair(cluster: ChaosCluster, nemesis: Nemesis) -> None:
     """Undo a fault cut short by the end of the workload: heal links, wake, restart."""
-    import signal
-
     for proxy in cluster.proxies.values():
         proxy.heal()
     for i in range(cluster.settings.num_nodes):
@@ -128,36 +127,32 @@ async def _repair(cluster: ChaosCluster, nemesis: Nemesis) -> None:
 
 async def _kv_free(cluster: ChaosCluster) -> bool:
     """Every node routed, nothing running, every KV block free (as its heartbeats say)."""
-    deadline = time.monotonic() + KV_FREE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            nodes = [n for n in (await cluster.cluster_state())["nodes"] if "load" in n]
-            if len(nodes) == cluster.settings.num_nodes and all(
-                n["load"]["num_running"] == 0
-                and n["load"]["num_waiting"] == 0
-                and n["load"]["num_free_blocks"] == n["load"]["num_kv_blocks"]
-                for n in nodes
-            ):
-                return True
-        await asyncio.sleep(0.1)  # heartbeats refresh the table every 100 ms
-    return False
+
+    def free(nodes: list[dict]) -> bool:
+        loads = [n["load"] for n in nodes if "load" in n]
+        return len(loads) == cluster.settings.num_nodes and all(
+            load["num_running"] == load["num_waiting"] == 0
+            and load["num_free_blocks"] == load["num_kv_blocks"]
+            for load in loads
+        )
+
+    # heartbeats refresh the table every 100 ms
+    return await cluster.wait_nodes(free, KV_FREE_TIMEOUT_S, interval_s=0.1)
 
 
 def totals(reports: list[Report]) -> dict:
-    gaps = sorted(g for r in reports for g in r.fault_gaps_s)
-    detection: dict[str, list[float]] = {}
-    reaction: dict[str, list[float]] = {}
-    for r in reports:
-        for kind, values in r.detection_s.items():
-            detection.setdefault(kind, []).extend(values)
-        for kind, values in r.edge_reaction_s.items():
-            reaction.setdefault(kind, []).extend(values)
+    gaps = [g for r in reports for g in r.fault_gaps_s]
 
-    def pct(values, q):
-        if not values:
-            return None
-        values = sorted(values)
-        return round(values[min(len(values) - 1, int(q / 100 * len(values)))], 3)
+    def by_kind(attr: str) -> dict[str, dict]:
+        """A per-kind list of seconds (Report.detection_s or edge_reaction_s), in ms."""
+        merged: dict[str, list[float]] = {}
+        for r in reports:
+            for kind, values in getattr(r, attr).items():
+                merged.setdefault(kind, []).extend(values)
+        return {
+            k: {"n": len(v), "p50": round(percentile(v, 50) * 1000), "max": round(max(v) * 1000)}
+            for k, v in merged.items()
+        }
 
     return {
         "runs": len(reports),
@@ -171,24 +166,16 @@ def totals(reports: list[Report]) -> dict:
         "tokens_repeated": sum(r.tokens_repeated for r in reports),
         "differing_from_reference": sum(r.differing for r in reports),
         "faults": sum(len(r.faults) for r in reports),
-        "detection_ms": {
-            k: {"n": len(v), "p50": round(pct(v, 50) * 1000), "max": round(max(v) * 1000)}
-            for k, v in detection.items()
-        },
-        "edge_reaction_ms": {
-            k: {"n": len(v), "p50": round(pct(v, 50) * 1000), "max": round(max(v) * 1000)}
-            for k, v in reaction.items()
-        },
-        "fault_gap_s": {"n": len(gaps), "p50": pct(gaps, 50), "p99": pct(gaps, 99),
-                        "max": round(gaps[-1], 3) if gaps else None},
-        "token_gap_s": {q: pct([g for r in reports for g in r.gaps_s], q) for q in (50, 99, 100)},
-        "reference_token_gap_s (prefix cache warm)": {
-            q: pct([g for r in reports for g in r.reference_gaps_s], q) for q in (50, 99, 100)
-        },
+        "detection_ms": by_kind("detection_s"),
+        "edge_reaction_ms": by_kind("edge_reaction_s"),
+        "fault_gap_s": gap_stats(gaps),
+        "token_gap_s": gap_stats([g for r in reports for g in r.gaps_s]),
+        "reference_token_gap_s (prefix cache warm)": gap_stats(
+            [g for r in reports for g in r.reference_gaps_s]
+        ),
         "fault_gaps_by_kind_s": {
-            kind: {"n": len(v), "p50": pct(v, 50), "p99": pct(v, 99), "max": pct(v, 100)}
-            for kind in sorted({k for r in reports for k in r.gaps_by_kind})
-            if (v := [g for r in reports for g in r.gaps_by_kind.get(kind, [])])
+            kind: gap_stats([g for r in reports for g in r.gaps_by_kind.get(kind, [])])
+            for kind in sorted({k for r in reports for k, v in r.gaps_by_kind.items() if v})
         },
         "violations": [v for r in reports for v in r.violations][:30],
     }
