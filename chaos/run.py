@@ -50,9 +50,12 @@ class Scenario:
 
 
 SCENARIOS = {
-    "smoke": Scenario(("kill",), 1, requests_per_client=1, max_tokens=(40, 64)),
-    "reset-once": Scenario(("reset",), 1, requests_per_client=1, max_tokens=(40, 64)),
-    "hang-once": Scenario(("hang",), 1, requests_per_client=1, max_tokens=(40, 64)),
+    # one fault 0.2-0.6 s after the first token, while all 8 streams are surely under way
+    **{
+        name: Scenario((kind,), 1, requests_per_client=1, max_tokens=(40, 64),
+                       pause_s=(0.2, 0.6))
+        for name, kind in (("smoke", "kill"), ("reset-once", "reset"), ("hang-once", "hang"))
+    },
     **{kind: Scenario((kind,), 100) for kind in KINDS},
     "mixed": Scenario(KINDS, 100),
 }

@@ -44,6 +44,7 @@ def test_link_reset_moves_streams_with_nothing_lost(default_model_dir, tmp_path)
     assert report.tokens_lost == report.tokens_repeated == 0
     # seen: 1-2 s with the edge's disconnect monitor; 21 s without it (the streams' tokens
     # were gone and they waited out the 20 s token timeout before moving)
+    assert report.fault_gaps_s, "no stream was under way at the reset"
     assert max(report.fault_gaps_s) < 10.0, report.fault_gaps_s
 
 
