@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 READY_PREFIX = "P3_READY "
 SERVING_LINE = re.compile(r"^p3 serving .* at (http://\S+?)/v1\s*$")
@@ -116,6 +117,29 @@ def wait_model(url: str, model: str, timeout_s: float = 60.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"{url} does not list {model} after {timeout_s} s")
+
+
+async def stream_completion(client, body: dict, started=None) -> tuple[str, str | None, Any, float]:
+    """Stream one completion with the openai SDK: (text, finish reason, usage, the longest
+    pause between two chunks after the first). started (an asyncio.Event) is set once more
+    than 20 characters have come."""
+    chunks = await client.completions.create(
+        **body, stream=True, stream_options={"include_usage": True}
+    )
+    text, usage, finish = "", None, None
+    last, gaps = time.monotonic(), []
+    async for chunk in chunks:
+        if chunk.choices:
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+            if started is not None and len(text) > 20:
+                started.set()
+        if chunk.usage:
+            usage = chunk.usage
+    return text, finish, usage, max(gaps[1:], default=0.0)
 
 
 def _spawn(cmd: list[str]) -> subprocess.Popen:

@@ -43,26 +43,12 @@ def request(i: int) -> dict:
 
 
 async def stream(client: AsyncOpenAI, i: int, started: asyncio.Event | None = None):
-    body = request(i)
-    chunks = await client.completions.create(
-        **body, stream=True, stream_options={"include_usage": True}
+    """Stream i: (text, finish, usage); its longest pause goes to stream.max_gaps."""
+    text, finish, usage, max_gap = await openai_cluster.stream_completion(
+        client, request(i), started
     )
-    text, usage, finish = "", None, None
-    last, gaps = time.perf_counter(), []
-    async for chunk in chunks:
-        if chunk.choices:
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-            text += chunk.choices[0].text
-            finish = chunk.choices[0].finish_reason or finish
-            if started is not None and len(text) > 20:
-                started.set()
-        if chunk.usage:
-            usage = chunk.usage
-    stream.max_gaps.append(max(gaps[1:], default=0.0))  # after the first token
+    stream.max_gaps.append(max_gap)
     return text, finish, usage
-
 
 stream.max_gaps = []
 
