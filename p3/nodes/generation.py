@@ -158,7 +158,6 @@ class Generation:
                 f"{cause}; moved {MAX_IDLE_MOVES} times in a row with no token", code,
                 len(journal.token_ids) == 0,
             )  # fmt: skip
-        journal.num_moves += 1
         journal.tokens_at_move = len(journal.token_ids)
         self._quiet.pop(sample.index, None)
         dead = set(self.cluster.dead_nodes) | journal.stuck_nodes  # stuck: may still hold it

@@ -62,7 +62,6 @@ class Journal:
     token_ids: list[int] = field(default_factory=list)
     num_attempts: int = 0
     tried_nodes: set[str] = field(default_factory=set)
-    num_moves: int = 0  # resubmissions after its node died or went silent
     num_idle_moves: int = 0  # moves in a row with no new token between them
     tokens_at_move: int = -1  # how many tokens it had at its latest move
     stuck_nodes: set[str] = field(default_factory=set)  # left after a token timeout: not again

@@ -100,7 +100,6 @@ class Cluster:
         self.links: dict[str, NodeLink] = {}
         self.sent_load: dict[str, int] = {}  # work this edge sent since the last table
         self.progress_at: dict[str, float] = {}  # node id -> when its work last advanced
-        self.routes_processed: dict[str, int] = {}  # node id -> tokens processed, as reported
         self.inflight: dict[str, tuple[Sample, asyncio.Queue[Event]]] = {}
         self.routes_version = -1
         self.routes_at = 0.0  # when the last table came (monotonic)
@@ -183,12 +182,15 @@ class Cluster:
         self.routes_version, self.routes_at = table.version, time.monotonic()
         for node_id in table.dead:
             self._node_dead(node_id)
+        previous = self.routes
         self.routes = {r.node_id: r for r in table.routes if r.replica_rank == 0}
         self.shards = [r for r in table.routes if r.replica_rank > 0]
         self.dead_nodes -= {r.node_id for r in table.routes}
         self.sent_load.clear()
         for route in self.routes.values():
-            self._note_progress(route)
+            old = previous.get(route.node_id)
+            if old is not None and route.num_tokens_processed > old.num_tokens_processed:
+                self.progress_at[route.node_id] = time.monotonic()  # its queue moves
             self._link(route)
         self.routes_changed.set()
         self.routes_changed = asyncio.Event()
@@ -228,12 +230,6 @@ class Cluster:
         for sample, queue in lost:
             queue.put_nowait((sample, NodeLost(node_id, reason, alive), time.perf_counter()))
         return len(lost)
-
-    def _note_progress(self, route: m.Route) -> None:
-        known = self.routes_processed.get(route.node_id)
-        if known is not None and route.num_tokens_processed > known:
-            self.progress_at[route.node_id] = time.monotonic()
-        self.routes_processed[route.node_id] = route.num_tokens_processed
 
     def progressed_within(self, node_id: str, seconds: float) -> bool:
         """Whether node_id's work advanced in the last `seconds`: Tokens came from it, or its
