@@ -14,6 +14,10 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# "auto": the KV cache holds the model dtype; "int8": int8 values and one fp32 scale per token
+# and kv head (p3.kernels.attention)
+KV_CACHE_DTYPES = ("auto", "int8")
+KV_SCALE_BYTES = 4  # one fp32 scale per (token, kv head) of an int8 cache
 
 
 @dataclass(frozen=True)
@@ -122,10 +126,16 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got "
+                f"{self.kv_cache_dtype!r}"
+            )
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -142,8 +152,19 @@ class EngineConfig:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """What the K/V cache tensors hold: the model dtype, or int8."""
+        return torch.int8 if self.kv_cache_dtype == "int8" else self.torch_dtype
+
+    def kv_block_bytes(self, model: ModelConfig) -> int:
+        """Bytes of one KV block over all layers: K and V values, and an int8 cache's scales."""
+        itemsize = torch.empty((), dtype=self.kv_cache_torch_dtype).element_size()
+        per_head = model.head_dim * itemsize
+        if self.kv_cache_dtype == "int8":
+            per_head += KV_SCALE_BYTES
+        return 2 * model.num_layers * self.block_size * model.num_kv_heads * per_head
+
     def num_kv_blocks(self, model: ModelConfig) -> int:
         """How many KV blocks fit in kv_cache_bytes for this model."""
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        per_block = 2 * model.num_layers * self.block_size * model.num_kv_heads * model.head_dim
-        return max(1, math.floor(self.kv_cache_bytes / (per_block * itemsize)))
+        return max(1, math.floor(self.kv_cache_bytes / self.kv_block_bytes(model)))

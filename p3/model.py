@@ -88,14 +88,20 @@ class Attention(nn.Module):
             cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
         )
         self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, shard)
-        # [num_blocks, block_size, KVH, hd] each, allocated by the runner
+        # [num_blocks, block_size, KVH, hd] each, allocated by the runner; for an int8 cache
+        # also the scales, [num_blocks, block_size, KVH] fp32 each
         self.k_cache = self.v_cache = torch.empty(0)
+        self.k_scale: Tensor | None = None
+        self.v_scale: Tensor | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttentionContext) -> Tensor:
         T, H, KVH = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv(x)  # [T, (H + 2 KVH) hd]
         # RoPE on q and k (cos, sin: [T, 1, hd]); k and v stored into the cache
-        qk = rope_store_kv(qkv, cos, sin, self.k_cache, self.v_cache, ctx.slot_mapping, H, KVH)
+        qk = rope_store_kv(
+            qkv, cos, sin, self.k_cache, self.v_cache, ctx.slot_mapping, H, KVH,
+            self.k_scale, self.v_scale,
+        )  # fmt: skip
         q, k = qk[:, :H], qk[:, H:]  # [T, H, hd], [T, KVH, hd]
         v = qkv.view(T, H + 2 * KVH, self.head_dim)[:, H + KVH :]  # [T, KVH, hd]
         out = self._attend(q, k, v, ctx)  # [T, H, hd]
@@ -115,6 +121,8 @@ class Attention(nn.Module):
             self.k_cache,
             self.v_cache,
             self.scale,
+            self.k_scale,
+            self.v_scale,
         )
         return torch.cat([self._decode(q[:nd], ctx), prefill]) if nd else prefill
 
@@ -126,6 +134,8 @@ class Attention(nn.Module):
             ctx.decode_block_tables,
             ctx.decode_context_lens,
             self.scale,
+            self.k_scale,
+            self.v_scale,
         )
 
 

@@ -117,6 +117,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
     children.extend(nodes)
     spares = len(models) * (per_model % (args.tp * args.pp))
     wait_ready(nodes, args.ready_timeout, num_spare=spares)
+    print(kv_cache_summary(nodes))
     api_key = [f"--api-key={key}" for key in args.api_key or []]
     edge = Child(
         "edge",
@@ -128,6 +129,20 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
     )  # fmt: skip
     children.append(edge)
     wait_ready([edge], args.ready_timeout)
+
+
+def kv_cache_summary(nodes: list[Child]) -> str:
+    """One line on the nodes' KV caches, from what each announced when it was ready."""
+    ready = [n.info for n in nodes if n.info and "num_kv_blocks" in n.info]
+    if not ready:
+        return "p3 KV cache: no node reported one"
+    blocks = sorted({info["num_kv_blocks"] for info in ready})
+    dtypes = sorted({info["kv_cache_dtype"] for info in ready})
+    count = str(blocks[0]) if len(blocks) == 1 else f"{blocks[0]}-{blocks[-1]}"
+    return (
+        f"p3 KV cache: kv_cache_dtype {'/'.join(dtypes)}, num_kv_blocks {count} per node "
+        f"({len(ready)} node(s) ready)"
+    )
 
 
 def _bind_at(argv: list[str], address: str) -> list[str]:

@@ -80,7 +80,9 @@ class Engine:
         log.info(
             "engine.ready",
             model=str(self.model_dir),
-            kv_blocks=self.num_kv_blocks,
+            kv_cache_dtype=cfg.kv_cache_dtype,
+            num_kv_blocks=self.num_kv_blocks,
+            kv_block_bytes=cfg.kv_block_bytes(mcfg),
             max_model_len=self.max_model_len,
             load_time_s=round(self.load_time_s, 3),
         )

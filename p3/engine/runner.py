@@ -70,10 +70,15 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()
             build.warm()  # compile the C++ kernels now (once per machine), not in the first step
+        cache_dtype = cfg.kv_cache_torch_dtype
         for layer in model.layers:  # never read before written: no need to zero
             shape = (num_blocks, cfg.block_size, layer.attn.num_kv_heads, model_cfg.head_dim)
-            layer.attn.k_cache = torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
-            layer.attn.v_cache = torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
+            layer.attn.k_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
+            layer.attn.v_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
+            if cache_dtype == torch.int8:  # one scale per (token, kv head)
+                scales = shape[:3]
+                layer.attn.k_scale = torch.empty(scales, dtype=torch.float32, device=self.device)
+                layer.attn.v_scale = torch.empty(scales, dtype=torch.float32, device=self.device)
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], SampleResult | None]:
         """Run one step; returns the sequences that sampled a token and what they sampled."""

@@ -3,6 +3,12 @@
 Cache layout, one pair per layer: k_cache, v_cache [num_blocks, block_size, kv_heads,
 head_dim]. The token at position p of a sequence lives in block block_table[p // block_size]
 at offset p % block_size; its flat slot is block * block_size + offset.
+
+An int8 cache (--kv-cache-dtype int8) holds k_cache, v_cache as int8 plus one fp32 scale per
+token and kv head, k_scale, v_scale [num_blocks, block_size, kv_heads]: symmetric,
+scale = amax / 127 over the head's head_dim values and q = round-half-even(x / scale), so
+x ~ scale * q (quantize_kv). Readers dequantize: the decode kernel inside its dot products,
+prefill when it gathers a cached prefix.
 """
 
 from __future__ import annotations
@@ -15,6 +21,22 @@ import torch.nn.functional as F
 from p3.kernels import build
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+INT8_MAX = 127
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., hd] -> (int8 [..., hd], fp32 scale [...]): one symmetric scale per row,
+    amax / 127, and q = round-half-even(x / scale); an all-zero row gets scale 0, q 0.
+    The fused C++ store repeats this arithmetic, so the two give the same bits."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) / INT8_MAX
+    divided = torch.where(scale[..., None] > 0, x / scale[..., None], 0.0)
+    return divided.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scale * q in fp32, rounded to dtype: q [..., hd] int8, scale [...]."""
+    return (q.float() * scale[..., None]).to(dtype)
 
 
 def store_kv(
@@ -23,9 +45,19 @@ def store_kv(
     k_cache: torch.Tensor,  # [blocks, block_size, kvh, hd]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # int64 [T]
+    k_scale: torch.Tensor | None = None,  # [blocks, block_size, kvh] fp32, for an int8 cache
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write each token's key and value into its flat slot of the cache, in place."""
+    """Write each token's key and value into its flat slot of the cache, in place (an int8
+    cache gets them quantized, and their scales)."""
     slot_mapping = slot_mapping.long()
+    if k_cache.dtype == torch.int8:
+        _check_scales(k_cache, k_scale, v_scale)
+        for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+            q, scale = quantize_kv(x)
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, q)
+            scales.view(-1, scales.shape[2]).index_copy_(0, slot_mapping, scale)
+        return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -37,19 +69,31 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # int32 [B, max_blocks]
     context_lens: torch.Tensor,  # int32 [B]
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [blocks, block_size, kvh] fp32, for an int8 cache
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [B, H, hd]
     """One query per sequence attending to positions [0, context_len) of its sequence.
 
-    On CPU this runs the C++ kernel, reading K/V through the block table in place; elsewhere,
-    or if the kernel cannot be built, the torch implementation.
+    On CPU this runs the C++ kernel, reading K/V through the block table in place (an int8
+    cache dequantized in its dot products); elsewhere, or if the kernel cannot be built, the
+    torch implementation.
     """
     if cpu_decode_kernel_applies(q, k_cache):
         kernels = build.load()
         if kernels is not None:
             return kernels.paged_decode(
-                q, k_cache, v_cache, _int32(block_tables), _int32(context_lens), float(scale)
+                q,
+                k_cache,
+                v_cache,
+                _int32(block_tables),
+                _int32(context_lens),
+                float(scale),
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
-    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_torch(
+        q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale
+    )
 
 
 def paged_decode_attention_torch(
@@ -59,8 +103,11 @@ def paged_decode_attention_torch(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [B, H, hd]
-    """Pure-torch paged decode: gather each sequence's blocks, then masked attention."""
+    """Pure-torch paged decode: gather each sequence's blocks (dequantized from an int8
+    cache), then masked attention."""
     block_size, kv_heads, head_dim = k_cache.shape[1:]
     max_context = int(context_lens.max()) if context_lens.numel() else 0
     num_blocks = max(1, -(-max_context // block_size))
@@ -70,17 +117,24 @@ def paged_decode_attention_torch(
     visible = positions[None, :] < lens.clamp(min=1)[:, None]  # [B, L]; no empty rows
     # Slots past a context may hold anything, NaN included, and 0 * NaN poisons the sum.
     hidden = ~visible[:, :, None, None]
-    k = k_cache[tables].flatten(1, 2).masked_fill(hidden, 0).transpose(1, 2)  # [B, kvh, L, hd]
-    v = v_cache[tables].flatten(1, 2).masked_fill(hidden, 0).transpose(1, 2)
+    k, v = k_cache[tables], v_cache[tables]  # [B, nb, block_size, kvh, hd]
+    queries = q
+    if k_cache.dtype == torch.int8:  # in fp32, as the kernel computes it, whatever q's dtype
+        _check_scales(k_cache, k_scale, v_scale)
+        k = dequantize_kv(k, k_scale[tables], torch.float32)
+        v = dequantize_kv(v, v_scale[tables], torch.float32)
+        queries = q.float()
+    k = k.flatten(1, 2).masked_fill(hidden, 0).transpose(1, 2)  # [B, kvh, L, hd]
+    v = v.flatten(1, 2).masked_fill(hidden, 0).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :],  # [B, H, 1, hd]
+        queries[:, :, None, :],  # [B, H, 1, hd]
         k,
         v,
         attn_mask=visible[:, None, None, :],
         scale=scale,
         enable_gqa=True,
     )[:, :, 0, :]
-    return out.masked_fill((lens == 0)[:, None, None], 0.0)
+    return out.masked_fill((lens == 0)[:, None, None], 0.0).to(q.dtype)
 
 
 def prefill_attention(
@@ -93,9 +147,12 @@ def prefill_attention(
     k_cache: torch.Tensor,  # [blocks, block_size, kvh, hd], the chunk already stored
     v_cache: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [blocks, block_size, kvh] fp32, for an int8 cache
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, H, hd]
     """Varlen causal prefill: query j of sequence i sits at position cached_lens[i] + j and
-    attends to every position up to its own."""
+    attends to every position up to its own. The cached prefix comes from the cache
+    (dequantized if int8); the chunk's own keys and values from k and v, as computed."""
     out = torch.empty_like(q)
     for i, cached in enumerate(cached_lens):
         start, end = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
@@ -105,8 +162,10 @@ def prefill_attention(
             seq_k, seq_v, mask = k[start:end], v[start:end], None
         else:
             total = cached + end - start
-            seq_k = _gather(k_cache, block_tables[i], total)
-            seq_v = _gather(v_cache, block_tables[i], total)
+            prefix_k = _gather(k_cache, block_tables[i], cached, k_scale, k.dtype)
+            prefix_v = _gather(v_cache, block_tables[i], cached, v_scale, v.dtype)
+            seq_k = torch.cat([prefix_k, k[start:end]])
+            seq_v = torch.cat([prefix_v, v[start:end]])
             mask = _bottom_right_causal_mask(end - start, total, q.device)
         out[start:end] = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1),  # [H, len, hd]
@@ -121,8 +180,13 @@ def prefill_attention(
 
 
 def cpu_decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether paged_decode_attention would try the C++ kernel for these tensors."""
-    return q.device.type == "cpu" and q.dtype in CPU_KERNEL_DTYPES and q.dtype == k_cache.dtype
+    """Whether paged_decode_attention would try the C++ kernel for these tensors: a cache in
+    q's dtype or int8."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in CPU_KERNEL_DTYPES
+        and k_cache.dtype in (q.dtype, torch.int8)
+    )
 
 
 def cpu_decode_kernel_available() -> bool:
@@ -130,11 +194,35 @@ def cpu_decode_kernel_available() -> bool:
     return build.load() is not None
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Positions [0, num_tokens) of one sequence: [num_tokens, kvh, hd] (a copy)."""
+def _gather(
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    num_tokens: int,
+    scales: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Positions [0, num_tokens) of one sequence: [num_tokens, kvh, hd] in dtype (a copy)."""
     block_size = cache.shape[1]
     blocks = block_table[: -(-num_tokens // block_size)].long()
-    return cache[blocks].flatten(0, 1)[:num_tokens]
+    rows = cache[blocks].flatten(0, 1)[:num_tokens]
+    if cache.dtype != torch.int8:
+        return rows.to(dtype)
+    if scales is None:
+        raise ValueError("an int8 KV cache needs its scales")
+    return dequantize_kv(rows, scales[blocks].flatten(0, 1)[:num_tokens], dtype)
+
+
+def _check_scales(
+    cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> None:
+    expected = cache.shape[:3]
+    for name, scales in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scales is None or scales.shape != expected or scales.dtype != torch.float32:
+            got = None if scales is None else (tuple(scales.shape), scales.dtype)
+            raise ValueError(
+                f"an int8 KV cache needs {name} fp32 {tuple(expected)} (one per token and kv "
+                f"head), got {got}"
+            )
 
 
 def _bottom_right_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:

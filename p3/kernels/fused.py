@@ -1,6 +1,9 @@
 """The elementwise ops of a decoder layer, fused: residual add + RMSNorm, RoPE + KV store,
 SiLU-and-mul.
 
+An int8 KV cache is written by the same RoPE + KV store kernel, which quantizes each token's
+k and v heads as attention.quantize_kv does (the same bits).
+
 On CPU, in float32 or bfloat16, each runs one C++ kernel (csrc/fused.cpp, csrc/rms_norm.cpp)
 that gives the same bits as the chain of torch ops below it, which transformers also runs;
 elsewhere, or if the kernels cannot be built, those torch ops run instead. The kernels repeat
@@ -50,16 +53,25 @@ def rope_store_kv(
     slot_mapping: Tensor,  # int64 [T]
     num_heads: int,
     num_kv_heads: int,
+    k_scale: Tensor | None = None,  # [blocks, block_size, KVH] fp32, for an int8 cache
+    v_scale: Tensor | None = None,
 ) -> Tensor:  # [T, H + KVH, hd]: roped q heads, then roped k heads
-    """RoPE on the q and k heads; roped k and raw v written into each token's cache slot."""
+    """RoPE on the q and k heads; roped k and raw v written into each token's cache slot
+    (quantized, with their scales, into an int8 cache)."""
     kernels = _kernels_for(qkv)
-    if kernels is None or k_cache.dtype != qkv.dtype or slot_mapping.dtype != torch.int64:
+    if (
+        kernels is None
+        or k_cache.dtype not in (qkv.dtype, torch.int8)
+        or slot_mapping.dtype != torch.int64
+    ):
         return rope_store_kv_torch(
-            qkv, cos, sin_signed, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads
-        )
+            qkv, cos, sin_signed, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+            k_scale, v_scale,
+        )  # fmt: skip
     return kernels.rope_store_kv(
-        qkv, cos, sin_signed, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads
-    )
+        qkv, cos, sin_signed, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+        k_scale, v_scale,
+    )  # fmt: skip
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
@@ -101,12 +113,14 @@ def rope_store_kv_torch(
     slot_mapping: Tensor,
     num_heads: int,
     num_kv_heads: int,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     hd = cos.shape[-1]
     heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, hd)
     qk = apply_rope(heads[:, : num_heads + num_kv_heads], cos, sin_signed)
     v = heads[:, num_heads + num_kv_heads :]
-    store_kv(qk[:, num_heads:], v, k_cache, v_cache, slot_mapping)
+    store_kv(qk[:, num_heads:], v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return qk
 
 

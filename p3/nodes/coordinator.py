@@ -208,6 +208,7 @@ class Coordinator(Actor):
             node_id=member.node_id,
             epoch=member.epoch,
             num_kv_blocks=ready.num_kv_blocks,
+            kv_cache_dtype=ready.kv_cache_dtype,
             max_model_len=ready.max_model_len,
             load_time_s=round(ready.load_time_s, 3),
         )

@@ -271,7 +271,11 @@ class Node(Actor):
         self.serving.set()
 
     def ready_info(self) -> dict:
-        return {"node_id": self.name, "address": self.address, "epoch": self.epoch}
+        info = {"node_id": self.name, "address": self.address, "epoch": self.epoch}
+        if self.engine is not None:  # serving: the engine is built
+            info["kv_cache_dtype"] = self.engine.config.kv_cache_dtype
+            info["num_kv_blocks"] = self.engine.num_kv_blocks
+        return info
 
     def on_step(self, step: int, outputs: list[StepOutput]) -> None:
         for (edge, epoch), deltas in self.inflight.batch(outputs).items():

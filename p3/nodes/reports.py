@@ -57,6 +57,7 @@ def ready(node_id: str, epoch: int, config: NodeConfig, engine: Engine) -> m.Rea
         load_time_s=engine.load_time_s,
         replica_rank=engine.shard.replica_rank,
         replica_size=engine.shard.world_size,
+        kv_cache_dtype=engine.config.kv_cache_dtype,
     )
 
 

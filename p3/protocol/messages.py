@@ -74,6 +74,7 @@ class Ready(Msg, tag="ready"):
     load_time_s: float = 0.0
     replica_rank: int = 0  # this node's rank in its replica (only rank 0 is routed)
     replica_size: int = 1  # tp x pp nodes
+    kv_cache_dtype: str = ""  # what its KV cache holds: "auto" (the model dtype) or "int8"
 
 
 class Heartbeat(Msg, tag="heartbeat"):

@@ -15,7 +15,9 @@
 #ifdef P3_FUSED_CAPABILITY
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -40,10 +42,26 @@ struct RopeShape {
   int64_t block_size, block_stride;  // of the caches [blocks, block_size, kv_heads, hd]
 };
 
-// qkv [T, (H + 2 KVH) hd] -> qk [T, H + KVH, hd] roped; roped k and raw v into their slots.
+// Symmetric int8 for one head of hd values: scale = amax / 127, q = round-half-even(x / scale),
+// as p3.kernels.attention.quantize_kv computes it in fp32 (division, not a reciprocal: the
+// same bits). An all-zero head gets scale 0 and q 0.
 template <typename T>
-void rope_store_kv_rows(const T* qkv, const T* cos, const T* sin, T* qk, T* k_cache,
-                        T* v_cache, const int64_t* slots, int64_t tokens, const RopeShape& s) {
+void quantize_head(const T* x, int64_t hd, int8_t* q, float* scale) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < hd; ++d) amax = std::max(amax, std::abs(static_cast<float>(x[d])));
+  const float s = amax / 127.f;
+  *scale = s;
+  for (int64_t d = 0; d < hd; ++d) {
+    const float v = s > 0.f ? static_cast<float>(x[d]) / s : 0.f;
+    q[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(v))));
+  }
+}
+
+// qkv [T, (H + 2 KVH) hd] -> qk [T, H + KVH, hd] roped; store(t, slot, roped k, raw v) puts
+// each token's k and v heads (KVH x hd each) into the cache.
+template <typename T, typename Store>
+void rope_store_kv_rows(const T* qkv, const T* cos, const T* sin, T* qk, const int64_t* slots,
+                        int64_t tokens, const RopeShape& s, const Store& store) {
   const int64_t hd = s.hd, half = hd / 2, roped = (s.heads + s.kv_heads) * hd;
   const int64_t kv = s.kv_heads * hd;
   for_rows(tokens, roped + kv, [&](int64_t begin, int64_t end) {
@@ -54,10 +72,7 @@ void rope_store_kv_rows(const T* qkv, const T* cos, const T* sin, T* qk, T* k_ca
         rope_half(x + h, x + h + half, c, sn, out + h, half);
         rope_half(x + h + half, x + h, c + half, sn + half, out + h + half, half);
       }
-      const int64_t block = slots[t] / s.block_size, offset = slots[t] % s.block_size;
-      const int64_t slot = block * s.block_stride + offset * kv;
-      std::copy_n(out + s.heads * hd, kv, k_cache + slot);
-      std::copy_n(x + roped, kv, v_cache + slot);
+      store(slots[t], out + s.heads * hd, x + roped);
     }
   });
 }
@@ -119,30 +134,64 @@ void check_slots(const at::Tensor& slots, int64_t tokens, int64_t num_slots) {
   }
 }
 
+// k_scale, v_scale: given for an int8 cache, [blocks, block_size, KVH] fp32.
 at::Tensor rope_store_kv(const at::Tensor& qkv_in, const at::Tensor& cos_in,
                          const at::Tensor& sin_in, at::Tensor& k_cache, at::Tensor& v_cache,
-                         const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads) {
+                         const at::Tensor& slot_mapping, int64_t num_heads, int64_t num_kv_heads,
+                         const std::optional<at::Tensor>& k_scale,
+                         const std::optional<at::Tensor>& v_scale) {
   const int64_t hd = cos_in.size(-1), width = (num_heads + 2 * num_kv_heads) * hd;
   const at::Tensor qkv = rows_of(qkv_in, qkv_in, width, "qkv [T, (H + 2 KVH) hd]");
   const at::Tensor cos = rows_of(cos_in, qkv, hd, "cos"), sin = rows_of(sin_in, qkv, hd, "sin");
   const int64_t tokens = qkv.numel() / width;
   TORCH_CHECK(hd % 2 == 0 && cos.numel() == tokens * hd && sin.numel() == tokens * hd,
               "rope_store_kv: expected cos, sin [T, 1, hd] with hd even");
+  const bool quantized = k_cache.scalar_type() == at::kChar;
   const std::vector<int64_t> cache_shape{k_cache.size(0), k_cache.size(1), num_kv_heads, hd};
   for (const at::Tensor* cache : {&k_cache, &v_cache}) {
     TORCH_CHECK(cache->sizes() == cache_shape && cache->is_contiguous() &&
-                    cache->scalar_type() == qkv.scalar_type(),
+                    cache->scalar_type() == (quantized ? at::kChar : qkv.scalar_type()),
                 "rope_store_kv: caches must be contiguous [blocks, block_size, KVH, hd], in "
-                "qkv's dtype");
+                "qkv's dtype or both int8");
+  }
+  TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()),
+              "rope_store_kv: k_scale and v_scale go with an int8 cache, and only with one");
+  if (quantized) {
+    for (const at::Tensor* scales : {&*k_scale, &*v_scale}) {
+      TORCH_CHECK(scales->sizes() == at::IntArrayRef(cache_shape).slice(0, 3) &&
+                      scales->is_contiguous() && scales->scalar_type() == at::kFloat,
+                  "rope_store_kv: scales must be contiguous fp32 [blocks, block_size, KVH]");
+    }
   }
   check_slots(slot_mapping, tokens, k_cache.size(0) * k_cache.size(1));
   at::Tensor qk = at::empty({tokens, num_heads + num_kv_heads, hd}, qkv.options());
   const RopeShape shape{num_heads, num_kv_heads, hd, k_cache.size(1), k_cache.stride(0)};
+  const int64_t kv = num_kv_heads * hd;
   dispatch(qkv, "rope_store_kv", [&](auto tag) {
     using T = decltype(tag);
-    rope_store_kv_rows<T>(qkv.data_ptr<T>(), cos.data_ptr<T>(), sin.data_ptr<T>(),
-                          qk.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
-                          slot_mapping.data_ptr<int64_t>(), tokens, shape);
+    const T *q_in = qkv.data_ptr<T>(), *c = cos.data_ptr<T>(), *sn = sin.data_ptr<T>();
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    if (quantized) {
+      int8_t *kq = k_cache.data_ptr<int8_t>(), *vq = v_cache.data_ptr<int8_t>();
+      float *ks = k_scale->data_ptr<float>(), *vs = v_scale->data_ptr<float>();
+      rope_store_kv_rows<T>(q_in, c, sn, qk.data_ptr<T>(), slots, tokens, shape,
+                            [&](int64_t slot, const T* k, const T* v) {
+                              for (int64_t h = 0; h < num_kv_heads; ++h) {
+                                const int64_t row = slot * num_kv_heads + h;
+                                quantize_head(k + h * hd, hd, kq + row * hd, ks + row);
+                                quantize_head(v + h * hd, hd, vq + row * hd, vs + row);
+                              }
+                            });
+    } else {
+      T *kc = k_cache.data_ptr<T>(), *vc = v_cache.data_ptr<T>();
+      rope_store_kv_rows<T>(q_in, c, sn, qk.data_ptr<T>(), slots, tokens, shape,
+                            [&](int64_t slot, const T* k, const T* v) {
+                              const int64_t at = slot / shape.block_size * shape.block_stride +
+                                                 slot % shape.block_size * kv;
+                              std::copy_n(k, kv, kc + at);
+                              std::copy_n(v, kv, vc + at);
+                            });
+    }
   });
   return qk;
 }
@@ -167,7 +216,8 @@ void register_fused(pybind11::module_& m) {
   m.def("fused_capability", []() { return std::string(P3_FUSED_CAPABILITY); });
   register_rms_norm(m);
   m.def("rope_store_kv", &rope_store_kv, arg("qkv"), arg("cos"), arg("sin"), arg("k_cache"),
-        arg("v_cache"), arg("slot_mapping"), arg("num_heads"), arg("num_kv_heads"));
+        arg("v_cache"), arg("slot_mapping"), arg("num_heads"), arg("num_kv_heads"),
+        arg("k_scale") = pybind11::none(), arg("v_scale") = pybind11::none());
   m.def("silu_mul", &silu_mul, arg("gate_up"));
 }
 
