@@ -1,6 +1,10 @@
-"""Paged decode attention: C++ kernel vs torch fallback, microseconds per call (best round).
+"""Paged decode attention, microseconds per call (best round): the C++ kernel over a cache in
+the model dtype and over an int8 cache, and the torch fallback over the former.
 
-python scripts/bench_attention.py [--threads N]
+python scripts/bench_attention.py [--threads N] [--dtype float32|bfloat16] [--isa CAP]
+                                  [--batches 1,32] [--contexts 128,512,1024,4096]
+
+GB/s is the K/V bytes a call reads (values, and an int8 cache's scales) over its time.
 """
 
 from __future__ import annotations
@@ -13,16 +17,25 @@ import torch
 from p3.kernels import attention, build
 
 
-def make_case(batch, context, heads=9, kv_heads=3, head_dim=64, block_size=16):
+def make_case(batch, context, heads=9, kv_heads=3, head_dim=64, block_size=16, dtype=None):
+    dtype = dtype or torch.bfloat16
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.randn(shape, dtype=torch.bfloat16)
-    v_cache = torch.randn(shape, dtype=torch.bfloat16)
+    k_cache = torch.randn(shape, dtype=dtype)
+    v_cache = torch.randn(shape, dtype=dtype)
     tables = torch.randperm(num_blocks).view(batch, blocks_per_seq).to(torch.int32)
     lens = torch.full((batch,), context, dtype=torch.int32)
-    q = torch.randn(batch, heads, head_dim, dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, head_dim, dtype=dtype)
     return q, k_cache, v_cache, tables, lens, head_dim**-0.5
+
+
+def quantized(case):
+    """The same case over an int8 cache: (args, k_scale, v_scale)."""
+    q, k_cache, v_cache, tables, lens, scale = case
+    k8, k_scale = attention.quantize_kv(k_cache)
+    v8, v_scale = attention.quantize_kv(v_cache)
+    return (q, k8, v8, tables, lens, scale), k_scale, v_scale
 
 
 def time_us(fn, args, rounds=5, round_s=0.1):
@@ -38,25 +51,55 @@ def time_us(fn, args, rounds=5, round_s=0.1):
     return best
 
 
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    torch.set_num_threads(parser.parse_args().threads)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--isa", default="", help="cap: portable, avx2, avx512 (default: best)")
+    parser.add_argument("--batches", type=ints, default=[1, 32])
+    parser.add_argument("--contexts", type=ints, default=[128, 1024])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
     kernels = build.load()
     print(f"kernel load/build: {time.perf_counter() - started:.1f} s ({build.extension_name()})")
-    print(f"threads {torch.get_num_threads()}; bf16, 9 heads / 3 kv heads, hd 64, block 16")
-    print(f"{'batch':>5} {'context':>7} {'c++ us':>9} {'torch us':>9} {'speed-up':>8} {'GB/s':>6}")
+    print(
+        f"threads {torch.get_num_threads()}; {args.dtype} q, 9 heads / 3 kv heads, hd 64, "
+        f"block 16; kernel isa {kernels.decode_isa(64, args.isa)}"
+    )
+    print(
+        f"{'batch':>5} {'context':>7} {'c++ us':>9} {'GB/s':>5} {'int8 us':>9} {'GB/s':>5}"
+        f" {'int8/dt':>7} {'torch us':>9}"
+    )
+
+    def cpp(*a):
+        return kernels.paged_decode(*a, isa=args.isa)
+
     with torch.inference_mode():
-        for batch in (1, 32):
-            for context in (128, 1024):
-                args = make_case(batch, context)
-                cpp = time_us(kernels.paged_decode, args)
-                ref = time_us(attention.paged_decode_attention_torch, args)
-                kv_bytes = 2 * args[1][0, 0].numel() * 2 * context * batch
+        for batch in args.batches:
+            for context in args.contexts:
+                case = make_case(batch, context, dtype=dtype)
+                q8, k_scale, v_scale = quantized(case)
+
+                def cpp8(*a, ks=k_scale, vs=v_scale):
+                    return kernels.paged_decode(*a, k_scale=ks, v_scale=vs, isa=args.isa)
+
+                full = time_us(cpp, case, args.rounds)
+                int8 = time_us(cpp8, q8, args.rounds)
+                ref = time_us(attention.paged_decode_attention_torch, case, args.rounds)
+                rows = 2 * case[1][0, 0].shape[0] * context * batch  # K and V rows, per kv head
+                full_bytes = rows * case[1].shape[-1] * case[1].element_size()
+                int8_bytes = rows * (case[1].shape[-1] + 4)
                 print(
-                    f"{batch:>5} {context:>7} {cpp:>9.1f} {ref:>9.1f} {ref / cpp:>7.1f}x"
-                    f" {kv_bytes / cpp / 1e3:>6.1f}"
+                    f"{batch:>5} {context:>7} {full:>9.1f} {full_bytes / full / 1e3:>5.1f}"
+                    f" {int8:>9.1f} {int8_bytes / int8 / 1e3:>5.1f} {int8 / full:>7.2f}"
+                    f" {ref:>9.1f}"
                 )
 
 
