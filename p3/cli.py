@@ -49,7 +49,13 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
         p.add_argument(
             "--model", default=None, help="model dir or .gguf (default: SmolLM2-135M-Instruct)"
         )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32", "float16"),
+        help="activations and unquantized weights (auto: bf16 where the hardware computes it, "
+        "else float32)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument(
         "--kv-cache-memory",

@@ -14,6 +14,37 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 where the hardware computes it natively (CUDA with bf16, a CPU with
+    AVX512-BF16 or AMX that oneDNN packs for), else fp32 (bf16 emulated on AVX2 is 8x slower
+    than fp32, and fp16 on a CPU slower still)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bf16_is_native():
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_bf16_is_native() -> bool:
+    """The CPU computes bf16 in hardware and oneDNN packs bf16 linears for it (P3_CPU_ISA)."""
+    from p3.kernels.cpu import cpu_info
+
+    return cpu_info().native_bf16 and onednn_bf16_supported()
+
+
+def onednn_bf16_supported() -> bool:
+    """oneDNN's bf16 linears run here: AVX-512 BW/VL/DQ (or AVX-NE-CONVERT), within the cap."""
+    from p3.kernels.cpu import cpu_info
+
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if mkldnn is None or not hasattr(mkldnn, "_is_mkldnn_bf16_supported"):
+        return False
+    return cpu_info().has("avx512") and bool(mkldnn._is_mkldnn_bf16_supported())
 
 
 @dataclass(frozen=True)
@@ -113,7 +144,7 @@ def _rope_scaling(hf: dict[str, Any]) -> RopeScaling | None:
 class EngineConfig:
     """What the engine may use. KV blocks come from kv_cache_bytes, not a fixed count."""
 
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # see resolve_dtype
     device: str | None = None  # None: cuda when available, else cpu
     block_size: int = 16
     kv_cache_bytes: int = 2 * 1024**3
@@ -124,8 +155,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -134,7 +165,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype, self.torch_device)
 
     @property
     def torch_device(self) -> torch.device:

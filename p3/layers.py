@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p3.config import onednn_bf16_supported
+
 
 class Linear(nn.Module):
     """y = x W^T + b, with parameters left uninitialised: weights always come from a checkpoint.
@@ -31,10 +33,12 @@ class Linear(nn.Module):
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN's packed bf16 linear: bit-identical to F.linear here; fp32 packing is not."""
+    """oneDNN's packed bf16 linear: bit-identical to F.linear here; fp32 packing is not. It
+    needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT (on an AVX2-only CPU the reorder raises)."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and onednn_bf16_supported()
     )

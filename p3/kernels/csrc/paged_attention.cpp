@@ -494,6 +494,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 }  // namespace
 
 void register_fused(pybind11::module_& m);  // fused.cpp
+void register_quant(pybind11::module_& m);  // quant.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "Paged decode attention (CPU)", pybind11::arg("q"),
@@ -508,4 +509,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
   register_fused(m);
+  register_quant(m);
 }
