@@ -30,6 +30,19 @@ BLOCK = 32
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 KIND_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2}
 KINDS = tuple(BLOCK_BYTES)
+# --quantization: auto = as stored (a GGUF's blocks stay blocks, float stays float); none =
+# every weight in float; a kind = every linear in that kind, embedding and head in q8_0
+# (int8 is q8_0: symmetric int8 per block of 32 with a fp16 scale)
+QUANTIZATION_MODES = ("auto", "none", "int8", *KINDS)
+
+
+def mode_kind(mode: str) -> str | None:
+    """The block kind a --quantization mode puts the linears in (None: auto or none)."""
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATION_MODES)}, got {mode!r}")
+    return "q8_0" if mode == "int8" else mode if mode in KINDS else None
+
+
 # the C++ variants by ISA level (csrc/quant.cpp); AVX-512 machines run the AVX2 one for now
 KERNEL_LEVELS = {"portable": 0, "avx2": 1, "avx512": 1, "neon": 0}
 

@@ -59,6 +59,7 @@ struct QuantizedRows {
   std::vector<float> sum;  // [rows, blocks]: d * sum(q), for Q4_1's min term
   const int8_t* q_at(int64_t m, int64_t b) const { return q.data() + (m * blocks + b) * kBlock; }
   float d_at(int64_t m, int64_t b) const { return d[m * blocks + b]; }
+  float sum_at(int64_t m, int64_t b) const { return sum[m * blocks + b]; }
 };
 
 inline void quantize_block_portable(const float* x, int8_t* q, float* d, float* s) {
@@ -76,22 +77,8 @@ inline void quantize_block_portable(const float* x, int8_t* q, float* d, float* 
   *s = scale * static_cast<float>(total);
 }
 
-// The ones the Q4_1 min term and the output use, shared by every variant.
 inline float hsum8(const float* a) {
   return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-template <Kind K>
-inline float min_term(const uint8_t* row, const QuantizedRows& x, int64_t m) {
-  if constexpr (K != kQ4_1) {
-    return 0.f;
-  } else {
-    float total = 0.f;
-    for (int64_t b = 0; b < x.blocks; ++b) {
-      total += half_at(row + b * block_bytes(K) + 2) * x.sum[m * x.blocks + b];
-    }
-    return total;
-  }
 }
 
 // -- portable ------------------------------------------------------------------------------
@@ -118,6 +105,7 @@ void rows_portable(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, 
     const uint8_t* row = w + n * row_bytes;
     for (int64_t m = 0; m < x.rows; ++m) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      float mins = 0.f;
       for (int64_t b = 0; b < x.blocks; ++b) {
         const uint8_t* block = row + b * block_bytes(K);
         unpack_portable<K>(block, wq);
@@ -128,8 +116,9 @@ void rows_portable(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, 
           for (int i = 4 * l; i < 4 * l + 4; ++i) lane += wq[i] * a[i];
           acc[l] = std::fma(scale, static_cast<float>(lane), acc[l]);
         }
+        if constexpr (K == kQ4_1) mins += half_at(block + 2) * x.sum_at(m, b);
       }
-      out[m * ldo + n] = hsum8(acc) + min_term<K>(row, x, m);
+      out[m * ldo + n] = hsum8(acc) + mins;
     }
   }
 }
@@ -160,22 +149,24 @@ P3_AVX2_FN inline float hsum_avx2(__m256 v) {
 // maddubs as the unsigned operand, `sign` (for the signed kinds) moves onto the activation.
 struct Prepared {
   __m256i mag, sign;
-  float d;
+  float d, m;  // scale and (Q4_1) min
 };
 
 template <Kind K>
 P3_AVX2_FN inline Prepared prepare_avx2(const uint8_t* block) {
   Prepared p;
-  p.d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(block));
+  uint16_t h[2];
+  std::memcpy(h, block, 4);
+  p.d = _cvtsh_ss(h[0]);
+  p.m = K == kQ4_1 ? _cvtsh_ss(h[1]) : 0.f;
   const uint8_t* qs = block + qs_offset(K);
   if constexpr (K == kQ8_0) {
     p.sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
   } else {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(packed, low);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-    p.sign = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(packed),
+                                                 _mm_srli_epi16(packed, 4), 1);
+    p.sign = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
     if constexpr (K == kQ4_0) p.sign = _mm256_sub_epi8(p.sign, _mm256_set1_epi8(8));
   }
   p.mag = K == kQ4_1 ? p.sign : _mm256_sign_epi8(p.sign, p.sign);
@@ -195,8 +186,9 @@ template <Kind K, int MR, int NR>
 P3_AVX2_FN void tile_avx2(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x,
                           int64_t m0, int64_t n0, float* out, int64_t ldo) {
   __m256 acc[MR][NR];
+  float mins[MR][NR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps(), mins[i][j] = 0.f;
   for (int64_t b = 0; b < x.blocks; ++b) {
     Prepared p[NR];
     for (int j = 0; j < NR; ++j) p[j] = prepare_avx2<K>(w + (n0 + j) * row_bytes + b * block_bytes(K));
@@ -207,12 +199,15 @@ P3_AVX2_FN void tile_avx2(const uint8_t* w, int64_t row_bytes, const QuantizedRo
         const __m256 scale = _mm256_set1_ps(p[j].d * da);
         acc[i][j] = _mm256_fmadd_ps(scale, lanes_avx2<K>(p[j], a), acc[i][j]);
       }
+      if constexpr (K == kQ4_1) {
+        const float sa = x.sum_at(m0 + i, b);
+        for (int j = 0; j < NR; ++j) mins[i][j] += p[j].m * sa;
+      }
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j)
-      out[(m0 + i) * ldo + n0 + j] =
-          hsum_avx2(acc[i][j]) + min_term<K>(w + (n0 + j) * row_bytes, x, m0 + i);
+      out[(m0 + i) * ldo + n0 + j] = hsum_avx2(acc[i][j]) + mins[i][j];
 }
 
 template <Kind K, int NR>
