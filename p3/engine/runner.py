@@ -13,6 +13,7 @@ from p3.config import EngineConfig, ModelConfig
 from p3.engine.scheduler import ScheduledBatch
 from p3.engine.sequence import Sequence
 from p3.kernels import build
+from p3.kernels.dispatch import log_kernels
 from p3.kernels.sampling import Sampler, SampleResult, SampleRow
 from p3.model import AttentionContext, Transformer
 from p3.parallel import PendingLogits, StepPlan, receive_plan, send_logits, send_plan
@@ -70,6 +71,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()
             build.warm()  # compile the C++ kernels now (once per machine), not in the first step
+            log_kernels(str(self.device))
         for layer in model.layers:  # never read before written: no need to zero
             shape = (num_blocks, cfg.block_size, layer.attn.num_kv_heads, model_cfg.head_dim)
             layer.attn.k_cache = torch.empty(shape, dtype=cfg.torch_dtype, device=self.device)
