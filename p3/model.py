@@ -43,6 +43,11 @@ class AttentionContext:
     prefill_cu_seqlens: list[int]  # offsets of the prefill chunks after the decode tokens
     prefill_cached_lens: list[int]  # tokens of each prefilling sequence already in the cache
     prefill_block_tables: Tensor | None  # [num_prefill_seqs, max_blocks] int32
+    # Batch-invariant attention (CPU): every token, prefill included, attends as a decode
+    # query over the cache through the one paged kernel, so a token's result does not depend
+    # on how its prompt was chunked or what else is in the step. None: prefill by sdpa.
+    token_block_tables: Tensor | None = None  # [T, max_blocks] int32
+    token_context_lens: Tensor | None = None  # [T] int32: position + 1
 
 
 class RMSNorm(nn.Module):
@@ -106,6 +111,15 @@ class Attention(nn.Module):
         nd = ctx.num_decode
         if nd == q.shape[0]:
             return self._decode(q, ctx)
+        if ctx.token_block_tables is not None:
+            return paged_decode_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                ctx.token_block_tables,
+                ctx.token_context_lens,
+                self.scale,
+            )
         prefill = prefill_attention(
             q[nd:],
             k[nd:],
