@@ -1,4 +1,5 @@
-"""The one entry point: p3 serve | coordinator | node | edge | generate | convert."""
+"""The one entry point: p3 serve | coordinator | node | edge | generate | convert | quantize |
+info."""
 
 from __future__ import annotations
 
@@ -49,8 +50,21 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
         p.add_argument(
             "--model", default=None, help="model dir or .gguf (default: SmolLM2-135M-Instruct)"
         )
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32", "float16"),
+        help="activations and unquantized weights (auto: bf16 where the hardware computes it, "
+        "else float32)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument(
+        "--quantization",
+        default="auto",
+        choices=("auto", "none", "int8", "q8_0", "q4_0", "q4_1"),
+        help="weights: auto = as stored (a GGUF's blocks as they are), none = all float, a kind "
+        "= linears quantized at load (embedding and head q8_0; int8 = q8_0)",
+    )
     p.add_argument(
         "--kv-cache-memory",
         type=parse_size,
@@ -75,6 +89,7 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
 def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine flags again, as a command line (p3 serve passes them down to its nodes)."""
     argv = ["--dtype", args.dtype, "--kv-cache-memory", str(args.kv_cache_bytes)]
+    argv += ["--quantization", args.quantization]
     argv += ["--kv-cache-dtype", args.kv_cache_dtype]
     argv += ["--max-num-seqs", str(args.max_num_seqs)]
     argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
@@ -102,6 +117,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace) -> dict:
     names = (
         "device",
+        "quantization",
         "kv_cache_bytes",
         "kv_cache_dtype",
         "max_num_seqs",
@@ -139,6 +155,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     convert(Path(args.src), Path(args.dst), progress=not args.quiet)
     print(f"converted {args.src} -> {args.dst}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from p3.quantize import quantize_checkpoint
+
+    dst = quantize_checkpoint(args.src, Path(args.dst), args.quantization)
+    print(f"quantized {args.src} ({args.quantization}) -> {dst}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from p3.kernels.dispatch import kernel_report
+
+    print(json.dumps(kernel_report(args.device), indent=2))
     return 0
 
 
@@ -287,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst")
     conv.add_argument("--quiet", action="store_true")
     conv.set_defaults(func=cmd_convert)
+
+    quant = sub.add_parser("quantize", help="write a checkpoint with its linears quantized")
+    quant.add_argument("src", help="model dir, .gguf, or SmolLM2-135M-Instruct")
+    quant.add_argument("dst")
+    quant.add_argument("--quantization", default="q8_0", choices=("int8", "q8_0", "q4_0", "q4_1"))
+    quant.set_defaults(func=cmd_quantize)
+
+    info = sub.add_parser("info", help="this machine's processor and the kernels p3 picks here")
+    info.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
+    info.set_defaults(func=cmd_info)
     return parser
 
 

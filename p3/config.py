@@ -14,6 +14,37 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 where the hardware computes it natively (CUDA with bf16, a CPU with
+    AVX512-BF16 or AMX that oneDNN packs for), else fp32 (bf16 emulated on AVX2 is 8x slower
+    than fp32, and fp16 on a CPU slower still)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_bf16_is_native():
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_bf16_is_native() -> bool:
+    """The CPU computes bf16 in hardware and oneDNN packs bf16 linears for it (P3_CPU_ISA)."""
+    from p3.kernels.cpu import cpu_info
+
+    return cpu_info().native_bf16 and onednn_bf16_supported()
+
+
+def onednn_bf16_supported() -> bool:
+    """oneDNN's bf16 linears run here: AVX-512 BW/VL/DQ (or AVX-NE-CONVERT), within the cap."""
+    from p3.kernels.cpu import cpu_info
+
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if mkldnn is None or not hasattr(mkldnn, "_is_mkldnn_bf16_supported"):
+        return False
+    return cpu_info().has("avx512") and bool(mkldnn._is_mkldnn_bf16_supported())
 # "auto": the KV cache holds the model dtype; "int8": int8 values and one fp32 scale per token
 # and kv head (p3.kernels.attention)
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -117,7 +148,7 @@ def _rope_scaling(hf: dict[str, Any]) -> RopeScaling | None:
 class EngineConfig:
     """What the engine may use. KV blocks come from kv_cache_bytes, not a fixed count."""
 
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # see resolve_dtype
     device: str | None = None  # None: cuda when available, else cpu
     block_size: int = 16
     kv_cache_bytes: int = 2 * 1024**3
@@ -126,11 +157,15 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    quantization: str = "auto"  # p3.kernels.quant.QUANTIZATION_MODES
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
+        from p3.kernels.quant import mode_kind
+
+        mode_kind(self.quantization)  # ValueError names the modes
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got "
@@ -144,7 +179,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype, self.torch_device)
 
     @property
     def torch_device(self) -> torch.device:

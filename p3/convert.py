@@ -1,8 +1,11 @@
 """One-time conversions of a checkpoint into a Hugging Face style safetensors directory.
 
-A llama.cpp GGUF file is dequantized to float32 with the `gguf` package (exactly as
-transformers' own GGUF loader does); a pytorch_model*.bin checkpoint is re-saved as
-safetensors. Either way config.json and the tokenizer files land beside the weights.
+A llama.cpp GGUF file keeps its Q8_0 / Q4_0 / Q4_1 tensors as they are: their blocks are
+stored as uint8 [rows, row bytes] under the Hugging Face name and listed in quantization.json
+(see p3.kernels.quant for the layout); tensors of other types are dequantized to float32 with
+the `gguf` package (exactly as transformers' own GGUF loader does). A pytorch_model*.bin
+checkpoint is re-saved as safetensors. Either way config.json and the tokenizer files land
+beside the weights.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 MAX_SHARD_BYTES = 2 * 1024**3
+QUANTIZATION_FILE = "quantization.json"  # {"format": 1, "tensors": {hf name: kind}}
+GGUF_BLOCK_KINDS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 BIN_WEIGHTS = re.compile(r"pytorch_model.*\.bin(\.index\.json)?")
 SAFETENSORS_WEIGHTS = re.compile(r".*\.safetensors(\.index\.json)?")
 
@@ -63,7 +68,9 @@ def convert_gguf(src: Path, dst: Path, progress: bool = True) -> None:
     reader = gguf.GGUFReader(src)
     config = gguf_config(reader)
     dst.mkdir(parents=True, exist_ok=True)
-    save_sharded(_gguf_tensors(reader, config, progress), dst)
+    kinds: dict[str, str] = {}
+    save_sharded(_gguf_tensors(reader, config, progress, kinds), dst)
+    write_quantization(dst, kinds, source="gguf")
     write_json(dst / "config.json", config)
     write_json(dst / "generation_config.json", _generation_config(config))
     _save_gguf_tokenizer(src, dst, add_bos=_gguf_value(reader, "tokenizer.ggml.add_bos_token"))
@@ -123,17 +130,47 @@ def undo_rope_permutation(weights: np.ndarray, num_heads: int) -> np.ndarray:
     return per_head.swapaxes(1, 2).reshape(weights.shape)
 
 
-def _gguf_tensors(reader: Any, config: dict, progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(
+    reader: Any, config: dict, progress: bool, kinds: dict[str, str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor under its HF name: blocks as they are for the kinds p3 multiplies
+    directly (recorded in kinds), float32 for the rest."""
     from gguf.quants import dequantize
 
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF tensors", disable=not progress):
+    for tensor in tqdm(reader.tensors, desc="Reading GGUF tensors", disable=not progress):
         name = hf_tensor_name(tensor.name)
-        weights = dequantize(tensor.data, tensor.tensor_type)
+        kind = GGUF_BLOCK_KINDS.get(tensor.tensor_type.name)
+        if kind is not None and len(tensor.data.shape) == 2:
+            weights = np.asarray(tensor.data, dtype=np.uint8)  # [rows, row bytes]
+            kinds[name] = kind
+        else:
+            weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         projection = name.split(".")[-2]
-        if projection in heads:
+        if projection in heads:  # a permutation of rows: blocks move with their row
             weights = undo_rope_permutation(weights, heads[projection])
-        yield name, torch.from_numpy(np.array(weights, dtype=np.float32))
+        yield name, torch.from_numpy(np.ascontiguousarray(weights))
+
+
+def write_quantization(dst: Path, kinds: dict[str, str], source: str) -> None:
+    """quantization.json: which stored tensors are blocks, of which kind (none: no file)."""
+    if kinds:
+        write_json(dst / QUANTIZATION_FILE, {"format": 1, "source": source, "tensors": kinds})
+
+
+def read_quantization(model_dir: Path) -> dict[str, str]:
+    """{HF tensor name: block kind} of a directory's quantized tensors ({} when none)."""
+    path = Path(model_dir) / QUANTIZATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        kinds = data["tensors"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is malformed: {exc}") from None
+    if data.get("format") != 1 or not isinstance(kinds, dict):
+        raise ValueError(f"{path}: unknown format {data.get('format')!r}")
+    return kinds
 
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:

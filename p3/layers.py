@@ -1,10 +1,14 @@
-"""The one layer every other module builds on: a Linear that can repack itself for oneDNN."""
+"""The one layer every other module builds on: a Linear that holds float weights (which it can
+repack for oneDNN) or GGUF-style quantized blocks (p3.kernels.quant)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from p3.config import onednn_bf16_supported
+from p3.kernels.quant import QuantWeight, quant_linear
 
 
 class Linear(nn.Module):
@@ -19,11 +23,21 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: Tensor | None = None
+        self.quant: QuantWeight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.quant is not None:
+            return quant_linear(x, self.quant, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def use_blocks(self, kind: str) -> QuantWeight:
+        """Hold the weight as `kind` blocks from now on (filled by the loader)."""
+        rows, cols = self.weight.shape
+        self.quant = QuantWeight.empty(kind, rows, cols, self.weight.device)
+        self.weight = None  # never touched, so never resident
+        return self.quant
 
     def pack_for_cpu(self) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 32)
@@ -31,10 +45,12 @@ class Linear(nn.Module):
 
 
 def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN's packed bf16 linear: bit-identical to F.linear here; fp32 packing is not."""
+    """oneDNN's packed bf16 linear: bit-identical to F.linear here; fp32 packing is not. It
+    needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT (on an AVX2-only CPU the reorder raises)."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and onednn_bf16_supported()
     )

@@ -112,7 +112,7 @@ def child_seed(seed: int | None, index: int) -> int | None:
 
 class LLM:
     def __init__(
-        self, model: str | Path | None = None, dtype: str = "bfloat16", **engine_options: Any
+        self, model: str | Path | None = None, dtype: str = "auto", **engine_options: Any
     ):
         self.engine = Engine(model, EngineConfig(dtype=dtype, **engine_options))
         self.tokenizer = Tokenizer.from_dir(self.engine.model_dir)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from p3.config import ModelConfig, RopeScaling
 from p3.kernels.attention import paged_decode_attention, prefill_attention
 from p3.kernels.fused import fused_add_rms_norm, rms_norm, rope_store_kv, silu_mul
+from p3.kernels.quant import BLOCK, QuantWeight, mode_kind, quantize_weight
 from p3.layers import Linear, can_pack_linears
 from p3.parallel import (
     ColumnParallelLinear,
@@ -42,6 +43,11 @@ class AttentionContext:
     prefill_cu_seqlens: list[int]  # offsets of the prefill chunks after the decode tokens
     prefill_cached_lens: list[int]  # tokens of each prefilling sequence already in the cache
     prefill_block_tables: Tensor | None  # [num_prefill_seqs, max_blocks] int32
+    # Batch-invariant attention (CPU): every token, prefill included, attends as a decode
+    # query over the cache through the one paged kernel, so a token's result does not depend
+    # on how its prompt was chunked or what else is in the step. None: prefill by sdpa.
+    token_block_tables: Tensor | None = None  # [T, max_blocks] int32
+    token_context_lens: Tensor | None = None  # [T] int32: position + 1
 
 
 class RMSNorm(nn.Module):
@@ -111,6 +117,17 @@ class Attention(nn.Module):
         nd = ctx.num_decode
         if nd == q.shape[0]:
             return self._decode(q, ctx)
+        if ctx.token_block_tables is not None:
+            return paged_decode_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                ctx.token_block_tables,
+                ctx.token_context_lens,
+                self.scale,
+                self.k_scale,
+                self.v_scale,
+            )
         prefill = prefill_attention(
             q[nd:],
             k[nd:],
@@ -273,22 +290,81 @@ def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]
             yield hf + f"{norm}.weight", p3 + f"{name}.weight", 0, cfg.hidden_size, None
 
 
-def load_weights(model: Transformer, tensors: Iterable[tuple[str, Tensor]]) -> None:
-    """Copy checkpoint tensors (this rank's slices) into the parameters; every slot filled."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+Weight = Tensor | QuantWeight
+BLOCK_WEIGHTS = ("attn.qkv.weight", "attn.o_proj.weight", "mlp.gate_up.weight", "mlp.down.weight")
+
+
+def quantization_plan(
+    cfg: ModelConfig, shard: Shard, stored: dict[str, str], mode: str, device: torch.device
+) -> dict[str, str]:
+    """{p3 parameter: block kind} for the weights held as blocks. `stored`: the checkpoint's
+    quantized tensors (HF name -> kind). auto keeps a parameter in blocks when all its parts
+    are stored in one kind (and this rank's slice falls on block boundaries); a kind puts
+    every linear in it and the embedding/head in q8_0; none, or a device other than the CPU
+    under auto, keeps floats."""
+    kind = mode_kind(mode)
+    if mode == "none" or (kind is None and device.type != "cpu"):
+        return {}
+    kinds: dict[str, set[str | None]] = {}
+    for hf_name, name, _, _, part in weight_slots(cfg, shard):
+        if not name.endswith(BLOCK_WEIGHTS + ("embed.weight", "lm_head.weight")):
+            continue
+        wanted = stored.get(hf_name) if kind is None else kind
+        if wanted is not None and kind is not None and not name.endswith(BLOCK_WEIGHTS):
+            wanted = "q8_0"
+        if part is not None and part[0] == 1 and (part[1] % BLOCK or part[2] % BLOCK):
+            wanted = None
+        kinds.setdefault(name, set()).add(wanted)
+    return {name: k for name, ks in kinds.items() if len(ks) == 1 and (k := ks.pop()) is not None}
+
+
+def load_weights(model: Transformer, tensors: Iterable[tuple[str, Weight]]) -> None:
+    """Copy checkpoint tensors (this rank's slices) into the parameters, or into the blocks
+    of the weights held quantized (quantizing or dequantizing where the checkpoint's form
+    differs); every slot filled."""
+    targets: dict[str, Weight] = {
+        name: param.data for name, param in model.named_parameters(remove_duplicate=False)
+    }
+    targets.update(_block_targets(model))
     slots: dict[str, list[tuple[str, int, int, tuple[int, int, int] | None]]] = {}
     for hf_name, name, start, end, part in weight_slots(model.cfg, model.shard):
         slots.setdefault(hf_name, []).append((name, start, end, part))
-    missing = {(n, s) for targets in slots.values() for n, s, _, _ in targets}
+    missing = {(n, s) for targets_ in slots.values() for n, s, _, _ in targets_}
     for hf_name, tensor in tensors:
         for name, start, end, part in slots.get(hf_name, ()):
-            if part is not None:
-                dim, lo, hi = part
-                tensor = tensor.narrow(dim, lo, hi - lo)
-            params[name].data[start:end].copy_(tensor)
+            _fill(targets[name], start, end, _slice(tensor, part))
             missing.discard((name, start))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def _block_targets(model: Transformer) -> dict[str, QuantWeight]:
+    return {
+        f"{name}.weight": module.quant
+        for name, module in model.named_modules(remove_duplicate=False)
+        if getattr(module, "quant", None) is not None
+    }
+
+
+def _slice(tensor: Weight, part: tuple[int, int, int] | None) -> Weight:
+    if part is None:
+        return tensor
+    dim, lo, hi = part
+    if isinstance(tensor, QuantWeight) and dim == 1 and (lo % BLOCK or hi % BLOCK):
+        tensor = tensor.dequantize()  # a split inside a block: this rank keeps floats
+    return tensor.narrow(dim, lo, hi - lo)
+
+
+def _fill(target: Weight, start: int, end: int, source: Weight) -> None:
+    if isinstance(target, QuantWeight):
+        if not isinstance(source, QuantWeight) or source.kind != target.kind:
+            floats = source.dequantize() if isinstance(source, QuantWeight) else source
+            source = quantize_weight(floats, target.kind)
+        target.blocks[start:end].copy_(source.blocks)
+    elif isinstance(source, QuantWeight):
+        target[start:end].copy_(source.dequantize(target.dtype))
+    else:
+        target[start:end].copy_(source)
 
 
 @contextlib.contextmanager
@@ -303,25 +379,42 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def build_model(
     cfg: ModelConfig,
-    tensors: Iterable[tuple[str, Tensor]],
+    tensors: Iterable[tuple[str, Weight]],
     dtype: torch.dtype,
     device: torch.device,
     max_len: int,
     shard: Shard | None = None,
+    blocks: dict[str, str] | None = None,
 ) -> Transformer:
     """Allocate uninitialised on the device, in the dtype, then fill from the checkpoint.
+    blocks: {parameter: kind} of the weights to hold quantized (see quantization_plan); their
+    float storage is allocated but never touched, so it never becomes resident.
     (Not meta + to_empty: that path imports sympy, half a second of start-up.)"""
     with torch.device(device), _default_dtype(dtype):
         model = Transformer(cfg, max_len, shard)
+    for name, kind in (blocks or {}).items():
+        module = model.get_submodule(name.removesuffix(".weight"))
+        tied_head = cfg.tie_word_embeddings and name == "lm_head.weight" and model.embed
+        if not tied_head and module.weight.shape[1] % BLOCK == 0:  # else it stays float
+            module.use_blocks(kind)
     if cfg.tie_word_embeddings and model.embed is not None and model.lm_head is not None:
         model.lm_head.weight = model.embed.weight
+        if model.embed.quant is not None:
+            model.lm_head.quant, model.lm_head.weight = model.embed.quant, None
     for vocab_rows in (model.embed, model.lm_head):
         if vocab_rows is not None:  # the last rank's padding rows past the vocabulary stay 0
-            vocab_rows.weight.data.zero_()
+            _zero(vocab_rows)
     load_weights(model, tensors)
     model.setup_rope()
     if can_pack_linears(device, dtype):
         for module in model.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and module.quant is None:
                 module.pack_for_cpu()
     return model.eval().requires_grad_(False)
+
+
+def _zero(module: nn.Module) -> None:
+    if module.quant is not None:
+        module.quant.blocks.zero_()  # d = 0 (and m = 0): every weight 0
+    else:
+        module.weight.data.zero_()

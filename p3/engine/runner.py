@@ -13,6 +13,8 @@ from p3.config import EngineConfig, ModelConfig
 from p3.engine.scheduler import ScheduledBatch
 from p3.engine.sequence import Sequence
 from p3.kernels import build
+from p3.kernels.attention import CPU_KERNEL_DTYPES, cpu_decode_kernel_available
+from p3.kernels.dispatch import log_kernels
 from p3.kernels.sampling import Sampler, SampleResult, SampleRow
 from p3.model import AttentionContext, Transformer
 from p3.parallel import PendingLogits, StepPlan, receive_plan, send_logits, send_plan
@@ -70,6 +72,12 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()
             build.warm()  # compile the C++ kernels now (once per machine), not in the first step
+            log_kernels(str(self.device))
+        self.invariant_attention = (  # see AttentionContext.token_block_tables
+            self.device.type == "cpu"
+            and cfg.torch_dtype in CPU_KERNEL_DTYPES
+            and cpu_decode_kernel_available()
+        )
         cache_dtype = cfg.kv_cache_torch_dtype
         for layer in model.layers:  # never read before written: no need to zero
             shape = (num_blocks, cfg.block_size, layer.attn.num_kv_heads, model_cfg.head_dim)
@@ -191,6 +199,7 @@ class ModelRunner:
         return plan, sampling_seqs, prompt_rows
 
     def tensors(self, plan: StepPlan) -> PreparedBatch:
+        token_tables, token_lens = self._token_tables(plan)
         ctx = AttentionContext(
             slot_mapping=self._tensor(plan.slots, torch.int64),
             num_decode=plan.num_decode,
@@ -199,6 +208,8 @@ class ModelRunner:
             prefill_cu_seqlens=plan.prefill_cu_seqlens,
             prefill_cached_lens=plan.prefill_cached_lens,
             prefill_block_tables=self._block_tables(plan.prefill_block_tables),
+            token_block_tables=token_tables,
+            token_context_lens=token_lens,
         )
         return PreparedBatch(
             input_ids=self._tensor(plan.input_ids, torch.int64),
@@ -207,6 +218,24 @@ class ModelRunner:
             logits_indices=self._tensor(plan.logits_indices, torch.int64),
             sampling_seqs=[],
         )
+
+    def _token_tables(self, plan: StepPlan) -> tuple[Tensor | None, Tensor | None]:
+        """Every token's block table and context length, for batch-invariant attention
+        (a step with prefill tokens, on the CPU with the paged kernel); else (None, None)."""
+        if not self.invariant_attention or len(plan.input_ids) == plan.num_decode:
+            return None, None
+        tables = plan.decode_block_tables + [
+            table
+            for table, start, end in zip(
+                plan.prefill_block_tables,
+                plan.prefill_cu_seqlens,
+                plan.prefill_cu_seqlens[1:],
+                strict=False,
+            )
+            for _ in range(end - start)
+        ]
+        lens = [p + 1 for p in plan.positions]
+        return self._block_tables(tables), self._tensor(lens, torch.int32)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table

@@ -13,12 +13,13 @@ prefill when it gathers a cached prefix.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from p3.kernels import build
+from p3.kernels import build, cpu
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 INT8_MAX = 127
@@ -90,6 +91,7 @@ def paged_decode_attention(
                 float(scale),
                 k_scale=k_scale,
                 v_scale=v_scale,
+                isa=decode_isa_cap(),
             )
     return paged_decode_attention_torch(
         q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale
@@ -187,6 +189,25 @@ def cpu_decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         and q.dtype in CPU_KERNEL_DTYPES
         and k_cache.dtype in (q.dtype, torch.int8)
     )
+
+
+@functools.cache
+def decode_isa_cap() -> str:
+    """The ISA level the decode kernel may use: this machine's, under P3_CPU_ISA (read once)."""
+    return cpu.isa()
+
+
+def decode_kernel_choice(head_dim: int = 64) -> str:
+    """What paged_decode_attention runs on the CPU here, for a cache in the model dtype and
+    an int8 one: cpp-avx512, cpp-avx2 (head_dim a multiple of 8), cpp-portable, or torch
+    without the kernels."""
+    kernels = build.load()
+    if kernels is None:
+        return "torch"
+    cap = decode_isa_cap()
+    same = kernels.decode_isa(head_dim, cap, int8_cache=False)
+    int8 = kernels.decode_isa(head_dim, cap, int8_cache=True)
+    return f"cpp-{same}" if same == int8 else f"cpp-{same} (int8 cache: cpp-{int8})"
 
 
 def cpu_decode_kernel_available() -> bool:

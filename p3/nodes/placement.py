@@ -34,19 +34,17 @@ def available_memory(device: str | None) -> int:
     return 0
 
 
-def model_bytes(model: str | None, dtype: str) -> int:
+def model_bytes(model: str | None, itemsize: int) -> int:
     """The model's weights in dtype, from its config.json alone (0 when not at hand yet,
     e.g. a .gguf not converted so far)."""
-    import torch
-
-    from p3.config import DTYPES, ModelConfig
+    from p3.config import ModelConfig
     from p3.weights import DEFAULT_MODEL, load_config, models_dir
 
     path = models_dir() / DEFAULT_MODEL if model in (None, DEFAULT_MODEL) else Path(model)
     if not (path / "config.json").is_file():
         return 0
     cfg = ModelConfig.from_hf(load_config(path))
-    return cfg.num_parameters * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return cfg.num_parameters * itemsize
 
 
 def why_unfit(capacity: m.Capacity, replica_size: int, model: str) -> str | None:

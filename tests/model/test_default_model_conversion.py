@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 import torch
 
+from p3.kernels.quant import QuantWeight
 from p3.tokenizer import Tokenizer
 from p3.weights import (
     DEFAULT_MODEL,
@@ -29,11 +31,27 @@ def transformers_gguf_state() -> dict[str, torch.Tensor]:
 
 
 def test_tensors_equal_transformers_gguf_load(default_model_dir, transformers_gguf_state):
+    """Dequantized, the stored blocks are exactly what transformers reads from the GGUF."""
     ours = dict(iter_state_dict(default_model_dir))
     assert set(transformers_gguf_state) - set(ours) == {"lm_head.weight"}  # tied to embeddings
     for name, tensor in ours.items():
-        assert tensor.dtype == torch.float32
-        assert torch.equal(tensor, transformers_gguf_state[name]), name
+        floats = tensor.dequantize() if isinstance(tensor, QuantWeight) else tensor
+        assert floats.dtype == torch.float32
+        assert torch.equal(floats, transformers_gguf_state[name]), name
+
+
+def test_blocks_are_the_gguf_bytes(default_model_dir):
+    """Q4_1 linears and the Q8_0 embedding stay blocks: the cache holds the file's bytes."""
+    kinds = {
+        name: tensor.kind
+        for name, tensor in iter_state_dict(default_model_dir)
+        if isinstance(tensor, QuantWeight)
+    }
+    assert kinds["model.embed_tokens.weight"] == "q8_0"
+    linears = {k for n, k in kinds.items() if n.startswith("model.layers.")}
+    assert linears == {"q4_1"} and len(kinds) == 1 + 30 * 7
+    cached = sum(f.stat().st_size for f in default_model_dir.glob("*.safetensors"))
+    assert abs(cached - default_gguf_path().stat().st_size) < 3 * 2**20  # + f32 norms, headers
 
 
 def test_config_facts(default_model_dir):
@@ -59,7 +77,8 @@ def test_config_facts(default_model_dir):
 
 
 def test_parameter_count(default_model_dir):
-    assert sum(t.numel() for _, t in iter_state_dict(default_model_dir)) == 134_515_008
+    sizes = [math.prod(t.shape) for _, t in iter_state_dict(default_model_dir)]
+    assert sum(sizes) == 134_515_008
 
 
 def test_cached_model_resolves_fast(default_model_dir):

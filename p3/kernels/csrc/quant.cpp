@@ -1,0 +1,448 @@
+// Quantized linears and embeddings on CPU: weights in GGUF's own blocks of 32 (Q8_0, Q4_0,
+// Q4_1, the same bytes as on disk), activations quantized on the fly to int8 per block of 32
+// (a fp32 scale d and, for Q4_1's min, the block's d * sum(q)), integer dot products, fp32
+// accumulation.
+//
+// One output y[m][n] is, whatever the batch, the tile or the variant:
+//   acc[l] = fma(dw_b * da_b, float(sum of the 4 products of lane l in block b), acc[l]),
+//   over the blocks b in order, l = 0..7 (lane l holds elements 4l..4l+3 of a block);
+//   y = hsum(acc) + sum_b(mw_b * sa_b) (Q4_1 only, in block order) + bias,
+// with hsum = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)), the AVX2 reduction. The integer lane
+// sums are exact, so every variant (portable C++, AVX2) gives the same bits, and a row's
+// result never depends on what else is in the batch (batch invariance).
+//
+// Variants: "portable" (plain C++, any CPU) and "avx2" (maddubs/madd; also what an AVX-512
+// machine runs until it has a variant of its own). The caller picks one by level; an x86
+// variant is compiled with a target attribute and only called when the CPU has it, so one
+// build serves every machine and the sources compile on aarch64.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define P3_X86 1
+#define P3_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace {
+
+constexpr int kBlock = 32;
+enum Kind : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
+enum Level : int { kPortable = 0, kAvx2 = 1 };
+
+constexpr int block_bytes(Kind kind) {
+  return kind == kQ8_0 ? 34 : kind == kQ4_0 ? 18 : 20;
+}
+constexpr int qs_offset(Kind kind) { return kind == kQ4_1 ? 4 : 2; }
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+// Activations, quantized per block of 32: q = round-half-even(x / d), d = max|x| / 127.
+struct QuantizedRows {
+  int64_t rows = 0, blocks = 0;
+  std::vector<int8_t> q;   // [rows, blocks * 32]
+  std::vector<float> d;    // [rows, blocks]
+  std::vector<float> sum;  // [rows, blocks]: d * sum(q), for Q4_1's min term
+  const int8_t* q_at(int64_t m, int64_t b) const { return q.data() + (m * blocks + b) * kBlock; }
+  float d_at(int64_t m, int64_t b) const { return d[m * blocks + b]; }
+  float sum_at(int64_t m, int64_t b) const { return sum[m * blocks + b]; }
+};
+
+inline void quantize_block_portable(const float* x, int8_t* q, float* d, float* s) {
+  float amax = 0.f;
+  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.f;
+  const float inv = scale != 0.f ? 1.f / scale : 0.f;
+  int total = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    const int v = static_cast<int>(std::nearbyint(x[i] * inv));
+    q[i] = static_cast<int8_t>(v);
+    total += v;
+  }
+  *d = scale;
+  *s = scale * static_cast<float>(total);
+}
+
+inline float hsum8(const float* a) {
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+// -- portable ------------------------------------------------------------------------------
+
+template <Kind K>
+inline void unpack_portable(const uint8_t* block, int* w) {
+  const uint8_t* qs = block + qs_offset(K);
+  if constexpr (K == kQ8_0) {
+    for (int i = 0; i < kBlock; ++i) w[i] = static_cast<int8_t>(qs[i]);
+  } else {
+    const int offset = K == kQ4_0 ? 8 : 0;
+    for (int i = 0; i < 16; ++i) {
+      w[i] = (qs[i] & 0x0F) - offset;
+      w[i + 16] = (qs[i] >> 4) - offset;
+    }
+  }
+}
+
+template <Kind K>
+void rows_portable(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x, int64_t n0,
+                   int64_t n1, float* out, int64_t ldo) {
+  int wq[kBlock];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t m = 0; m < x.rows; ++m) {
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      float mins = 0.f;
+      for (int64_t b = 0; b < x.blocks; ++b) {
+        const uint8_t* block = row + b * block_bytes(K);
+        unpack_portable<K>(block, wq);
+        const int8_t* a = x.q_at(m, b);
+        const float scale = half_at(block) * x.d_at(m, b);
+        for (int l = 0; l < 8; ++l) {
+          int lane = 0;
+          for (int i = 4 * l; i < 4 * l + 4; ++i) lane += wq[i] * a[i];
+          acc[l] = std::fma(scale, static_cast<float>(lane), acc[l]);
+        }
+        if constexpr (K == kQ4_1) mins += half_at(block + 2) * x.sum_at(m, b);
+      }
+      out[m * ldo + n] = hsum8(acc) + mins;
+    }
+  }
+}
+
+void quantize_rows_portable(const float* x, int64_t m0, int64_t m1, int64_t cols,
+                            QuantizedRows& out) {
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t b = 0; b < out.blocks; ++b) {
+      const int64_t i = m * out.blocks + b;
+      quantize_block_portable(x + m * cols + b * kBlock, out.q.data() + i * kBlock, &out.d[i],
+                              &out.sum[i]);
+    }
+  }
+}
+
+// -- AVX2 ------------------------------------------------------------------------------------
+
+#ifdef P3_X86
+
+P3_AVX2_FN inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// A weight block made ready for products with any activation block: `mag` goes into
+// maddubs as the unsigned operand, `sign` (for the signed kinds) moves onto the activation.
+struct Prepared {
+  __m256i mag, sign;
+  float d, m;  // scale and (Q4_1) min
+};
+
+template <Kind K>
+P3_AVX2_FN inline Prepared prepare_avx2(const uint8_t* block) {
+  Prepared p;
+  uint16_t h[2];
+  std::memcpy(h, block, 4);
+  p.d = _cvtsh_ss(h[0]);
+  p.m = K == kQ4_1 ? _cvtsh_ss(h[1]) : 0.f;
+  const uint8_t* qs = block + qs_offset(K);
+  if constexpr (K == kQ8_0) {
+    p.sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+  } else {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(packed),
+                                                 _mm_srli_epi16(packed, 4), 1);
+    p.sign = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    if constexpr (K == kQ4_0) p.sign = _mm256_sub_epi8(p.sign, _mm256_set1_epi8(8));
+  }
+  p.mag = K == kQ4_1 ? p.sign : _mm256_sign_epi8(p.sign, p.sign);
+  return p;
+}
+
+template <Kind K>
+P3_AVX2_FN inline __m256 lanes_avx2(const Prepared& w, __m256i a) {
+  const __m256i signed_a = K == kQ4_1 ? a : _mm256_sign_epi8(a, w.sign);
+  const __m256i pairs = _mm256_maddubs_epi16(w.mag, signed_a);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+// An MR x NR tile of outputs over every block: each weight block is unpacked once and used
+// for MR activation rows.
+template <Kind K, int MR, int NR>
+P3_AVX2_FN void tile_avx2(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x,
+                          int64_t m0, int64_t n0, float* out, int64_t ldo) {
+  __m256 acc[MR][NR];
+  float mins[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps(), mins[i][j] = 0.f;
+  for (int64_t b = 0; b < x.blocks; ++b) {
+    Prepared p[NR];
+    for (int j = 0; j < NR; ++j) p[j] = prepare_avx2<K>(w + (n0 + j) * row_bytes + b * block_bytes(K));
+    for (int i = 0; i < MR; ++i) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q_at(m0 + i, b)));
+      const float da = x.d_at(m0 + i, b);
+      for (int j = 0; j < NR; ++j) {
+        const __m256 scale = _mm256_set1_ps(p[j].d * da);
+        acc[i][j] = _mm256_fmadd_ps(scale, lanes_avx2<K>(p[j], a), acc[i][j]);
+      }
+      if constexpr (K == kQ4_1) {
+        const float sa = x.sum_at(m0 + i, b);
+        for (int j = 0; j < NR; ++j) mins[i][j] += p[j].m * sa;
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      out[(m0 + i) * ldo + n0 + j] = hsum_avx2(acc[i][j]) + mins[i][j];
+}
+
+template <Kind K, int NR>
+P3_AVX2_FN void column_avx2(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x,
+                            int64_t n0, float* out, int64_t ldo) {
+  constexpr int MR = 4;
+  int64_t m = 0;
+  for (; m + MR <= x.rows; m += MR) tile_avx2<K, MR, NR>(w, row_bytes, x, m, n0, out, ldo);
+  switch (x.rows - m) {
+    case 3: tile_avx2<K, 3, NR>(w, row_bytes, x, m, n0, out, ldo); break;
+    case 2: tile_avx2<K, 2, NR>(w, row_bytes, x, m, n0, out, ldo); break;
+    case 1: tile_avx2<K, 1, NR>(w, row_bytes, x, m, n0, out, ldo); break;
+    default: break;
+  }
+}
+
+template <Kind K>
+P3_AVX2_FN void rows_avx2(const uint8_t* w, int64_t row_bytes, const QuantizedRows& x,
+                          int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  // one activation row (decode): 4 weight rows at a time keep 4 streams of loads going;
+  // several rows: 2 weight rows x 4 activation rows per tile
+  const int64_t nr = x.rows == 1 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + nr <= n1; n += nr) {
+    if (nr == 4) {
+      tile_avx2<K, 1, 4>(w, row_bytes, x, 0, n, out, ldo);
+    } else {
+      column_avx2<K, 2>(w, row_bytes, x, n, out, ldo);
+    }
+  }
+  for (; n < n1; ++n) column_avx2<K, 1>(w, row_bytes, x, n, out, ldo);
+}
+
+P3_AVX2_FN void quantize_rows_avx2(const float* x, int64_t m0, int64_t m1, int64_t cols,
+                                   QuantizedRows& out) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t b = 0; b < out.blocks; ++b) {
+      const float* src = x + m * cols + b * kBlock;
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        v[k] = _mm256_loadu_ps(src + 8 * k);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[k], abs_mask));
+      }
+      float lanes[8];
+      _mm256_storeu_ps(lanes, amax);
+      float top = 0.f;
+      for (float lane : lanes) top = std::max(top, lane);
+      const float scale = top / 127.f;
+      const __m256 inv = _mm256_set1_ps(scale != 0.f ? 1.f / scale : 0.f);
+      __m256i q[4];
+      __m256i total = _mm256_setzero_si256();
+      for (int k = 0; k < 4; ++k) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[k], inv),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q[k] = _mm256_cvtps_epi32(r);
+        total = _mm256_add_epi32(total, q[k]);
+      }
+      // int32 x 32 -> int8 x 32 in element order (packs work within 128-bit lanes)
+      const __m256i q16a = _mm256_packs_epi32(q[0], q[1]);
+      const __m256i q16b = _mm256_packs_epi32(q[2], q[3]);
+      const __m256i q8 = _mm256_packs_epi16(q16a, q16b);
+      const __m256i ordered = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      const int64_t i = m * out.blocks + b;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + i * kBlock), ordered);
+      int32_t sums[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums), total);
+      int sum = 0;
+      for (int32_t s : sums) sum += s;
+      out.d[i] = scale;
+      out.sum[i] = scale * static_cast<float>(sum);
+    }
+  }
+}
+
+#endif  // P3_X86
+
+// -- dispatch --------------------------------------------------------------------------------
+
+bool level_available(int level) {
+  if (level == kPortable) return true;
+#ifdef P3_X86
+  if (level == kAvx2) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+#endif
+  return false;
+}
+
+void check_level(int level) {
+  TORCH_CHECK(level_available(level), "quant kernels: level ", level,
+              " is not available on this CPU (0 = portable, 1 = avx2)");
+}
+
+Kind kind_of(int64_t kind) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "quant kernels: unknown kind ", kind);
+  return static_cast<Kind>(kind);
+}
+
+at::Tensor float_rows(const at::Tensor& x, int64_t cols, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == cols, what, ": last dim must be ", cols);
+  return x.reshape({-1, cols}).to(at::kFloat).contiguous();
+}
+
+QuantizedRows quantize(const at::Tensor& x2d, int level) {
+  QuantizedRows out;
+  out.rows = x2d.size(0);
+  out.blocks = x2d.size(1) / kBlock;
+  out.q.resize(out.rows * out.blocks * kBlock);
+  out.d.resize(out.rows * out.blocks);
+  out.sum.resize(out.rows * out.blocks);
+  const float* data = x2d.data_ptr<float>();
+  const int64_t cols = x2d.size(1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cols));
+  at::parallel_for(0, out.rows, grain, [&](int64_t m0, int64_t m1) {
+#ifdef P3_X86
+    if (level == kAvx2) return quantize_rows_avx2(data, m0, m1, cols, out);
+#endif
+    quantize_rows_portable(data, m0, m1, cols, out);
+  });
+  return out;
+}
+
+template <Kind K>
+void rows_for_level(int level, const uint8_t* w, int64_t row_bytes, const QuantizedRows& x,
+                    int64_t n0, int64_t n1, float* out, int64_t ldo) {
+#ifdef P3_X86
+  if (level == kAvx2) return rows_avx2<K>(w, row_bytes, x, n0, n1, out, ldo);
+#endif
+  rows_portable<K>(w, row_bytes, x, n0, n1, out, ldo);
+}
+
+// y [M, N] = x [M, K] W^T (+ bias), W the [N, K / 32 * block bytes] blocks of `kind`.
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t kind_id,
+                        const c10::optional<at::Tensor>& bias, int64_t level) {
+  const Kind kind = kind_of(kind_id);
+  check_level(static_cast<int>(level));
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(),
+              "quant_linear: blocks must be contiguous uint8 [N, row bytes]");
+  const int64_t n = blocks.size(0), row_bytes = blocks.size(1);
+  TORCH_CHECK(row_bytes % block_bytes(kind) == 0, "quant_linear: row bytes ", row_bytes,
+              " is not a whole number of blocks");
+  const int64_t k = row_bytes / block_bytes(kind) * kBlock;
+  const at::Tensor x2d = float_rows(x, k, "quant_linear");
+  const QuantizedRows q = quantize(x2d, static_cast<int>(level));
+  at::Tensor out = at::empty({q.rows, n}, x2d.options());
+  float* y = out.data_ptr<float>();
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  // chunks of 16 weight rows (a multiple of every tile width) from torch's thread pool
+  constexpr int64_t kRows = 16;
+  const int64_t chunks = (n + kRows - 1) / kRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = c0 * kRows, n1 = std::min(n, c1 * kRows);
+    switch (kind) {
+      case kQ8_0: return rows_for_level<kQ8_0>(level, w, row_bytes, q, n0, n1, y, n);
+      case kQ4_0: return rows_for_level<kQ4_0>(level, w, row_bytes, q, n0, n1, y, n);
+      case kQ4_1: return rows_for_level<kQ4_1>(level, w, row_bytes, q, n0, n1, y, n);
+    }
+  });
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(at::kFloat));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  out = out.view(shape);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+// Rows `ids` of a blocks table, dequantized: w = q d (+ m for Q4_1), as GGUF defines them.
+at::Tensor quant_embedding(const at::Tensor& ids, const at::Tensor& blocks, int64_t kind_id,
+                           at::ScalarType dtype) {
+  const Kind kind = kind_of(kind_id);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(),
+              "quant_embedding: blocks must be contiguous uint8 [V, row bytes]");
+  const int64_t rows = blocks.size(0), row_bytes = blocks.size(1);
+  const int64_t nb = row_bytes / block_bytes(kind), k = nb * kBlock;
+  const at::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t t = flat.numel();
+  at::Tensor out = at::empty({t, k}, blocks.options().dtype(at::kFloat));
+  const int64_t* id = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t; ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < rows, "quant_embedding: id ", id[i], " out of range");
+  }
+  float* y = out.data_ptr<float>();
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  at::parallel_for(0, t, 16, [&](int64_t t0, int64_t t1) {
+    int q[kBlock];
+    for (int64_t i = t0; i < t1; ++i) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* block = w + id[i] * row_bytes + b * block_bytes(kind);
+        const float d = half_at(block);
+        const float mn = kind == kQ4_1 ? half_at(block + 2) : 0.f;
+        switch (kind) {
+          case kQ8_0: unpack_portable<kQ8_0>(block, q); break;
+          case kQ4_0: unpack_portable<kQ4_0>(block, q); break;
+          case kQ4_1: unpack_portable<kQ4_1>(block, q); break;
+        }
+        float* dst = y + i * k + b * kBlock;
+        for (int j = 0; j < kBlock; ++j) {
+          dst[j] = kind == kQ4_1 ? static_cast<float>(q[j]) * d + mn : static_cast<float>(q[j]) * d;
+        }
+      }
+    }
+  });
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(k);
+  out = out.view(shape);
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
+// The activations' quantization as the kernels do it: (q int8 [M, K], d [M, K/32], d*sum(q)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x,
+                                                                     int64_t level) {
+  check_level(static_cast<int>(level));
+  TORCH_CHECK(x.size(-1) % kBlock == 0, "quantize_activations: last dim must be a multiple of 32");
+  const at::Tensor x2d = float_rows(x, x.size(-1), "quantize_activations");
+  const QuantizedRows q = quantize(x2d, static_cast<int>(level));
+  at::Tensor qt = at::empty({q.rows, q.blocks * kBlock}, x2d.options().dtype(at::kChar));
+  at::Tensor dt = at::empty({q.rows, q.blocks}, x2d.options());
+  at::Tensor st = at::empty({q.rows, q.blocks}, x2d.options());
+  std::memcpy(qt.data_ptr<int8_t>(), q.q.data(), q.q.size());
+  std::memcpy(dt.data_ptr<float>(), q.d.data(), q.d.size() * sizeof(float));
+  std::memcpy(st.data_ptr<float>(), q.sum.data(), q.sum.size() * sizeof(float));
+  return {qt, dt, st};
+}
+
+}  // namespace
+
+void register_quant(pybind11::module_& m) {
+  using pybind11::arg;
+  m.def("quant_linear", &quant_linear, arg("x"), arg("blocks"), arg("kind"), arg("bias"),
+        arg("level"));
+  m.def("quant_embedding", &quant_embedding, arg("ids"), arg("blocks"), arg("kind"),
+        arg("dtype"));
+  m.def("quantize_activations", &quantize_activations, arg("x"), arg("level"));
+  m.def("quant_level_available", [](int64_t level) { return level_available(int(level)); });
+}
