@@ -1,7 +1,8 @@
 """The int8 KV cache against the model-dtype cache on a real model, end to end.
 
-    python scripts/bench_kv_cache.py [--model DIR] [--dtype float32] [--threads 1]
-                                     [--batch 4] [--context 1024] [--new-tokens 32]
+    python scripts/bench_kv_cache.py [--model DIR] [--dtype float32] [--quantization auto]
+                                     [--threads 1] [--batch 4] [--context 1024]
+                                     [--new-tokens 32]
 
 Prints, for each --kv-cache-dtype: the blocks --kv-cache-memory buys; greedy chat answers'
 agreement with the model-dtype cache (tokens before the first divergence); and the time of
@@ -31,10 +32,16 @@ QUESTIONS = [
 ]
 
 
-def make_llm(model, dtype, kv_cache_dtype, memory):
+def make_llm(model, dtype, quantization, kv_cache_dtype, memory):
     from p3 import LLM
 
-    return LLM(model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, kv_cache_bytes=memory)
+    return LLM(
+        model,
+        dtype=dtype,
+        quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_bytes=memory,
+    )
 
 
 def chat_answers(llm, new_tokens: int) -> list[list[int]]:
@@ -81,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default="auto", help="weights, as --quantization")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory", default="1GiB", help="--kv-cache-memory")
     parser.add_argument("--batch", type=int, default=4)
@@ -93,10 +101,13 @@ def main() -> None:
 
     model = resolve_model(args.model)
     memory = parse_size(args.memory)
-    print(f"model {model.name}, {args.dtype}, threads {torch.get_num_threads()}")
+    print(
+        f"model {model.name}, {args.dtype}, weights {args.quantization}, "
+        f"threads {torch.get_num_threads()}"
+    )
     answers = {}
     for kv in ("auto", "int8"):
-        llm = make_llm(model, args.dtype, kv, memory)
+        llm = make_llm(model, args.dtype, args.quantization, kv, memory)
         answers[kv] = chat_answers(llm, args.new_tokens)
         shallow = decode_step_ms(llm, args.batch, 1, args.new_tokens)
         deep = decode_step_ms(llm, args.batch, args.context, args.new_tokens)
