@@ -297,6 +297,7 @@ P3_AVX2_FN void quantize_rows_avx2(const float* x, int64_t m0, int64_t m1, int64
 // Here y[m][n] = sum over b in order of fma(dw * da, float(dot_b), .) + sum_b (mw * sa).
 
 constexpr int kGroup = 8;
+constexpr int kPrefetchBytes = 2048;
 constexpr int group_bytes(Kind kind) { return block_bytes(kind) * kGroup; }
 constexpr int group_qs(Kind kind) { return kind == kQ4_1 ? 32 : 16; }
 
@@ -404,6 +405,9 @@ P3_AVX2_FN void groups_avx2(const uint8_t* w, int64_t nb, const QuantizedRows& x
       std::fill_n(mins, rows * kGroup, 0.f);
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* block = w + (g * nb + b) * group_bytes(K);
+        // the thread's blocks are one contiguous stream: ask for them well ahead
+        const char* ahead = reinterpret_cast<const char*>(block) + kPrefetchBytes;
+        for (int line = 0; line < group_bytes(K); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
         __m256i wv[8];
         unpack_group<K>(block, wv);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
