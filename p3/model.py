@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from p3.config import ModelConfig, RopeScaling
 from p3.kernels.attention import paged_decode_attention, prefill_attention
 from p3.kernels.fused import fused_add_rms_norm, rms_norm, rope_store_kv, silu_mul
-from p3.kernels.quant import BLOCK, QuantWeight, mode_kind, quantize_weight
+from p3.kernels.quant import BLOCK, GROUP, QuantWeight, mode_kind, quantize_weight
 from p3.layers import Linear, can_pack_linears
 from p3.parallel import (
     ColumnParallelLinear,
@@ -410,7 +410,21 @@ def build_model(
         for module in model.modules():
             if isinstance(module, Linear) and module.quant is None:
                 module.pack_for_cpu()
+    if device.type == "cpu":
+        _interleave_blocks(model)
     return model.eval().requires_grad_(False)
+
+
+def _interleave_blocks(model: Transformer) -> None:
+    """Blocks into the layout the CPU kernels run on (8 rows a group); a weight shared by the
+    embedding and the tied head is moved once and stays shared."""
+    moved: dict[int, QuantWeight] = {}
+    for module in model.modules():
+        weight = getattr(module, "quant", None)
+        if weight is not None and weight.shape[0] % GROUP == 0:
+            if id(weight) not in moved:
+                moved[id(weight)] = weight.interleave()
+            module.quant = moved[id(weight)]
 
 
 def _zero(module: nn.Module) -> None:

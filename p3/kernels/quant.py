@@ -47,17 +47,52 @@ def mode_kind(mode: str) -> str | None:
 KERNEL_LEVELS = {"portable": 0, "avx2": 1, "avx512": 1, "neon": 0}
 
 
+GROUP = 8  # rows of an interleaved group (see interleave)
+
+
 @dataclass
 class QuantWeight:
-    """One [N, K] weight as GGUF blocks."""
+    """One [N, K] weight as GGUF blocks, row by row, or interleaved in groups of 8 rows."""
 
     kind: str
-    blocks: Tensor  # uint8 [N, K // 32 * BLOCK_BYTES[kind]]
+    blocks: Tensor  # uint8 [N, K // 32 * BLOCK_BYTES[kind]] (interleaved: [N / 8, 8 x that])
+    interleaved: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
+        group = GROUP if self.interleaved else 1
         rows, row_bytes = self.blocks.shape
-        return rows, row_bytes // BLOCK_BYTES[self.kind] * BLOCK
+        return rows * group, row_bytes // group // BLOCK_BYTES[self.kind] * BLOCK
+
+    def interleave(self) -> QuantWeight:
+        """The layout the linears run on: for every 8 rows and block, the 8 scales (and mins)
+        then the quants in 4-byte chunks, chunk-major and row-minor (csrc/quant.cpp), so one
+        vector load feeds 8 outputs. The same bytes, moved; rows must be a multiple of 8."""
+        if self.interleaved:
+            return self
+        rows, _ = self.shape
+        if rows % GROUP:
+            raise ValueError(f"interleaving needs rows in multiples of {GROUP}, got {rows}")
+        size, head = BLOCK_BYTES[self.kind], _head_bytes(self.kind)
+        b = self.blocks.view(rows // GROUP, GROUP, -1, size)  # [G, 8, nb, bytes]
+        scales = b[..., :head].view(*b.shape[:3], head // 2, 2).permute(0, 2, 3, 1, 4)
+        quants = b[..., head:].reshape(*b.shape[:3], -1, 4).permute(0, 2, 3, 1, 4)
+        parts = [scales.flatten(2), quants.flatten(2)]  # [G, nb, ...] each
+        return QuantWeight(self.kind, torch.cat(parts, -1).reshape(rows // GROUP, -1), True)
+
+    def rows_layout(self) -> QuantWeight:
+        """Back to GGUF's row-by-row blocks."""
+        if not self.interleaved:
+            return self
+        rows, cols = self.shape
+        size, head, nb = BLOCK_BYTES[self.kind], _head_bytes(self.kind), cols // BLOCK
+        g = self.blocks.view(rows // GROUP, nb, GROUP * size)
+        scales = g[..., : GROUP * head].reshape(rows // GROUP, nb, head // 2, GROUP, 2)
+        quants = g[..., GROUP * head :].reshape(rows // GROUP, nb, -1, GROUP, 4)
+        scales = scales.permute(0, 3, 1, 2, 4).reshape(rows // GROUP, GROUP, nb, head)
+        quants = quants.permute(0, 3, 1, 2, 4).reshape(rows // GROUP, GROUP, nb, size - head)
+        blocks = torch.cat([scales, quants], -1).reshape(rows, -1)
+        return QuantWeight(self.kind, blocks.contiguous())
 
     @property
     def nbytes(self) -> int:
@@ -71,6 +106,8 @@ class QuantWeight:
 
     def narrow(self, dim: int, start: int, length: int) -> QuantWeight:
         """Rows [start, start + length) (dim 0), or inputs (dim 1, on block boundaries)."""
+        if self.interleaved:
+            return self.rows_layout().narrow(dim, start, length)
         if dim == 0:
             return QuantWeight(self.kind, self.blocks.narrow(0, start, length))
         if start % BLOCK or length % BLOCK:
@@ -81,7 +118,12 @@ class QuantWeight:
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize_weight(self.blocks, self.kind).to(dtype)
+        return dequantize_weight(self.rows_layout().blocks, self.kind).to(dtype)
+
+
+def _head_bytes(kind: str) -> int:
+    """Bytes of fp16 scale (and min) at the head of a block."""
+    return 4 if kind == "q4_1" else 2
 
 
 def check_quantizable(kind: str, cols: int) -> None:
@@ -186,7 +228,7 @@ def quant_linear_torch(x: Tensor, weight: QuantWeight, bias: Tensor | None = Non
     q, d, sums = quantize_activations_torch(x2)
     rows, cols = weight.shape
     size = BLOCK_BYTES[weight.kind]
-    b = weight.blocks.reshape(rows, -1, size)
+    b = weight.rows_layout().blocks.reshape(rows, -1, size)
     dw = _half_values(b[..., 0:2])  # [N, nb]
     if weight.kind == "q8_0":
         wq = b[..., 2:].contiguous().view(torch.int8).double()
@@ -228,7 +270,9 @@ def quant_linear(
     """y = x W^T + b over the blocks; x fp32 or bf16 [..., K] -> [..., N] in x's dtype."""
     chosen = _default_level() if level is None else kernel_level(level)
     if x.is_cpu and weight.blocks.is_cpu and chosen is not None:
-        return build.load().quant_linear(x, weight.blocks, KIND_IDS[weight.kind], bias, chosen)
+        kernels = build.load()
+        kind = KIND_IDS[weight.kind]
+        return kernels.quant_linear(x, weight.blocks, kind, bias, chosen, weight.interleaved)
     if not x.is_cpu:  # off the CPU: the dequantized weight in x's dtype (no integer kernel)
         return F.linear(x, weight.dequantize(x.dtype), bias)
     return quant_linear_torch(x, weight, bias)
@@ -238,8 +282,9 @@ def quant_embedding(ids: Tensor, weight: QuantWeight, dtype: torch.dtype) -> Ten
     """Rows `ids` of the blocks, dequantized to dtype."""
     module = build.load() if ids.is_cpu and weight.blocks.is_cpu else None
     if module is not None:
-        return module.quant_embedding(ids, weight.blocks, KIND_IDS[weight.kind], dtype)
-    rows = weight.blocks[ids.reshape(-1)]
+        kind = KIND_IDS[weight.kind]
+        return module.quant_embedding(ids, weight.blocks, kind, dtype, weight.interleaved)
+    rows = weight.rows_layout().blocks[ids.reshape(-1)]
     return dequantize_weight(rows, weight.kind).to(dtype).reshape(*ids.shape, -1)
 
 

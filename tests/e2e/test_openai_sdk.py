@@ -8,6 +8,7 @@ import urllib.request
 import openai
 import pytest
 
+from p3 import LLM, SamplingParams
 from tests.e2e import openai_cluster
 
 pytestmark = pytest.mark.timeout(90)
@@ -40,9 +41,13 @@ def post(url: str, path: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_chat_answers_paris(client):
+def test_chat_answer_is_the_offline_apis(client, default_model_dir):
+    """Served greedy text = p3.LLM's on the same weights (batch invariance: the server's
+    other traffic and chunking change nothing)."""
     out = client.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=16, temperature=0)
-    assert "Paris" in out.choices[0].message.content
+    offline = LLM(default_model_dir, kv_cache_bytes=32 * 2**20)
+    expected = offline.chat(PARIS, SamplingParams(max_tokens=16, temperature=0.0))[0].outputs[0]
+    assert out.choices[0].message.content == expected.text
     assert out.choices[0].finish_reason in ("stop", "length")
     assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
     assert out.model == MODEL and out.system_fingerprint

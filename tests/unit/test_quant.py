@@ -22,9 +22,10 @@ def kernels():
     return module
 
 
-def _weight(kind: str, rows: int, cols: int, seed: int) -> q.QuantWeight:
+def _weight(kind: str, rows: int, cols: int, seed: int, interleaved=False) -> q.QuantWeight:
     gen = torch.Generator().manual_seed(seed)
-    return q.quantize_weight(torch.randn(rows, cols, generator=gen), kind)
+    weight = q.quantize_weight(torch.randn(rows, cols, generator=gen), kind)
+    return weight.interleave() if interleaved else weight
 
 
 def _x(rows: int, cols: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -32,14 +33,18 @@ def _x(rows: int, cols: int, seed: int, dtype=torch.float32) -> torch.Tensor:
     return (torch.randn(rows, cols, generator=gen) * 3).to(dtype)
 
 
+SHAPES = [(1, 32, False), (37, 96, False), (130, 576, False), (67, 1536, False)]
+SHAPES += [(8, 32, True), (40, 96, True), (136, 576, True), (64, 1536, True)]
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("rows", "cols"), [(1, 32), (37, 96), (130, 576), (67, 1536)])
-@pytest.mark.parametrize("batch", [1, 2, 5, 17, 64])
-def test_kernel_matches_the_torch_reference(level, kind, rows, cols, batch):
+@pytest.mark.parametrize(("rows", "cols", "interleaved"), SHAPES)
+@pytest.mark.parametrize("batch", [1, 5, 17, 67])
+def test_kernel_matches_the_torch_reference(level, kind, rows, cols, interleaved, batch):
     """Within fp32 rounding of the sum: the integer block products are exact, the fp32
     accumulation of nb terms errs by at most ~nb ulp of the sum of their magnitudes."""
-    w, x = _weight(kind, rows, cols, rows + cols), _x(batch, cols, batch)
+    w, x = _weight(kind, rows, cols, rows + cols, interleaved), _x(batch, cols, batch)
     out = q.quant_linear(x, w, level=level)
     ref = q.quant_linear_torch(x.double(), w)
     magnitude = q.quant_linear_torch(x.double().abs(), _abs(w)).abs()
@@ -52,19 +57,24 @@ def _abs(w: q.QuantWeight) -> q.QuantWeight:
     return q.quantize_weight(w.dequantize().abs(), "q8_0")
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_variant_gives_the_same_bits(kind):
-    w, x = _weight(kind, 45, 576, 1), _x(13, 576, 2)
+def test_every_variant_gives_the_same_bits(kind, interleaved):
+    w, x = _weight(kind, 48, 576, 1, interleaved), _x(13, 576, 2)
     outs = [q.quant_linear(x, w, level=level) for level in LEVELS]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_row_does_not_depend_on_its_batch(level, kind):
-    w, x = _weight(kind, 71, 192, 3), _x(40, 192, 4)
+def test_a_row_does_not_depend_on_its_batch(level, kind, interleaved):
+    w, x = _weight(kind, 72, 192, 3, interleaved), _x(70, 192, 4)  # 70: past a 64-row tile
     whole = q.quant_linear(x, w, level=level)
     for start, size in [(0, 1), (7, 1), (39, 1), (3, 5), (10, 29)]:
+        part = q.quant_linear(x[start : start + size], w, level=level)
+        assert torch.equal(part, whole[start : start + size])
+    for start, size in [(60, 10), (64, 6)]:
         part = q.quant_linear(x[start : start + size], w, level=level)
         assert torch.equal(part, whole[start : start + size])
 
@@ -124,13 +134,25 @@ def test_dequantize_equals_the_gguf_package(kind):
     assert torch.equal(w.dequantize(), torch.from_numpy(np.asarray(theirs, np.float32)))
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_embedding_rows_are_the_dequantized_rows(kind):
-    w = _weight(kind, 50, 96, 11)
-    ids = torch.tensor([[0, 49, 7], [7, 3, 3]])
+def test_embedding_rows_are_the_dequantized_rows(kind, interleaved):
+    w = _weight(kind, 56, 96, 11, interleaved)
+    ids = torch.tensor([[0, 55, 7], [7, 3, 3]])
     rows = q.quant_embedding(ids, w, torch.float32)
     assert torch.equal(rows, w.dequantize()[ids])
     assert q.quant_embedding(ids, w, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interleaving_moves_the_bytes_and_back(kind):
+    w = _weight(kind, 24, 160, 15)
+    moved = w.interleave()
+    assert moved.shape == w.shape and moved.nbytes == w.nbytes
+    assert not torch.equal(moved.blocks.flatten(), w.blocks.flatten())
+    assert torch.equal(moved.rows_layout().blocks, w.blocks)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _weight(kind, 12, 32, 16).interleave()
 
 
 def test_narrow_splits_rows_and_whole_blocks_of_inputs():

@@ -286,6 +286,164 @@ P3_AVX2_FN void quantize_rows_avx2(const float* x, int64_t m0, int64_t m1, int64
 
 #endif  // P3_X86
 
+// -- interleaved groups of 8 rows ------------------------------------------------------------
+// The layout linears use at run time (repacked at load, p3.kernels.quant.interleave): for
+// every 8 weight rows and block b, one group block of 8 x block bytes: the 8 fp16 scales,
+// (Q4_1) the 8 fp16 mins, then the quants in chunks of 4 bytes, chunk-major, row-minor:
+// Q4 chunk c (0..3) of row k holds the row's bytes 4c..4c+3 (elements 4c.. in the low
+// nibbles, 16 + 4c.. in the high ones), Q8_0 chunk c (0..7) its elements 4c..4c+3. One
+// 256-bit load then holds 4 weights of each of 8 rows, and the activation's 4 matching bytes
+// are broadcast: 8 outputs per pass, a full integer dot per row and block, one scale vector.
+// Here y[m][n] = sum over b in order of fma(dw * da, float(dot_b), .) + sum_b (mw * sa).
+
+constexpr int kGroup = 8;
+constexpr int kPrefetchBytes = 2048;
+constexpr int group_bytes(Kind kind) { return block_bytes(kind) * kGroup; }
+constexpr int group_qs(Kind kind) { return kind == kQ4_1 ? 32 : 16; }
+
+template <Kind K>
+inline int group_weight(const uint8_t* block, int row, int e) {
+  const uint8_t* qs = block + group_qs(K);
+  if constexpr (K == kQ8_0) {
+    return static_cast<int8_t>(qs[((e / 4) * kGroup + row) * 4 + e % 4]);
+  } else {
+    const int i = e % 16;
+    const uint8_t byte = qs[((i / 4) * kGroup + row) * 4 + i % 4];
+    const int v = e < 16 ? (byte & 0x0F) : (byte >> 4);
+    return K == kQ4_0 ? v - 8 : v;
+  }
+}
+
+template <Kind K>
+void groups_portable(const uint8_t* w, int64_t nb, const QuantizedRows& x, int64_t g0,
+                     int64_t g1, float* out, int64_t ldo) {
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t m = 0; m < x.rows; ++m) {
+      float acc[kGroup] = {}, mins[kGroup] = {};
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* block = w + (g * nb + b) * group_bytes(K);
+        const int8_t* a = x.q_at(m, b);
+        const float da = x.d_at(m, b);
+        for (int k = 0; k < kGroup; ++k) {
+          int dot = 0;
+          for (int e = 0; e < kBlock; ++e) dot += group_weight<K>(block, k, e) * a[e];
+          acc[k] = std::fma(half_at(block + 2 * k) * da, static_cast<float>(dot), acc[k]);
+          if constexpr (K == kQ4_1) mins[k] += half_at(block + 16 + 2 * k) * x.sum_at(m, b);
+        }
+      }
+      for (int k = 0; k < kGroup; ++k) out[m * ldo + g * kGroup + k] = acc[k] + mins[k];
+    }
+  }
+}
+
+#ifdef P3_X86
+
+P3_AVX2_FN inline __m256i broadcast4(const int8_t* a) {
+  int32_t v;
+  std::memcpy(&v, a, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// The 8 quant registers of a group block: Q4 as values 0..15 (Q4_0: minus 8), elements
+// 4c.. in register c and 16 + 4c.. in register 4 + c; Q8_0 chunk c in register c.
+template <Kind K>
+P3_AVX2_FN inline void unpack_group(const uint8_t* block, __m256i* wv) {
+  const uint8_t* qs = block + group_qs(K);
+  if constexpr (K == kQ8_0) {
+    for (int c = 0; c < 8; ++c) wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+  } else {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+      wv[c] = _mm256_and_si256(raw, low);
+      wv[4 + c] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      if constexpr (K == kQ4_0) {
+        wv[c] = _mm256_sub_epi8(wv[c], _mm256_set1_epi8(8));
+        wv[4 + c] = _mm256_sub_epi8(wv[4 + c], _mm256_set1_epi8(8));
+      }
+    }
+  }
+}
+
+// The 8 rows' integer dots with one activation block (exact in int32; the int16 partial
+// sums cannot overflow: Q4_1 16 x 15 x 127, Q4_0 16 x 8 x 127; Q8_0 widens every pair).
+template <Kind K>
+P3_AVX2_FN inline __m256i group_dots(const __m256i* wv, const int8_t* a) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto element = [&](int r) { return broadcast4(a + (r < 4 ? 4 * r : 16 + 4 * (r - 4))); };
+  if constexpr (K == kQ4_1) {
+    __m256i s = _mm256_maddubs_epi16(wv[0], element(0));
+    for (int r = 1; r < 8; ++r) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[r], element(r)));
+    return _mm256_madd_epi16(s, ones);
+  } else if constexpr (K == kQ4_0) {
+    __m256i s = _mm256_setzero_si256();
+    for (int r = 0; r < 8; ++r) {
+      const __m256i signed_a = _mm256_sign_epi8(element(r), wv[r]);
+      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_sign_epi8(wv[r], wv[r]), signed_a));
+    }
+    return _mm256_madd_epi16(s, ones);
+  } else {
+    __m256i s = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i signed_a = _mm256_sign_epi8(broadcast4(a + 4 * c), wv[c]);
+      const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv[c], wv[c]), signed_a);
+      s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs, ones));
+    }
+    return s;
+  }
+}
+
+template <Kind K>
+P3_AVX2_FN void groups_avx2(const uint8_t* w, int64_t nb, const QuantizedRows& x, int64_t g0,
+                            int64_t g1, float* out, int64_t ldo) {
+  constexpr int64_t kRows = 64;  // activation rows whose sums stay in L1 while blocks stream
+  alignas(32) float acc[kRows * kGroup], mins[kRows * kGroup];
+  for (int64_t m0 = 0; m0 < x.rows; m0 += kRows) {
+    const int64_t rows = std::min(kRows, x.rows - m0);
+    for (int64_t g = g0; g < g1; ++g) {
+      std::fill_n(acc, rows * kGroup, 0.f);
+      std::fill_n(mins, rows * kGroup, 0.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* block = w + (g * nb + b) * group_bytes(K);
+        // the thread's blocks are one contiguous stream: ask for them well ahead
+        const char* ahead = reinterpret_cast<const char*>(block) + kPrefetchBytes;
+        for (int line = 0; line < group_bytes(K); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        __m256i wv[8];
+        unpack_group<K>(block, wv);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+        __m256 mw = _mm256_setzero_ps();
+        if constexpr (K == kQ4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)));
+        for (int64_t i = 0; i < rows; ++i) {
+          const __m256 dots = _mm256_cvtepi32_ps(group_dots<K>(wv, x.q_at(m0 + i, b)));
+          const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(x.d_at(m0 + i, b)));
+          float* a = acc + i * kGroup;
+          _mm256_store_ps(a, _mm256_fmadd_ps(scale, dots, _mm256_load_ps(a)));
+          if constexpr (K == kQ4_1) {
+            float* mn = mins + i * kGroup;
+            const __m256 term = _mm256_mul_ps(mw, _mm256_set1_ps(x.sum_at(m0 + i, b)));
+            _mm256_store_ps(mn, _mm256_add_ps(_mm256_load_ps(mn), term));
+          }
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m256 y = _mm256_add_ps(_mm256_load_ps(acc + i * kGroup), _mm256_load_ps(mins + i * kGroup));
+        _mm256_storeu_ps(out + (m0 + i) * ldo + g * kGroup, y);
+      }
+    }
+  }
+}
+
+#endif  // P3_X86
+
+template <Kind K>
+void groups_for_level(int level, const uint8_t* w, int64_t nb, const QuantizedRows& x,
+                      int64_t g0, int64_t g1, float* out, int64_t ldo) {
+#ifdef P3_X86
+  if (level == kAvx2) return groups_avx2<K>(w, nb, x, g0, g1, out, ldo);
+#endif
+  groups_portable<K>(w, nb, x, g0, g1, out, ldo);
+}
+
 // -- dispatch --------------------------------------------------------------------------------
 
 bool level_available(int level) {
@@ -334,6 +492,15 @@ QuantizedRows quantize(const at::Tensor& x2d, int level) {
   return out;
 }
 
+at::Tensor finish_linear(at::Tensor out, const at::Tensor& x,
+                         const c10::optional<at::Tensor>& bias, int64_t n) {
+  if (bias.has_value() && bias->defined()) out.add_(bias->to(at::kFloat));
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  out = out.view(shape);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
 template <Kind K>
 void rows_for_level(int level, const uint8_t* w, int64_t row_bytes, const QuantizedRows& x,
                     int64_t n0, int64_t n1, float* out, int64_t ldo) {
@@ -344,21 +511,34 @@ void rows_for_level(int level, const uint8_t* w, int64_t row_bytes, const Quanti
 }
 
 // y [M, N] = x [M, K] W^T (+ bias), W the [N, K / 32 * block bytes] blocks of `kind`.
+// interleaved: blocks are [N / 8, K / 32 * 8 * block bytes] groups (see above).
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t kind_id,
-                        const c10::optional<at::Tensor>& bias, int64_t level) {
+                        const c10::optional<at::Tensor>& bias, int64_t level, bool interleaved) {
   const Kind kind = kind_of(kind_id);
   check_level(static_cast<int>(level));
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(),
               "quant_linear: blocks must be contiguous uint8 [N, row bytes]");
-  const int64_t n = blocks.size(0), row_bytes = blocks.size(1);
-  TORCH_CHECK(row_bytes % block_bytes(kind) == 0, "quant_linear: row bytes ", row_bytes,
-              " is not a whole number of blocks");
+  const int64_t group = interleaved ? kGroup : 1;
+  const int64_t n = blocks.size(0) * group, row_bytes = blocks.size(1) / group;
+  TORCH_CHECK(blocks.size(1) % (block_bytes(kind) * group) == 0, "quant_linear: row bytes ",
+              blocks.size(1), " is not a whole number of blocks");
   const int64_t k = row_bytes / block_bytes(kind) * kBlock;
   const at::Tensor x2d = float_rows(x, k, "quant_linear");
   const QuantizedRows q = quantize(x2d, static_cast<int>(level));
   at::Tensor out = at::empty({q.rows, n}, x2d.options());
   float* y = out.data_ptr<float>();
   const uint8_t* w = blocks.data_ptr<uint8_t>();
+  if (interleaved) {
+    const int64_t nb = k / kBlock;
+    at::parallel_for(0, n / kGroup, 1, [&](int64_t g0, int64_t g1) {
+      switch (kind) {
+        case kQ8_0: return groups_for_level<kQ8_0>(level, w, nb, q, g0, g1, y, n);
+        case kQ4_0: return groups_for_level<kQ4_0>(level, w, nb, q, g0, g1, y, n);
+        case kQ4_1: return groups_for_level<kQ4_1>(level, w, nb, q, g0, g1, y, n);
+      }
+    });
+    return finish_linear(out, x, bias, n);
+  }
   // chunks of 16 weight rows (a multiple of every tile width) from torch's thread pool
   constexpr int64_t kRows = 16;
   const int64_t chunks = (n + kRows - 1) / kRows;
@@ -370,20 +550,44 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t k
       case kQ4_1: return rows_for_level<kQ4_1>(level, w, row_bytes, q, n0, n1, y, n);
     }
   });
-  if (bias.has_value() && bias->defined()) out.add_(bias->to(at::kFloat));
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  out = out.view(shape);
-  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+  return finish_linear(out, x, bias, n);
 }
 
 // Rows `ids` of a blocks table, dequantized: w = q d (+ m for Q4_1), as GGUF defines them.
+template <Kind K>
+void embed_rows(const int64_t* id, int64_t t0, int64_t t1, const uint8_t* w, int64_t nb,
+                bool interleaved, float* y) {
+  int q[kBlock];
+  for (int64_t i = t0; i < t1; ++i) {
+    for (int64_t b = 0; b < nb; ++b) {
+      float d, mn = 0.f;
+      if (interleaved) {
+        const int64_t g = id[i] / kGroup, k = id[i] % kGroup;
+        const uint8_t* block = w + (g * nb + b) * group_bytes(K);
+        d = half_at(block + 2 * k);
+        if constexpr (K == kQ4_1) mn = half_at(block + 16 + 2 * k);
+        for (int e = 0; e < kBlock; ++e) q[e] = group_weight<K>(block, static_cast<int>(k), e);
+      } else {
+        const uint8_t* block = w + (id[i] * nb + b) * block_bytes(K);
+        d = half_at(block);
+        if constexpr (K == kQ4_1) mn = half_at(block + 2);
+        unpack_portable<K>(block, q);
+      }
+      float* dst = y + (i * nb + b) * kBlock;
+      for (int e = 0; e < kBlock; ++e) {
+        dst[e] = K == kQ4_1 ? static_cast<float>(q[e]) * d + mn : static_cast<float>(q[e]) * d;
+      }
+    }
+  }
+}
+
 at::Tensor quant_embedding(const at::Tensor& ids, const at::Tensor& blocks, int64_t kind_id,
-                           at::ScalarType dtype) {
+                           at::ScalarType dtype, bool interleaved) {
   const Kind kind = kind_of(kind_id);
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous(),
               "quant_embedding: blocks must be contiguous uint8 [V, row bytes]");
-  const int64_t rows = blocks.size(0), row_bytes = blocks.size(1);
+  const int64_t group = interleaved ? kGroup : 1;
+  const int64_t rows = blocks.size(0) * group, row_bytes = blocks.size(1) / group;
   const int64_t nb = row_bytes / block_bytes(kind), k = nb * kBlock;
   const at::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
   const int64_t t = flat.numel();
@@ -395,22 +599,10 @@ at::Tensor quant_embedding(const at::Tensor& ids, const at::Tensor& blocks, int6
   float* y = out.data_ptr<float>();
   const uint8_t* w = blocks.data_ptr<uint8_t>();
   at::parallel_for(0, t, 16, [&](int64_t t0, int64_t t1) {
-    int q[kBlock];
-    for (int64_t i = t0; i < t1; ++i) {
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* block = w + id[i] * row_bytes + b * block_bytes(kind);
-        const float d = half_at(block);
-        const float mn = kind == kQ4_1 ? half_at(block + 2) : 0.f;
-        switch (kind) {
-          case kQ8_0: unpack_portable<kQ8_0>(block, q); break;
-          case kQ4_0: unpack_portable<kQ4_0>(block, q); break;
-          case kQ4_1: unpack_portable<kQ4_1>(block, q); break;
-        }
-        float* dst = y + i * k + b * kBlock;
-        for (int j = 0; j < kBlock; ++j) {
-          dst[j] = kind == kQ4_1 ? static_cast<float>(q[j]) * d + mn : static_cast<float>(q[j]) * d;
-        }
-      }
+    switch (kind) {
+      case kQ8_0: return embed_rows<kQ8_0>(id, t0, t1, w, nb, interleaved, y);
+      case kQ4_0: return embed_rows<kQ4_0>(id, t0, t1, w, nb, interleaved, y);
+      case kQ4_1: return embed_rows<kQ4_1>(id, t0, t1, w, nb, interleaved, y);
     }
   });
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
@@ -440,9 +632,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Te
 void register_quant(pybind11::module_& m) {
   using pybind11::arg;
   m.def("quant_linear", &quant_linear, arg("x"), arg("blocks"), arg("kind"), arg("bias"),
-        arg("level"));
+        arg("level"), arg("interleaved") = false);
   m.def("quant_embedding", &quant_embedding, arg("ids"), arg("blocks"), arg("kind"),
-        arg("dtype"));
+        arg("dtype"), arg("interleaved") = false);
   m.def("quantize_activations", &quantize_activations, arg("x"), arg("level"));
   m.def("quant_level_available", [](int64_t level) { return level_available(int(level)); });
 }
