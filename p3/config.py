@@ -15,6 +15,10 @@ SUPPORTED_ARCHITECTURES = {
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+# "auto": the KV cache holds the model dtype; "int8": int8 values and one fp32 scale per token
+# and kv head (p3.kernels.attention)
+KV_CACHE_DTYPES = ("auto", "int8")
+KV_SCALE_BYTES = 4  # one fp32 scale per (token, kv head) of an int8 cache
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -45,10 +49,6 @@ def onednn_bf16_supported() -> bool:
     if mkldnn is None or not hasattr(mkldnn, "_is_mkldnn_bf16_supported"):
         return False
     return cpu_info().has("avx512") and bool(mkldnn._is_mkldnn_bf16_supported())
-# "auto": the KV cache holds the model dtype; "int8": int8 values and one fp32 scale per token
-# and kv head (p3.kernels.attention)
-KV_CACHE_DTYPES = ("auto", "int8")
-KV_SCALE_BYTES = 4  # one fp32 scale per (token, kv head) of an int8 cache
 
 
 @dataclass(frozen=True)
