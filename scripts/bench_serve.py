@@ -1,6 +1,7 @@
 """Serving benchmark: concurrent streaming clients through REST (the edge) and the native client.
 
     python scripts/bench_serve.py [--clients 1 8 32 64] [--max-tokens 64] [--nodes 1]
+                                  [--llama-server PATH]
 
 Starts `p3 coordinator`, N `p3 node` and `p3 edge` on ephemeral ports (or uses --coordinator
 and --url), then for each concurrency runs that many streaming requests at once, first over
@@ -9,6 +10,9 @@ p50/p99, and the edge's overhead: REST TTFT minus native-client TTFT at the same
 cluster without HTTP), and REST TTFT minus an in-process engine's TTFT on the same requests.
 The edge also times itself (p3:edge_overhead_seconds: request in to Submit out, first
 token frame in to its SSE event out); its bucket bounds are printed per concurrency.
+With --llama-server (llama.cpp's binary, e.g. ../shared/tools/llama.cpp/bin/llama-server),
+the same streaming requests then go to llama-server on the same GGUF with 32 slots (-np 32,
+started after p3's cluster is stopped) and the ratios are printed.
 Not a test: numbers swing on a busy host.
 """
 
@@ -156,12 +160,41 @@ async def main_async(args: argparse.Namespace) -> None:
         procs, coordinator, url = start_cluster(args.nodes, args.node_threads)
     try:
         async with Client(coordinator) as client:
-            await bench_all(args, url, client)
+            p3_rates = await bench_all(args, url, client)
     finally:
         for proc in reversed(procs):
             proc.terminate()
         for proc in reversed(procs):
             proc.wait(timeout=30)
+    if args.llama_server:
+        await bench_llama_server(args, p3_rates)
+
+
+async def bench_llama_server(args: argparse.Namespace, p3_rates: dict[int, float]) -> None:
+    """The same REST load against llama-server -np 32 on the default GGUF."""
+    import os
+
+    from p3.serve import free_port
+    from p3.weights import default_gguf_path
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from llama_cpp import llama_server
+
+    threads = args.node_threads or os.cpu_count() or 1
+    port = free_port("127.0.0.1")
+    server = llama_server(args.llama_server, default_gguf_path(), port, 32, threads)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await bench("rest", url, None, 2, argparse.Namespace(rounds=1, max_tokens=4))
+        print(f"{'clients':>7} {'llama-server tok/s':>19} {'p3 tok/s':>9} {'p3 / llama':>10}")
+        for clients in args.clients:
+            run = await bench("rest", url, None, clients, args)
+            theirs = run.num_tokens / run.wall_s
+            ours = p3_rates.get(clients, float("nan"))
+            print(f"{clients:>7} {theirs:>19.1f} {ours:>9.1f} {ours / theirs:>9.2f}x")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def engine_ttft(llm, clients: int, args) -> list[float]:
@@ -191,10 +224,12 @@ def engine_ttft(llm, clients: int, args) -> list[float]:
     return ttft
 
 
-async def bench_all(args: argparse.Namespace, url: str, client: Client) -> None:
+async def bench_all(args: argparse.Namespace, url: str, client: Client) -> dict[int, float]:
+    """Every concurrency over REST and the native client; returns REST tokens/s by clients."""
     from p3.llm import LLM
 
-    llm = LLM()  # the same default model, bf16, for the in-process reference
+    llm = LLM()  # the same default model and flags, for the in-process reference
+    rates: dict[int, float] = {}
     warm_up = argparse.Namespace(rounds=1, max_tokens=4)
     engine_ttft(llm, 2, warm_up)
     await bench("rest", url, client, 2, warm_up)
@@ -209,6 +244,8 @@ async def bench_all(args: argparse.Namespace, url: str, client: Client) -> None:
             before = await overhead_buckets(session, url)
         for kind in ("rest", "native"):
             run = runs[kind] = await bench(kind, url, client, clients, args)
+            if kind == "rest":
+                rates[clients] = run.num_tokens / run.wall_s
             print(
                 f"{clients:>7} {kind:>6} {run.num_tokens / run.wall_s:>8.1f} "
                 f"{pct(run.ttft_s, 0.5):>9.1f} {pct(run.ttft_s, 0.99):>9.1f} "
@@ -233,6 +270,7 @@ async def bench_all(args: argparse.Namespace, url: str, client: Client) -> None:
                 f"{'':>7} TTFT overhead, REST - {'native' if kind == 'rest' else 'engine'}: "
                 f"p50 {overhead[0]:.2f} ms, p99 {overhead[1]:.2f} ms"
             )
+    return rates
 
 
 def main() -> None:
@@ -244,6 +282,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency and path")
     parser.add_argument("--url", default=None, help="an edge already running")
     parser.add_argument("--coordinator", default=None, help="its coordinator (with --url)")
+    parser.add_argument("--llama-server", default=None, help="llama.cpp's binary, to compare")
     asyncio.run(main_async(parser.parse_args()))
 
 

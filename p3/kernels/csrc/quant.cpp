@@ -393,9 +393,84 @@ P3_AVX2_FN inline __m256i group_dots(const __m256i* wv, const int8_t* a) {
   }
 }
 
+// One activation row (decode): accumulators in registers, two groups (16 rows) a pass sharing
+// the activation's broadcasts, quants unpacked as they are loaded. The same operations per
+// row and block as groups_avx2 (the integer sums only regroup), so the same bits.
+template <Kind K>
+P3_AVX2_FN inline __m256i group_dots_streamed(const uint8_t* block, const __m256i* bcast) {
+  const uint8_t* qs = block + group_qs(K);
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (K == kQ8_0) {
+    __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+      const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(bcast[c], w));
+      if (c % 2) odd = _mm256_add_epi32(odd, _mm256_madd_epi16(pairs, ones));
+      else even = _mm256_add_epi32(even, _mm256_madd_epi16(pairs, ones));
+    }
+    return _mm256_add_epi32(even, odd);
+  } else {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * c));
+      __m256i lo = _mm256_and_si256(raw, low);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+      if constexpr (K == kQ4_1) {
+        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(lo, bcast[c]));
+        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(hi, bcast[4 + c]));
+      } else {
+        lo = _mm256_sub_epi8(lo, _mm256_set1_epi8(8));
+        hi = _mm256_sub_epi8(hi, _mm256_set1_epi8(8));
+        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(bcast[c], lo)));
+        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_sign_epi8(hi, hi), _mm256_sign_epi8(bcast[4 + c], hi)));
+      }
+    }
+    return _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones);
+  }
+}
+
+template <Kind K>
+P3_AVX2_FN void groups_avx2_one_row(const uint8_t* w, int64_t nb, const QuantizedRows& x,
+                                    int64_t g0, int64_t g1, float* out) {
+  for (int64_t g = g0; g < g1; g += 2) {
+    const bool pair = g + 1 < g1;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    __m256 mins0 = _mm256_setzero_ps(), mins1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* a = x.q_at(0, b);
+      __m256i bcast[8];
+      if constexpr (K == kQ8_0) {
+        for (int c = 0; c < 8; ++c) bcast[c] = broadcast4(a + 4 * c);
+      } else {
+        for (int c = 0; c < 4; ++c) bcast[c] = broadcast4(a + 4 * c), bcast[4 + c] = broadcast4(a + 16 + 4 * c);
+      }
+      const __m256 da = _mm256_set1_ps(x.d_at(0, b));
+      const __m256 sa = _mm256_set1_ps(K == kQ4_1 ? x.sum_at(0, b) : 0.f);
+      for (int j = 0; j < (pair ? 2 : 1); ++j) {
+        const uint8_t* block = w + ((g + j) * nb + b) * group_bytes(K);
+        const char* ahead = reinterpret_cast<const char*>(block) + kPrefetchBytes;
+        for (int line = 0; line < group_bytes(K); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        const __m256 dots = _mm256_cvtepi32_ps(group_dots_streamed<K>(block, bcast));
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+        __m256& acc = j ? acc1 : acc0;
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), dots, acc);
+        if constexpr (K == kQ4_1) {
+          const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)));
+          __m256& mins = j ? mins1 : mins0;
+          mins = _mm256_add_ps(mins, _mm256_mul_ps(mw, sa));
+        }
+      }
+    }
+    _mm256_storeu_ps(out + g * kGroup, _mm256_add_ps(acc0, mins0));
+    if (pair) _mm256_storeu_ps(out + (g + 1) * kGroup, _mm256_add_ps(acc1, mins1));
+  }
+}
+
 template <Kind K>
 P3_AVX2_FN void groups_avx2(const uint8_t* w, int64_t nb, const QuantizedRows& x, int64_t g0,
                             int64_t g1, float* out, int64_t ldo) {
+  if (x.rows == 1) return groups_avx2_one_row<K>(w, nb, x, g0, g1, out);
   constexpr int64_t kRows = 64;  // activation rows whose sums stay in L1 while blocks stream
   alignas(32) float acc[kRows * kGroup], mins[kRows * kGroup];
   for (int64_t m0 = 0; m0 < x.rows; m0 += kRows) {
