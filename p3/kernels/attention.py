@@ -92,6 +92,7 @@ def paged_decode_attention(
                 k_scale=k_scale,
                 v_scale=v_scale,
                 isa=decode_isa_cap(),
+                float_avx2=True,  # 3-5x the portable loops; batch-invariant all the same
             )
     return paged_decode_attention_torch(
         q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale
