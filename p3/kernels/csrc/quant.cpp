@@ -431,36 +431,44 @@ P3_AVX2_FN inline __m256i group_dots_streamed(const uint8_t* block, const __m256
 }
 
 template <Kind K>
+P3_AVX2_FN __attribute__((always_inline)) inline void one_group_block(
+    const uint8_t* block, const __m256i* bcast, __m256 da, __m256 sa, __m256& acc, __m256& mins) {
+  const char* ahead = reinterpret_cast<const char*>(block) + kPrefetchBytes;
+  for (int line = 0; line < group_bytes(K); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+  const __m256 dots = _mm256_cvtepi32_ps(group_dots_streamed<K>(block, bcast));
+  const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+  acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), dots, acc);
+  if constexpr (K == kQ4_1) {
+    const __m256 mw =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)));
+    mins = _mm256_add_ps(mins, _mm256_mul_ps(mw, sa));
+  }
+}
+
+template <Kind K>
 P3_AVX2_FN void groups_avx2_one_row(const uint8_t* w, int64_t nb, const QuantizedRows& x,
                                     int64_t g0, int64_t g1, float* out) {
   for (int64_t g = g0; g < g1; g += 2) {
     const bool pair = g + 1 < g1;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 mins0 = _mm256_setzero_ps(), mins1 = _mm256_setzero_ps();
+    const uint8_t* first = w + g * nb * group_bytes(K);
+    const uint8_t* second = first + nb * group_bytes(K);
     for (int64_t b = 0; b < nb; ++b) {
       const int8_t* a = x.q_at(0, b);
       __m256i bcast[8];
       if constexpr (K == kQ8_0) {
         for (int c = 0; c < 8; ++c) bcast[c] = broadcast4(a + 4 * c);
       } else {
-        for (int c = 0; c < 4; ++c) bcast[c] = broadcast4(a + 4 * c), bcast[4 + c] = broadcast4(a + 16 + 4 * c);
+        for (int c = 0; c < 4; ++c) {
+          bcast[c] = broadcast4(a + 4 * c);
+          bcast[4 + c] = broadcast4(a + 16 + 4 * c);
+        }
       }
       const __m256 da = _mm256_set1_ps(x.d_at(0, b));
       const __m256 sa = _mm256_set1_ps(K == kQ4_1 ? x.sum_at(0, b) : 0.f);
-      for (int j = 0; j < (pair ? 2 : 1); ++j) {
-        const uint8_t* block = w + ((g + j) * nb + b) * group_bytes(K);
-        const char* ahead = reinterpret_cast<const char*>(block) + kPrefetchBytes;
-        for (int line = 0; line < group_bytes(K); line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        const __m256 dots = _mm256_cvtepi32_ps(group_dots_streamed<K>(block, bcast));
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
-        __m256& acc = j ? acc1 : acc0;
-        acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), dots, acc);
-        if constexpr (K == kQ4_1) {
-          const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)));
-          __m256& mins = j ? mins1 : mins0;
-          mins = _mm256_add_ps(mins, _mm256_mul_ps(mw, sa));
-        }
-      }
+      one_group_block<K>(first + b * group_bytes(K), bcast, da, sa, acc0, mins0);
+      if (pair) one_group_block<K>(second + b * group_bytes(K), bcast, da, sa, acc1, mins1);
     }
     _mm256_storeu_ps(out + g * kGroup, _mm256_add_ps(acc0, mins0));
     if (pair) _mm256_storeu_ps(out + (g + 1) * kGroup, _mm256_add_ps(acc1, mins1));
@@ -545,6 +553,7 @@ Kind kind_of(int64_t kind) {
 at::Tensor float_rows(const at::Tensor& x, int64_t cols, const char* what) {
   TORCH_CHECK(x.device().is_cpu(), what, ": CPU tensors only");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == cols, what, ": last dim must be ", cols);
+  if (x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous()) return x;
   return x.reshape({-1, cols}).to(at::kFloat).contiguous();
 }
 
@@ -570,9 +579,11 @@ QuantizedRows quantize(const at::Tensor& x2d, int level) {
 at::Tensor finish_linear(at::Tensor out, const at::Tensor& x,
                          const c10::optional<at::Tensor>& bias, int64_t n) {
   if (bias.has_value() && bias->defined()) out.add_(bias->to(at::kFloat));
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  out = out.view(shape);
+  if (x.dim() != 2) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = n;
+    out = out.view(shape);
+  }
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
