@@ -186,3 +186,30 @@ def test_an_unavailable_variant_is_refused(kernels):
     w, x = _weight("q8_0", 4, 32, 13), _x(1, 32, 14)
     with pytest.raises(RuntimeError, match="not available"):
         kernels.quant_linear(x, w.blocks, 0, None, 1)
+
+
+def test_kernels_let_other_threads_run(kernels):
+    """A node's event loop (its heartbeats) shares the process with the step thread: a long
+    kernel call must release the GIL. Seen: without it, a moved stream's re-prefill silenced a
+    node's heartbeats and it was declared dead."""
+    import threading
+    import time
+
+    w, x = _weight("q8_0", 4096, 1024, 17, True), _x(512, 1024, 18)
+    done = threading.Event()
+    ticks = 0
+
+    def long_calls():
+        for _ in range(3):
+            q.quant_linear(x, w)
+        done.set()
+
+    worker = threading.Thread(target=long_calls)
+    started = time.perf_counter()
+    worker.start()
+    while not done.is_set():
+        time.sleep(0.001)
+        ticks += 1
+    worker.join()
+    elapsed = time.perf_counter() - started
+    assert elapsed > 0.05 and ticks > elapsed / 0.01  # the main thread was not held

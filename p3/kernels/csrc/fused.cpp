@@ -217,8 +217,10 @@ void register_fused(pybind11::module_& m) {
   register_rms_norm(m);
   m.def("rope_store_kv", &rope_store_kv, arg("qkv"), arg("cos"), arg("sin"), arg("k_cache"),
         arg("v_cache"), arg("slot_mapping"), arg("num_heads"), arg("num_kv_heads"),
-        arg("k_scale") = pybind11::none(), arg("v_scale") = pybind11::none());
-  m.def("silu_mul", &silu_mul, arg("gate_up"));
+        arg("k_scale") = pybind11::none(), arg("v_scale") = pybind11::none(),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul, arg("gate_up"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 #else  // an ISA this file has no at::vec build for: Python keeps to torch

@@ -866,7 +866,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("context_lens"), pybind11::arg("scale"),
         pybind11::arg("kv_heads_per_item") = 0, pybind11::arg("k_scale") = pybind11::none(),
         pybind11::arg("v_scale") = pybind11::none(), pybind11::arg("isa") = "",
-        pybind11::arg("float_avx2") = false);
+        pybind11::arg("float_avx2") = false,
+        pybind11::call_guard<pybind11::gil_scoped_release>());  // the node's loop runs on
   m.def(
       "decode_isa",
       [](int64_t head_dim, const std::string& cap, bool int8_cache, bool float_avx2) {

@@ -715,12 +715,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Te
 
 }  // namespace
 
+// Every kernel lets go of the GIL while it runs: a node's event loop (its heartbeats) shares
+// the process with the engine's step thread, and a long prefill must not silence it.
 void register_quant(pybind11::module_& m) {
   using pybind11::arg;
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("quant_linear", &quant_linear, arg("x"), arg("blocks"), arg("kind"), arg("bias"),
-        arg("level"), arg("interleaved") = false);
+        arg("level"), arg("interleaved") = false, release());
   m.def("quant_embedding", &quant_embedding, arg("ids"), arg("blocks"), arg("kind"),
-        arg("dtype"), arg("interleaved") = false);
-  m.def("quantize_activations", &quantize_activations, arg("x"), arg("level"));
+        arg("dtype"), arg("interleaved") = false, release());
+  m.def("quantize_activations", &quantize_activations, arg("x"), arg("level"), release());
   m.def("quant_level_available", [](int64_t level) { return level_available(int(level)); });
 }

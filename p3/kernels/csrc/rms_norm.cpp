@@ -142,13 +142,14 @@ void register_rms_norm(pybind11::module_& m) {
       [](const at::Tensor& x, const at::Tensor& w, double eps) {
         return std::get<0>(norm(x, nullptr, w, eps));
       },
-      arg("x"), arg("weight"), arg("eps"));
+      arg("x"), arg("weight"), arg("eps"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def(
       "fused_add_rms_norm",
       [](const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, double eps) {
         return norm(x, &residual, w, eps);
       },
-      arg("x"), arg("residual"), arg("weight"), arg("eps"));
+      arg("x"), arg("residual"), arg("weight"), arg("eps"),
+      pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 #else
