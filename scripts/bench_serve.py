@@ -104,10 +104,14 @@ async def native_one(client: Client, i: int, max_tokens: int, run: Run) -> None:
             last = run.arrived(started, last)
 
 
-async def bench(kind: str, url: str, client: Client, clients: int, args) -> Run:
-    """`rounds` rounds of `clients` concurrent requests; the client is connected beforehand."""
+async def bench(
+    kind: str, url: str, client: Client, clients: int, args, force_close: bool = False
+) -> Run:
+    """`rounds` rounds of `clients` concurrent requests; the client is connected beforehand.
+    force_close: a connection per request (llama-server drops kept-alive ones after a stream)."""
     run = Run()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    connector = aiohttp.TCPConnector(limit=0, force_close=force_close)
+    async with aiohttp.ClientSession(connector=connector) as session:
         for _ in range(args.rounds):
             started = time.perf_counter()
             if kind == "rest":
@@ -185,10 +189,11 @@ async def bench_llama_server(args: argparse.Namespace, p3_rates: dict[int, float
     server = llama_server(args.llama_server, default_gguf_path(), port, 32, threads)
     url = f"http://127.0.0.1:{port}"
     try:
-        await bench("rest", url, None, 2, argparse.Namespace(rounds=1, max_tokens=4))
+        warm_up = argparse.Namespace(rounds=1, max_tokens=4)
+        await bench("rest", url, None, 2, warm_up, force_close=True)
         print(f"{'clients':>7} {'llama-server tok/s':>19} {'p3 tok/s':>9} {'p3 / llama':>10}")
         for clients in args.clients:
-            run = await bench("rest", url, None, clients, args)
+            run = await bench("rest", url, None, clients, args, force_close=True)
             theirs = run.num_tokens / run.wall_s
             ours = p3_rates.get(clients, float("nan"))
             print(f"{clients:>7} {theirs:>19.1f} {ours:>9.1f} {ours / theirs:>9.2f}x")

@@ -76,7 +76,9 @@ def llama_bench(binary: str | Path, gguf: Path, threads: int, reps: int = 5) -> 
 def llama_server(
     binary: str | Path, gguf: Path, port: int, slots: int, threads: int
 ) -> subprocess.Popen:
-    """llama-server with `slots` parallel sequences (context 1024 each), ready on return."""
+    """llama-server with `slots` parallel sequences (context 1024 each), ready on return; its
+    log goes to a temporary file (a pipe nobody reads would stall it)."""
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115 (the server holds it)
     proc = subprocess.Popen(
         [
             str(runnable(binary)),
@@ -93,8 +95,8 @@ def llama_server(
             "-t",
             str(threads),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
