@@ -80,7 +80,10 @@ class Node(Actor):
     async def setup(self) -> None:
         cfg = self.config
         self.memory_bytes = placement.available_memory(cfg.engine.device)
-        self.model_bytes = placement.model_bytes(cfg.model, cfg.engine.torch_dtype.itemsize)
+        engine = cfg.engine
+        self.model_bytes = placement.model_bytes(
+            cfg.model, engine.torch_dtype.itemsize, engine.quantization
+        )
         self._ctx = zmq.asyncio.Context()
         keys = ClusterKeys.load(cfg.keys) if cfg.keys else None
         self._gate = Gate(self._ctx, keys, self.name) if keys else None

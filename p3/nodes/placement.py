@@ -34,16 +34,24 @@ def available_memory(device: str | None) -> int:
     return 0
 
 
-def model_bytes(model: str | None, itemsize: int) -> int:
-    """The model's weights in dtype, from its config.json alone (0 when not at hand yet,
-    e.g. a .gguf not converted so far)."""
+def model_bytes(model: str | None, itemsize: int, quantization: str = "auto") -> int:
+    """The model's weights as they will be held, from its files alone (0 when not at hand
+    yet, e.g. a .gguf not converted so far): every parameter in the dtype's itemsize, in a
+    kind's block bytes under --quantization KIND, or the stored bytes of a checkpoint whose
+    quantization.json says it is blocks (auto)."""
     from p3.config import ModelConfig
+    from p3.convert import QUANTIZATION_FILE
+    from p3.kernels.quant import BLOCK, BLOCK_BYTES, mode_kind
     from p3.weights import DEFAULT_MODEL, load_config, models_dir
 
     path = models_dir() / DEFAULT_MODEL if model in (None, DEFAULT_MODEL) else Path(model)
     if not (path / "config.json").is_file():
         return 0
     cfg = ModelConfig.from_hf(load_config(path))
+    if (kind := mode_kind(quantization)) is not None:
+        return cfg.num_parameters * BLOCK_BYTES[kind] // BLOCK
+    if quantization == "auto" and (path / QUANTIZATION_FILE).is_file():
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return cfg.num_parameters * itemsize
 
 

@@ -87,3 +87,15 @@ def test_a_quantized_checkpoint_splits_over_ranks(tmp_path, default_model_dir, t
     split = run_ranks(saved, tp, pp, prompts)
     single = run_ranks(saved, 1, 1, prompts)
     assert split == single
+
+
+def test_placement_counts_the_bytes_held(tmp_path, default_model_dir):
+    """A node's fit check weighs the weights as they will be held, not as fp32."""
+    from p3.nodes.placement import model_bytes
+
+    as_stored = model_bytes(str(default_model_dir), 4)
+    files = sum(f.stat().st_size for f in default_model_dir.glob("*.safetensors"))
+    assert as_stored == files < model_bytes(str(default_model_dir), 4, "none") / 5
+    model_dir = make_tiny_model(tmp_path, "llama-gqa-untied", default_model_dir)
+    floats = model_bytes(str(model_dir), 4)
+    assert model_bytes(str(model_dir), 4, "q4_0") == floats // 4 * 18 // 32
