@@ -29,7 +29,8 @@ from p3.paths import p3_home
 log = get_logger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / f for f in ("paged_attention.cpp", "fused.cpp", "rms_norm.cpp", "quant.cpp"))
+SOURCE_NAMES = ("paged_attention.cpp", "fused.cpp", "rms_norm.cpp", "quant.cpp", "layers.cpp")
+SOURCES = tuple(CSRC / f for f in SOURCE_NAMES)
 HEADERS = (CSRC / "fused.h",)  # hashed with the sources: an edit must rebuild
 # OpenMP: at::parallel_for is header code. No contraction of a * b + c into one fma: the fused
 # kernels must round where torch's separate ops round.

@@ -211,6 +211,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up_in) {
 
 }  // namespace
 
+namespace p3_ops {  // for the layer loop (layers.cpp)
+at::Tensor rope_store_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                         at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
+                         int64_t num_heads, int64_t num_kv_heads,
+                         const std::optional<at::Tensor>& k_scale,
+                         const std::optional<at::Tensor>& v_scale) {
+  return ::rope_store_kv(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads,
+                         k_scale, v_scale);
+}
+at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
+}  // namespace p3_ops
+
 void register_fused(pybind11::module_& m) {
   using pybind11::arg;
   m.def("fused_capability", []() { return std::string(P3_FUSED_CAPABILITY); });

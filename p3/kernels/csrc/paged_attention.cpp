@@ -857,8 +857,19 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 
 }  // namespace
 
+namespace p3_ops {  // for the layer loop (layers.cpp)
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens,
+                        double scale, const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& v_scale, const std::string& isa) {
+  return ::paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, 0, k_scale,
+                        v_scale, isa, true);
+}
+}  // namespace p3_ops
+
 void register_fused(pybind11::module_& m);  // fused.cpp
 void register_quant(pybind11::module_& m);  // quant.cpp
+void register_layers(pybind11::module_& m);  // layers.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "Paged decode attention (CPU)", pybind11::arg("q"),
@@ -884,4 +895,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   register_fused(m);
   register_quant(m);
+  register_layers(m);
 }

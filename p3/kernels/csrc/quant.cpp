@@ -715,6 +715,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Te
 
 }  // namespace
 
+namespace p3_ops {  // for the layer loop (layers.cpp)
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t kind,
+                        const c10::optional<at::Tensor>& bias, int64_t level, bool interleaved) {
+  return ::quant_linear(x, blocks, kind, bias, level, interleaved);
+}
+}  // namespace p3_ops
+
 // Every kernel lets go of the GIL while it runs: a node's event loop (its heartbeats) shares
 // the process with the engine's step thread, and a long prefill must not silence it.
 void register_quant(pybind11::module_& m) {

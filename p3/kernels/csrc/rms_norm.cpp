@@ -135,6 +135,13 @@ std::tuple<at::Tensor, at::Tensor> norm(const at::Tensor& x_in, const at::Tensor
 
 }  // namespace
 
+namespace p3_ops {  // for the layer loop (layers.cpp)
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor* residual,
+                                            const at::Tensor& w, double eps) {
+  return norm(x, residual, w, eps);
+}
+}  // namespace p3_ops
+
 void register_rms_norm(pybind11::module_& m) {
   using pybind11::arg;
   m.def(
