@@ -44,3 +44,20 @@ def test_continued_from_its_own_tokens(llm, alone):
     rest = SamplingParams(max_tokens=len(alone) - 17, temperature=0.0, ignore_eos=True)
     out = llm.generate({"prompt_token_ids": ids}, rest)[0].outputs[0].token_ids
     assert list(out) == alone[17:]
+
+
+def test_the_cpp_layer_loop_gives_the_modules_bits(default_model_dir):
+    """The default model's steps go through one C++ call for all layers (LayerLoop); the
+    Python modules, calling the same kernels one by one, give the same tokens and logprobs."""
+    from p3.model import LayerLoop
+
+    llm = LLM(default_model_dir, dtype="float32", kv_cache_bytes=64 * 2**20)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
+    prompts = [TEXT, *OTHERS[:3]]
+    looped = llm.generate(prompts, params)
+    assert isinstance(llm.engine.runner.model._loop, LayerLoop)
+    llm.engine.runner.model._loop = False  # the modules from here on
+    plain = llm.generate(prompts, params)
+    for a, b in zip(looped, plain, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
