@@ -12,9 +12,10 @@ sorted order, concatenated, tokenized with the model's tokenizer and cut into wi
 
 Every window goes through the engine's real paged KV cache and attention: a first step of one
 token (a decode step), then prefill chunks of --chunk tokens that attend to everything before
-them through the cache. So every query reads its keys and values back from the cache (p3's
-first prefill chunk of a sequence attends to its fresh K/V instead; the one-token step keeps
-that out of the way), and an int8 KV cache is really measured. Not a test; on 2 cores the
+them through the cache. So every query reads its keys and values back from the cache (on the
+CPU p3 does that for every token anyway; off it, a sequence's first prefill chunk attends to
+its fresh K/V, which the one-token step keeps out of the way), and an int8 KV cache is really
+measured. Not a test; on 2 cores the
 default 100k tokens take about 15 min per configuration on one thread, --tokens 4000 about
 40 s (the model, and the float64 log-softmax over the vocabulary for every row).
 """
