@@ -4,9 +4,11 @@ coordinator logs the refusal of the wrong key."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +55,9 @@ async def test_a_keyed_cluster_serves_and_refuses_strangers(tmp_path, default_mo
             stderr=subprocess.PIPE,
         )  # fmt: skip
         procs.append(coord)
+        log: list[str] = []  # the coordinator's log, read as it comes
+        reader = threading.Thread(target=lambda: log.extend(coord.stderr), daemon=True)
+        reader.start()
         node, _ = start(*node_args(info["address"], model, "good", "--keys", keys))
         procs.append(node)
         edge, edge_info = start(
@@ -84,9 +89,11 @@ async def test_a_keyed_cluster_serves_and_refuses_strangers(tmp_path, default_mo
             for name, k in (("wrong-key", ("--keys", other)), ("no-key", ()))
         ]
         procs += strangers
-        time.sleep(3.0)  # time enough to have joined (a good node takes well under a second)
+        deadline = time.monotonic() + 60  # a stranger's start: torch, then its Hello
+        while not any("auth.refused" in line for line in log) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert any("auth.refused" in line for line in log), "the wrong key was never refused"
         assert all(p.poll() is None for p in strangers)  # still knocking, never let in
         assert await cluster_ids(url) == {"good"}
     finally:
         openai_cluster.Cluster("", procs).stop()  # SIGTERM in reverse, SIGKILL what stays
-    assert "auth.refused" in coord.stderr.read()
