@@ -4,11 +4,16 @@ The extension name carries a hash of the sources, the compiler flags, the Python
 versions and the CPU's flags, so an edited source is rebuilt and a stale or foreign build is
 never loaded. A finished build leaves a marker next to the library; later processes import
 that library directly, without ninja or a compiler. Concurrent first builds are serialised
-by cpp_extension's lock file. A failed build is logged once; callers then fall back to torch.
+by an flock on `build.flock`, which the kernel releases when its holder dies: a build killed
+half-way (Ctrl-C on a first `p3 serve`) leaves no lock that stalls the next process, whose
+clock may not even agree with the file's mtime. A build that cannot take the lock within
+BUILD_WAIT_S, or fails, is logged once; callers then fall back to torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -36,7 +41,7 @@ HEADERS = (CSRC / "fused.h",)  # hashed with the sources: an edit must rebuild
 # kernels must round where torch's separate ops round.
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)  # resolves to the libgomp torch has already loaded
-STALE_LOCK_S = 15 * 60  # a lock older than this was left by a killed build
+BUILD_WAIT_S = 20 * 60  # longer than any build seen (about 2 min on 2 cores)
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -89,29 +94,65 @@ def _import_or_build() -> ModuleType:
     library = directory / f"{name}.so"
     marker = directory / "built.ok"
     if marker.exists() and library.exists():
-        try:
-            return _import_library(name, library)
-        except ImportError as exc:
-            log.warning("kernels.cached_build_unusable", library=str(library), error=str(exc))
-            marker.unlink(missing_ok=True)
+        with contextlib.suppress(ImportError):
+            return _import_built(name, library, marker)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_lock(directory / "lock")
-    _put_venv_bin_on_path()  # where pip's `ninja` lands when the venv is not activated
-    from torch.utils import cpp_extension
+    with _exclusive(directory / "build.flock"):
+        if marker.exists() and library.exists():  # another process built it while we waited
+            with contextlib.suppress(ImportError):
+                return _import_built(name, library, marker)
+        # cpp_extension's own baton: only a build that died can have left it, since every
+        # builder of this directory holds the flock; left in place it would block forever.
+        (directory / "lock").unlink(missing_ok=True)
+        _put_venv_bin_on_path()  # where pip's `ninja` lands when the venv is not activated
+        from torch.utils import cpp_extension
 
-    started = time.monotonic()
-    log.info("kernels.building", name=name, build_dir=str(directory))
-    module = cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in SOURCES],
-        extra_cflags=list(CFLAGS),
-        extra_ldflags=list(LDFLAGS),
-        build_directory=str(directory),
-        verbose=False,
-    )
-    marker.write_text(torch.__version__)
-    log.info("kernels.built", name=name, build_s=round(time.monotonic() - started, 1))
-    return module
+        started = time.monotonic()
+        log.info("kernels.building", name=name, build_dir=str(directory))
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(directory),
+            verbose=False,
+        )
+        marker.write_text(torch.__version__)
+        log.info("kernels.built", name=name, build_s=round(time.monotonic() - started, 1))
+        return module
+
+
+def _import_built(name: str, library: Path, marker: Path) -> ModuleType:
+    try:
+        return _import_library(name, library)
+    except ImportError as exc:
+        log.warning("kernels.cached_build_unusable", library=str(library), error=str(exc))
+        marker.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive flock on `path`, waiting at most BUILD_WAIT_S for another builder."""
+    with path.open("a") as handle:
+        deadline = time.monotonic() + BUILD_WAIT_S
+        logged = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    held = f"another process held {path} for {BUILD_WAIT_S} s"
+                    raise TimeoutError(held) from None
+                if not logged:
+                    log.info("kernels.waiting_for_build", lock=str(path))
+                    logged = True
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _import_library(name: str, library: Path) -> ModuleType:
@@ -128,15 +169,6 @@ def _put_venv_bin_on_path() -> None:
     path = os.environ.get("PATH", "")
     if venv_bin not in path.split(os.pathsep):
         os.environ["PATH"] = venv_bin + os.pathsep + path
-
-
-def _remove_stale_lock(lock: Path) -> None:
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-            log.warning("kernels.stale_lock_removed", lock=str(lock))
-    except FileNotFoundError:
-        pass
 
 
 def _cpu_flags() -> str:
