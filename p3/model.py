@@ -8,10 +8,9 @@ Under tensor parallelism (p3.parallel) every module is built with this rank's lo
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +18,6 @@ from torch import Tensor, nn
 from p3.config import ModelConfig, RopeScaling
 from p3.kernels.attention import paged_decode_attention, prefill_attention
 from p3.kernels.fused import fused_add_rms_norm, rms_norm, rope_store_kv, silu_mul
-from p3.kernels.quant import BLOCK, GROUP, QuantWeight, mode_kind, quantize_weight
-from p3.layers import Linear, can_pack_linears
 from p3.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -30,6 +27,9 @@ from p3.parallel import (
     receive_activations,
     send_activations,
 )
+
+if TYPE_CHECKING:
+    from p3.layer_loop import LayerLoop
 
 
 @dataclass
@@ -243,281 +243,11 @@ class Transformer(nn.Module):
         if ctx.num_decode != x.shape[0] and ctx.token_block_tables is None:
             return None
         if self._loop is None:
+            from p3.layer_loop import LayerLoop
+
             self._loop = LayerLoop.build(self, x) or False
         return self._loop or None
 
     def compute_logits(self, hidden: Tensor) -> Tensor | None:
         """[N, V] float logits; under tensor parallelism on the stage's tp rank 0 only."""
         return self.lm_head.gather(self.lm_head(hidden).float())
-
-
-class LayerLoop:
-    """All of a stage's layers in one C++ call (csrc/layers.cpp): the kernels the modules call,
-    in their order, with their arguments, so the same bits, minus ~10 Python calls a layer."""
-
-    def __init__(self, model: Transformer, kernels, layers, level: int):
-        self.kernels, self.layers, self.level = kernels, layers, level
-        attn = model.layers[0].attn
-        self.num_heads, self.num_kv_heads, self.scale = (
-            attn.num_heads,
-            attn.num_kv_heads,
-            attn.scale,
-        )
-        self.eps = model.cfg.rms_norm_eps
-
-    @classmethod
-    def build(cls, model: Transformer, x: Tensor) -> LayerLoop | None:
-        from p3.kernels import build as kernel_build
-        from p3.kernels.fused import cpu_kernels
-        from p3.kernels.quant import KIND_IDS, _default_level
-
-        kernels, level = kernel_build.load(), _default_level()
-        usable = (
-            model.shard.size == 1
-            and x.is_cpu
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and kernels is not None
-            and hasattr(kernels, "forward_layers")
-            and cpu_kernels() is not None
-            and level is not None
-            and len(model.layers) > 0
-        )
-        linears = [(b.attn.qkv, b.attn.o_proj, b.mlp.gate_up, b.mlp.down) for b in model.layers]
-        if not usable or not all(
-            lin.quant is not None and lin.quant.interleaved for four in linears for lin in four
-        ):
-            return None
-        attn0 = model.layers[0].attn
-        if attn0.k_cache.dtype not in (x.dtype, torch.int8):
-            return None
-        layers = kernels.Layers()
-        empty = torch.empty(0)
-        layers.attn_norm = [b.attn_norm.weight for b in model.layers]
-        layers.mlp_norm = [b.mlp_norm.weight for b in model.layers]
-        layers.qkv = [b.attn.qkv.quant.blocks for b in model.layers]
-        layers.qkv_bias = [
-            b.attn.qkv.bias if b.attn.qkv.bias is not None else empty for b in model.layers
-        ]
-        layers.o_proj = [b.attn.o_proj.quant.blocks for b in model.layers]
-        layers.gate_up = [b.mlp.gate_up.quant.blocks for b in model.layers]
-        layers.down = [b.mlp.down.quant.blocks for b in model.layers]
-        layers.kinds = [KIND_IDS[lin.quant.kind] for four in linears for lin in four]
-        layers.k_cache = [b.attn.k_cache for b in model.layers]
-        layers.v_cache = [b.attn.v_cache for b in model.layers]
-        layers.k_scale = [
-            b.attn.k_scale if b.attn.k_scale is not None else empty for b in model.layers
-        ]
-        layers.v_scale = [
-            b.attn.v_scale if b.attn.v_scale is not None else empty for b in model.layers
-        ]
-        return cls(model, kernels, layers, level)
-
-    def __call__(
-        self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor, ctx: AttentionContext
-    ) -> tuple[Tensor, Tensor]:
-        from p3.kernels.attention import _int32, decode_isa_cap
-
-        if ctx.num_decode == x.shape[0]:
-            tables, lens = ctx.decode_block_tables, ctx.decode_context_lens
-        else:
-            tables, lens = ctx.token_block_tables, ctx.token_context_lens
-        return self.kernels.forward_layers(
-            x, residual, self.layers, cos, sin, ctx.slot_mapping, _int32(tables), _int32(lens),
-            self.num_heads, self.num_kv_heads, self.scale, self.eps, self.level, decode_isa_cap(),
-        )  # fmt: skip
-
-
-# (HF name, p3 parameter, row start, row end, slice of the checkpoint tensor: (dim, start, end))
-Slot = tuple[str, str, int, int, tuple[int, int, int] | None]
-
-
-def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]:
-    """Where every checkpoint tensor p3 reads goes, for this rank: the rows of a parameter it
-    fills and, under tensor parallelism, the slice of the tensor this rank keeps."""
-    shard = shard or Shard()
-    hd = cfg.head_dim
-    q0, q1, kv0, kv1 = shard.heads(cfg.num_heads, cfg.num_kv_heads)
-    i0, i1 = shard.split(cfg.intermediate_size)
-    v0, v1 = shard.vocab_range(cfg.vocab_size)
-    v1 = min(v1, cfg.vocab_size)
-    qs, kvs, il = (q1 - q0) * hd, (kv1 - kv0) * hd, i1 - i0
-
-    def rows(start: int, end: int) -> tuple[int, int, int] | None:
-        return None if shard.size == 1 else (0, start, end)
-
-    def cols(start: int, end: int) -> tuple[int, int, int] | None:
-        return None if shard.size == 1 else (1, start, end)
-
-    if shard.is_first_stage:
-        yield "model.embed_tokens.weight", "embed.weight", 0, v1 - v0, rows(v0, v1)
-    if shard.is_last_stage:
-        yield "model.norm.weight", "norm.weight", 0, cfg.hidden_size, None
-        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        if not (cfg.tie_word_embeddings and shard.is_first_stage):  # else shared with embed
-            yield head, "lm_head.weight", 0, v1 - v0, rows(v0, v1)
-    first, end = shard.layers(cfg.num_layers)
-    for i in range(first, end):
-        hf, p3 = f"model.layers.{i}.", f"layers.{i - first}."
-        for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-            qkv = p3 + f"attn.qkv.{suffix}"
-            yield hf + f"self_attn.q_proj.{suffix}", qkv, 0, qs, rows(q0 * hd, q1 * hd)
-            yield hf + f"self_attn.k_proj.{suffix}", qkv, qs, qs + kvs, rows(kv0 * hd, kv1 * hd)
-            yield (
-                hf + f"self_attn.v_proj.{suffix}",
-                qkv,
-                qs + kvs,
-                qs + 2 * kvs,
-                rows(kv0 * hd, kv1 * hd),
-            )
-        o_proj = p3 + "attn.o_proj.weight"
-        yield hf + "self_attn.o_proj.weight", o_proj, 0, cfg.hidden_size, cols(q0 * hd, q1 * hd)
-        yield hf + "mlp.gate_proj.weight", p3 + "mlp.gate_up.weight", 0, il, rows(i0, i1)
-        yield hf + "mlp.up_proj.weight", p3 + "mlp.gate_up.weight", il, 2 * il, rows(i0, i1)
-        yield hf + "mlp.down_proj.weight", p3 + "mlp.down.weight", 0, cfg.hidden_size, cols(i0, i1)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            name = "attn_norm" if norm == "input_layernorm" else "mlp_norm"
-            yield hf + f"{norm}.weight", p3 + f"{name}.weight", 0, cfg.hidden_size, None
-
-
-Weight = Tensor | QuantWeight
-BLOCK_WEIGHTS = ("attn.qkv.weight", "attn.o_proj.weight", "mlp.gate_up.weight", "mlp.down.weight")
-
-
-def quantization_plan(
-    cfg: ModelConfig, shard: Shard, stored: dict[str, str], mode: str, device: torch.device
-) -> dict[str, str]:
-    """{p3 parameter: block kind} for the weights held as blocks. `stored`: the checkpoint's
-    quantized tensors (HF name -> kind). auto keeps a parameter in blocks when all its parts
-    are stored in one kind (and this rank's slice falls on block boundaries); a kind puts
-    every linear in it and the embedding/head in q8_0; none, or a device other than the CPU
-    under auto, keeps floats."""
-    kind = mode_kind(mode)
-    if mode == "none" or (kind is None and device.type != "cpu"):
-        return {}
-    kinds: dict[str, set[str | None]] = {}
-    for hf_name, name, _, _, part in weight_slots(cfg, shard):
-        if not name.endswith(BLOCK_WEIGHTS + ("embed.weight", "lm_head.weight")):
-            continue
-        wanted = stored.get(hf_name) if kind is None else kind
-        if wanted is not None and kind is not None and not name.endswith(BLOCK_WEIGHTS):
-            wanted = "q8_0"
-        if part is not None and part[0] == 1 and (part[1] % BLOCK or part[2] % BLOCK):
-            wanted = None
-        kinds.setdefault(name, set()).add(wanted)
-    return {name: k for name, ks in kinds.items() if len(ks) == 1 and (k := ks.pop()) is not None}
-
-
-def load_weights(model: Transformer, tensors: Iterable[tuple[str, Weight]]) -> None:
-    """Copy checkpoint tensors (this rank's slices) into the parameters, or into the blocks
-    of the weights held quantized (quantizing or dequantizing where the checkpoint's form
-    differs); every slot filled."""
-    targets: dict[str, Weight] = {
-        name: param.data for name, param in model.named_parameters(remove_duplicate=False)
-    }
-    targets.update(_block_targets(model))
-    slots: dict[str, list[tuple[str, int, int, tuple[int, int, int] | None]]] = {}
-    for hf_name, name, start, end, part in weight_slots(model.cfg, model.shard):
-        slots.setdefault(hf_name, []).append((name, start, end, part))
-    missing = {(n, s) for targets_ in slots.values() for n, s, _, _ in targets_}
-    for hf_name, tensor in tensors:
-        for name, start, end, part in slots.get(hf_name, ()):
-            _fill(targets[name], start, end, _slice(tensor, part))
-            missing.discard((name, start))
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-
-
-def _block_targets(model: Transformer) -> dict[str, QuantWeight]:
-    return {
-        f"{name}.weight": module.quant
-        for name, module in model.named_modules(remove_duplicate=False)
-        if getattr(module, "quant", None) is not None
-    }
-
-
-def _slice(tensor: Weight, part: tuple[int, int, int] | None) -> Weight:
-    if part is None:
-        return tensor
-    dim, lo, hi = part
-    if isinstance(tensor, QuantWeight) and dim == 1 and (lo % BLOCK or hi % BLOCK):
-        tensor = tensor.dequantize()  # a split inside a block: this rank keeps floats
-    return tensor.narrow(dim, lo, hi - lo)
-
-
-def _fill(target: Weight, start: int, end: int, source: Weight) -> None:
-    if isinstance(target, QuantWeight):
-        if not isinstance(source, QuantWeight) or source.kind != target.kind:
-            floats = source.dequantize() if isinstance(source, QuantWeight) else source
-            source = quantize_weight(floats, target.kind)
-        target.blocks[start:end].copy_(source.blocks)
-    elif isinstance(source, QuantWeight):
-        target[start:end].copy_(source.dequantize(target.dtype))
-    else:
-        target[start:end].copy_(source)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_model(
-    cfg: ModelConfig,
-    tensors: Iterable[tuple[str, Weight]],
-    dtype: torch.dtype,
-    device: torch.device,
-    max_len: int,
-    shard: Shard | None = None,
-    blocks: dict[str, str] | None = None,
-) -> Transformer:
-    """Allocate uninitialised on the device, in the dtype, then fill from the checkpoint.
-    blocks: {parameter: kind} of the weights to hold quantized (see quantization_plan); their
-    float storage is allocated but never touched, so it never becomes resident.
-    (Not meta + to_empty: that path imports sympy, half a second of start-up.)"""
-    with torch.device(device), _default_dtype(dtype):
-        model = Transformer(cfg, max_len, shard)
-    for name, kind in (blocks or {}).items():
-        module = model.get_submodule(name.removesuffix(".weight"))
-        tied_head = cfg.tie_word_embeddings and name == "lm_head.weight" and model.embed
-        if not tied_head and module.weight.shape[1] % BLOCK == 0:  # else it stays float
-            module.use_blocks(kind)
-    if cfg.tie_word_embeddings and model.embed is not None and model.lm_head is not None:
-        model.lm_head.weight = model.embed.weight
-        if model.embed.quant is not None:
-            model.lm_head.quant, model.lm_head.weight = model.embed.quant, None
-    for vocab_rows in (model.embed, model.lm_head):
-        if vocab_rows is not None:  # the last rank's padding rows past the vocabulary stay 0
-            _zero(vocab_rows)
-    load_weights(model, tensors)
-    model.setup_rope()
-    if can_pack_linears(device, dtype):
-        for module in model.modules():
-            if isinstance(module, Linear) and module.quant is None:
-                module.pack_for_cpu()
-    if device.type == "cpu":
-        _interleave_blocks(model)
-    return model.eval().requires_grad_(False)
-
-
-def _interleave_blocks(model: Transformer) -> None:
-    """Blocks into the layout the CPU kernels run on (8 rows a group); a weight shared by the
-    embedding and the tied head is moved once and stays shared."""
-    moved: dict[int, QuantWeight] = {}
-    for module in model.modules():
-        weight = getattr(module, "quant", None)
-        if weight is not None and weight.shape[0] % GROUP == 0:
-            if id(weight) not in moved:
-                moved[id(weight)] = weight.interleave()
-            module.quant = moved[id(weight)]
-
-
-def _zero(module: nn.Module) -> None:
-    if module.quant is not None:
-        module.quant.blocks.zero_()  # d = 0 (and m = 0): every weight 0
-    else:
-        module.weight.data.zero_()

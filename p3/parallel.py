@@ -1,7 +1,7 @@
 """Tensor and pipeline parallelism over torch.distributed: sharded layers, stages, the step plan.
 
 A replica of tp ranks holds one model. Each rank builds the same Transformer with local sizes
-and loads only its slice of every checkpoint tensor (see p3.model.weight_slots):
+and loads only its slice of every checkpoint tensor (see p3.model_loader.weight_slots):
 
     ColumnParallelLinear   qkv (this rank's query heads and their KV heads), gate_up
     RowParallelLinear      o_proj, down: partial sums, then one all-reduce in forward

@@ -25,7 +25,7 @@ from p3.engine.scheduler import ScheduledBatch, Scheduler
 from p3.engine.sequence import Request, Sequence, StepOutput
 from p3.kernels.sampling import SampleResult
 from p3.log import get_logger
-from p3.model import build_model, quantization_plan
+from p3.model_loader import build_model, quantization_plan
 from p3.parallel import Shard, close_shard
 from p3.weights import iter_state_dict, load_config, resolve_model
 
