@@ -8,12 +8,16 @@ An int8 cache (--kv-cache-dtype int8) holds k_cache, v_cache as int8 plus one fp
 token and kv head, k_scale, v_scale [num_blocks, block_size, kv_heads]: symmetric,
 scale = amax / 127 over the head's head_dim values and q = round-half-even(x / scale), so
 x ~ scale * q (quantize_kv). Readers dequantize: the decode kernel inside its dot products,
-prefill when it gathers a cached prefix.
+prefill when it gathers a cached prefix. Before a key is quantized, rope_store_kv turns it,
+and the queries, by an orthonormal Hadamard transform (hadamard_heads): the scores q . k stay
+what they were, but a key's outlier channels spread over the head and its one scale fits
+better. Values are stored as they are (their int8 error moves the output far less).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +37,22 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=-1) / INT8_MAX
     divided = torch.where(scale[..., None] > 0, x / scale[..., None], 0.0)
     return divided.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def hadamard_heads(x: torch.Tensor) -> torch.Tensor:
+    """x [..., hd] turned by an orthonormal Hadamard transform along hd, on each stretch of n
+    values (n the largest power of two dividing hd, at most 1024): log2(n) rounds of fp32
+    butterflies, then times 1 / sqrt(n), rounded to x's dtype. csrc/fused.cpp repeats it."""
+    hd = x.shape[-1]
+    n = min(hd & -hd, 1024)
+    y = x.float().reshape(*x.shape[:-1], hd // n, n)
+    h = 1
+    while h < n:
+        pairs = y.reshape(*y.shape[:-1], n // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).reshape(y.shape)
+        h *= 2
+    return (y * (1.0 / math.sqrt(n))).reshape(x.shape).to(x.dtype)
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

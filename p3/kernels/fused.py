@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from p3.kernels import build
-from p3.kernels.attention import store_kv
+from p3.kernels.attention import hadamard_heads, store_kv
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -56,8 +56,9 @@ def rope_store_kv(
     k_scale: Tensor | None = None,  # [blocks, block_size, KVH] fp32, for an int8 cache
     v_scale: Tensor | None = None,
 ) -> Tensor:  # [T, H + KVH, hd]: roped q heads, then roped k heads
-    """RoPE on the q and k heads; roped k and raw v written into each token's cache slot
-    (quantized, with their scales, into an int8 cache)."""
+    """RoPE on the q and k heads; roped k and raw v written into each token's cache slot. For
+    an int8 cache the roped q and k heads are also turned (attention.hadamard_heads) and k and
+    v go in quantized, with their scales."""
     kernels = _kernels_for(qkv)
     if (
         kernels is None
@@ -119,6 +120,8 @@ def rope_store_kv_torch(
     hd = cos.shape[-1]
     heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, hd)
     qk = apply_rope(heads[:, : num_heads + num_kv_heads], cos, sin_signed)
+    if k_cache.dtype == torch.int8:
+        qk = hadamard_heads(qk)
     v = heads[:, num_heads + num_kv_heads :]
     store_kv(qk[:, num_heads:], v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return qk

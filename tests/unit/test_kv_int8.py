@@ -166,6 +166,72 @@ def test_rope_store_kv_routes_an_int8_cache_to_the_kernel(kernels, monkeypatch):
     assert k_scale.view(32, 2)[[0, 5, 17]].gt(0).all()
 
 
+# -- the Hadamard turn of q and k before an int8 store ------------------------------------------
+
+
+def sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n**0.5
+
+
+@pytest.mark.parametrize("hd", [64, 128, 80, 20])
+def test_hadamard_heads_is_the_orthonormal_transform_on_power_of_two_stretches(hd):
+    x = torch.randn(5, 3, hd, dtype=torch.float64)
+    n = hd & -hd  # 64, 128, 16, 4
+    expected = (x.view(5, 3, hd // n, n) @ sylvester(n)).view(5, 3, hd)
+    turned = attention.hadamard_heads(x.float())
+    torch.testing.assert_close(turned.double(), expected, atol=1e-5, rtol=0)
+    q, k = torch.randn(2, 7, hd)
+    scores = (attention.hadamard_heads(q) * attention.hadamard_heads(k)).sum(-1)
+    torch.testing.assert_close(scores, (q * k).sum(-1), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S)
+@pytest.mark.parametrize("via", ["kernel", "torch"])
+def test_turned_keys_with_outlier_channels_lose_far_less_to_int8(kernels, via, monkeypatch):
+    """Keys whose few channels are 10x the rest, as RoPE'd keys of Llama models have: the
+    attention over the int8 cache that rope_store_kv fills (turned) is much closer to the one
+    over an fp32 cache than attention over the same keys quantized without the turn."""
+    if via == "torch":
+        monkeypatch.setattr(fused, "cpu_kernels", lambda: None)
+    H, KVH, hd, n = 6, 2, 64, 200
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(n, (H + 2 * KVH) * hd, generator=gen)
+    k_cols = qkv.view(n, H + 2 * KVH, hd)[:, H : H + KVH]
+    k_cols[..., [5, 5 + hd // 2, 17]] *= 10  # outlier channels (a RoPE pair and one more)
+    v = qkv.view(n, H + 2 * KVH, hd)[:, H + KVH :]  # values int8 holds exactly: K's cost only
+    v.copy_(torch.randint(-127, 128, v.shape, generator=gen) / 64)
+    v[..., 0] = 127 / 64
+    cos, sin = torch.ones(n, 1, hd), torch.zeros(n, 1, hd)  # position 0: RoPE leaves x as is
+    slots = torch.arange(n)
+    tables = torch.arange((n + 15) // 16, dtype=torch.int32)[None]
+    lens = torch.tensor([n], dtype=torch.int32)
+
+    def attend(cache_dtype, store):
+        k_cache = torch.zeros(13, 16, KVH, hd, dtype=cache_dtype)
+        v_cache = torch.zeros_like(k_cache)
+        scales = [torch.zeros(13, 16, KVH) for _ in range(2)] if cache_dtype == torch.int8 else []
+        q = store(k_cache, v_cache, *scales)[-1:, :H]  # the last token asks
+        args = (q, k_cache, v_cache, tables, lens, hd**-0.5, *scales)
+        return attention.paged_decode_attention(*args)
+
+    def rope_store(*caches):
+        return fused.rope_store_kv(qkv, cos, sin, caches[0], caches[1], slots, H, KVH, *caches[2:])
+
+    def plain_store(k_cache, v_cache, k_scale, v_scale):
+        heads = qkv.view(n, H + 2 * KVH, hd)
+        attention.store_kv(heads[:, H : H + KVH], heads[:, H + KVH :], k_cache, v_cache, slots,
+                           k_scale, v_scale)  # fmt: skip
+        return heads[:, : H + KVH]
+
+    exact = attend(torch.float32, rope_store)
+    turned_error = (attend(torch.int8, rope_store) - exact).abs().max()
+    plain_error = (attend(torch.int8, plain_store) - exact).abs().max()
+    assert turned_error < plain_error / 3, (turned_error, plain_error)
+
+
 # -- decode ----------------------------------------------------------------------------------------
 
 # (context lens, query heads per kv head, kv heads, head_dim): odd head counts, GQA, contexts
