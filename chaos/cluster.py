@@ -28,7 +28,7 @@ from typing import TextIO
 import aiohttp
 
 from chaos.proxy import FaultProxy
-from p3.launch import Child, python_m_p3, stop_all, wait_ready
+from p3.nodes.actor.launch import Child, python_m_p3, stop_all, wait_ready
 from p3.serve import free_port
 
 RUN_ENV = "P3_CHAOS_RUN"

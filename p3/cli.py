@@ -7,8 +7,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from p3.launch import watch_parent
 from p3.log import setup_logging
+from p3.nodes.actor.launch import watch_parent
 
 SIZE_UNITS = {
     "": 1,
@@ -151,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from p3.weights import convert
+    from p3.weights.convert import convert
 
     convert(Path(args.src), Path(args.dst), progress=not args.quiet)
     print(f"converted {args.src} -> {args.dst}")
@@ -161,7 +161,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from p3.quantize import quantize_checkpoint
+    from p3.weights.quantize import quantize_checkpoint
 
     dst = quantize_checkpoint(args.src, Path(args.dst), args.quantization)
     print(f"quantized {args.src} ({args.quantization}) -> {dst}")
@@ -197,8 +197,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from p3.nodes.coordinator import Coordinator, CoordinatorConfig
-    from p3.nodes.process import run_actor
+    from p3.nodes.actor.process import run_actor
+    from p3.nodes.coordinator.coordinator import Coordinator, CoordinatorConfig
 
     config = CoordinatorConfig(
         bind=args.bind,
@@ -214,9 +214,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from p3.config import EngineConfig
-    from p3.nodes.node import Node
-    from p3.nodes.node_config import NodeConfig, default_node_id
-    from p3.nodes.process import run_actor
+    from p3.nodes.actor.process import run_actor
+    from p3.nodes.node.config import NodeConfig, default_node_id
+    from p3.nodes.node.node import Node
 
     engine = EngineConfig(dtype=args.dtype, num_threads=args.threads, **engine_options(args))
     config = NodeConfig(
@@ -243,11 +243,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_edge(args: argparse.Namespace, rest: list[str]) -> int:
-    try:
-        from p3.nodes import edge
-    except ImportError as exc:
-        print(f"p3 edge: the edge is not available ({exc})", file=sys.stderr)
-        return 1
+    from p3.nodes.edge import edge
+
     parser = argparse.ArgumentParser(prog="p3 edge", description="the OpenAI HTTP edge")
     edge.add_arguments(parser)
     return edge.main(parser.parse_args(rest))

@@ -7,8 +7,8 @@
 
 It gets the routing table from the coordinator, tokenizes locally with the model's tokenizer,
 submits straight to the least-loaded replica and detokenizes the streamed tokens: the same
-p3.nodes.router / generation / requests code the HTTP edge runs. Results have the shape of
-p3.llm.RequestOutput; failures raise p3.nodes.generation.RequestFailed.
+p3.nodes.cluster.links / generation / requests code the HTTP edge runs. Results have the shape of
+p3.llm.RequestOutput; failures raise p3.nodes.cluster.generation.RequestFailed.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from dataclasses import replace
 from typing import Any
 
 from p3.llm import CompletionOutput, Logprob, RequestOutput
-from p3.nodes.edge import new_edge_id
-from p3.nodes.generation import DEFAULT_TIMEOUT_S, Generation, RequestFailed
-from p3.nodes.models import Models
-from p3.nodes.requests import Delta, make_samples
-from p3.nodes.responses import Choice, token_text
-from p3.nodes.router import Cluster
+from p3.nodes.cluster.generation import DEFAULT_TIMEOUT_S, Generation, RequestFailed
+from p3.nodes.cluster.links import Cluster
+from p3.nodes.cluster.samples import Delta, make_samples
+from p3.nodes.edge.edge import new_edge_id
+from p3.nodes.edge.models import Models
+from p3.nodes.edge.responses import Choice, token_text
 from p3.protocol.security import ClusterKeys
 from p3.sampling_params import SamplingParams
 from p3.tokenizer import Tokenizer

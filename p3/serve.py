@@ -11,7 +11,6 @@ coordinator (each drains, then is killed after a timeout).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import socket
@@ -19,12 +18,11 @@ import sys
 import threading
 import time
 
-from p3.launch import Child, LaunchError, python_m_p3, stop_all, wait_ready
 from p3.log import get_logger
+from p3.nodes.actor.launch import Child, LaunchError, python_m_p3, stop_all, wait_ready
 
 log = get_logger(__name__)
 
-EDGE_MODULE = "p3.nodes.edge"
 
 
 def threads_per_node(num_nodes: int) -> int:
@@ -39,9 +37,6 @@ def free_port(host: str) -> int:
 
 
 def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
-    if importlib.util.find_spec(EDGE_MODULE) is None:
-        print(f"p3 serve: the edge ({EDGE_MODULE}) is not built yet", file=sys.stderr)
-        return 1
     for model in args.model or [None]:
         _prepare_model(model)
     port = args.port or free_port(args.host)
@@ -62,7 +57,7 @@ def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
 
 def _prepare_model(model: str | None) -> None:
     """Convert the model once here, not N times in racing nodes."""
-    from p3.weights import resolve_model
+    from p3.weights.files import resolve_model
 
     resolve_model(model)
 

@@ -104,7 +104,7 @@ def p3_prefill(llm, length: int = 128) -> float:
 
 def weight_bytes(model) -> int:
     """Bytes a batch-1 token reads: every linear and the head (the embedding row is noise)."""
-    from p3.layers import Linear
+    from p3.engine.layers import Linear
 
     seen, total = set(), 0
     for module in model.modules():
@@ -195,7 +195,7 @@ def main() -> None:
     from p3.config import resolve_dtype
     from p3.kernels.dispatch import kernel_report
     from p3.tokenizer import Tokenizer
-    from p3.weights import default_gguf_path, resolve_model
+    from p3.weights.files import default_gguf_path, resolve_model
 
     model_dir = resolve_model(args.model)
     gguf = default_gguf_path() if args.model is None else Path(args.model)

@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from p3.cli import parse_size
-    from p3.weights import resolve_model
+    from p3.weights.files import resolve_model
 
     model = resolve_model(args.model)
     memory = parse_size(args.memory)

@@ -34,8 +34,8 @@ LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 def run_rank(args: argparse.Namespace) -> None:
     from p3.config import EngineConfig
     from p3.engine.engine import Engine
+    from p3.engine.parallel import comm_seconds, host_rendezvous, init_shard
     from p3.engine.sequence import Request
-    from p3.parallel import comm_seconds, host_rendezvous, init_shard
     from p3.sampling_params import SamplingParams
 
     tp, pp = LAYOUTS[args.layout]
@@ -52,7 +52,7 @@ def run_rank(args: argparse.Namespace) -> None:
         engine.runner.follow()
         report = {"comm_s": dict(comm_seconds), "rank": args.rank}
         print(json.dumps(report), flush=True)
-        from p3.parallel import close_shard
+        from p3.engine.parallel import close_shard
 
         close_shard(shard)
         return
@@ -114,7 +114,7 @@ def comm_micro(args: argparse.Namespace) -> None:
     """Two ranks: all-reduce latency and send/recv latency at decode-step sizes."""
     import torch.distributed as dist
 
-    from p3.parallel import host_rendezvous
+    from p3.engine.parallel import host_rendezvous
 
     torch.set_num_threads(1)
     if args.rank == 0:

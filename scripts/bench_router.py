@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40.0, help="requests per second")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from p3.weights import ensure_default_model
+    from p3.weights.files import ensure_default_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_chat_model(Path(tmp), ensure_default_model())

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from p3.client import Client
-from p3.launch import READY_MARKER
+from p3.nodes.actor.launch import READY_MARKER
 from p3.sampling_params import SamplingParams
-from p3.weights import DEFAULT_MODEL
+from p3.weights.files import DEFAULT_MODEL
 
 
 @dataclass
@@ -179,7 +179,7 @@ async def bench_llama_server(args: argparse.Namespace, p3_rates: dict[int, float
     import os
 
     from p3.serve import free_port
-    from p3.weights import default_gguf_path
+    from p3.weights.files import default_gguf_path
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from llama_cpp import llama_server

@@ -285,7 +285,7 @@ def kv_cache_bytes(model_dir: Path, context: int, block_size: int = 16) -> int:
     that several engines side by side do not each fault in the default 2 GiB as blocks
     cycle through the free list."""
     from p3.config import ModelConfig
-    from p3.weights import load_config
+    from p3.weights.files import load_config
 
     cfg = ModelConfig.from_hf(load_config(model_dir))
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from p3.weights import resolve_model
+    from p3.weights.files import resolve_model
 
     model_dir = resolve_model(args.model)
     print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch thread(s)")

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from p3.launch import Child, LaunchError, stop_all, wait_ready  # noqa: E402
+from p3.nodes.actor.launch import Child, LaunchError, stop_all, wait_ready  # noqa: E402
 
 ROLES = ("coordinator", "node", "edge")
 DEFAULT_COORDINATOR_PORT = 5555

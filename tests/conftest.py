@@ -13,7 +13,7 @@ os.environ.setdefault("P3_HOME", str(Path.home() / ".cache" / "p3"))  # also for
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """SmolLM2-135M-Instruct converted from its GGUF (about 15 s the first time, then cached)."""
-    from p3.weights import ensure_default_model
+    from p3.weights.files import ensure_default_model
 
     return ensure_default_model()
 
@@ -23,7 +23,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     every test's time limit: on a fresh machine that takes ~30 s, which would otherwise land
     inside whichever test first starts an engine."""
     from p3.kernels import build
-    from p3.weights import ensure_default_model
+    from p3.weights.files import ensure_default_model
 
     build.warm()
     ensure_default_model()

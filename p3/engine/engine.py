@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 
 from p3.config import EngineConfig, ModelConfig
-from p3.convert import read_quantization
 from p3.engine.block_manager import BlockManager
+from p3.engine.model_loader import build_model, quantization_plan
+from p3.engine.parallel import Shard, close_shard
 from p3.engine.runner import Launched, ModelRunner
 from p3.engine.scheduler import ScheduledBatch, Scheduler
 from p3.engine.sequence import Request, Sequence, StepOutput
 from p3.kernels.sampling import SampleResult
 from p3.log import get_logger
-from p3.model_loader import build_model, quantization_plan
-from p3.parallel import Shard, close_shard
-from p3.weights import iter_state_dict, load_config, resolve_model
+from p3.weights.convert import read_quantization
+from p3.weights.files import load_config, resolve_model
+from p3.weights.read import iter_state_dict
 
 log = get_logger(__name__)
 
@@ -39,7 +40,7 @@ class Engine:
         config: EngineConfig | None = None,
         shard: Shard | None = None,
     ):
-        """shard: this process's tensor-parallel rank (p3.parallel). Rank 0 is a whole engine
+        """shard: this process's tensor-parallel rank (p3.engine.parallel). Rank 0 is a whole engine
         whose steps drive the others; the others only call `follow()`."""
         self.config = cfg = config or EngineConfig()
         self.shard = shard or Shard()

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from p3.config import EngineConfig
-from p3.nodes.coordinator import Coordinator, CoordinatorConfig
-from p3.nodes.node import Node
-from p3.nodes.node_config import NodeConfig
-from p3.nodes.stepper import StepFaults
+from p3.nodes.coordinator.coordinator import Coordinator, CoordinatorConfig
+from p3.nodes.node.config import NodeConfig
+from p3.nodes.node.node import Node
+from p3.nodes.node.stepper import StepFaults
 from tests.actors.harness import TestEdge
 from tests.model.tiny import make_tiny_model
 

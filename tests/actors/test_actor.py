@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from p3.nodes.actor import Actor, Status
+from p3.nodes.actor.base import Actor, Status
 
 pytestmark = pytest.mark.timeout(10)
 

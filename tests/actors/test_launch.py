@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from p3.launch import Child, LaunchError, python_m_p3, stop_all, wait_ready
+from p3.nodes.actor.launch import Child, LaunchError, python_m_p3, stop_all, wait_ready
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,7 +64,7 @@ def test_children_die_when_their_parent_is_killed():
         python(f"""
             import sys, time
             sys.path.insert(0, {str(ROOT)!r})
-            from p3.launch import Child, python_m_p3, wait_ready
+            from p3.nodes.actor.launch import Child, python_m_p3, wait_ready
             child = Child("coordinator", python_m_p3("coordinator", "--bind", "tcp://127.0.0.1:0"))
             wait_ready([child], 20)
             print(child.pid, flush=True)

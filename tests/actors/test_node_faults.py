@@ -8,9 +8,9 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from p3.nodes.actor import Status
-from p3.nodes.coordinator import Coordinator
-from p3.nodes.stepper import StepFaults
+from p3.nodes.actor.base import Status
+from p3.nodes.coordinator.coordinator import Coordinator
+from p3.nodes.node.stepper import StepFaults
 from p3.protocol import messages as m
 from p3.protocol import wire
 from tests.actors.harness import node_ids, route_of

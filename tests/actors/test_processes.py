@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from p3.launch import Child, python_m_p3, stop_all, wait_ready
+from p3.nodes.actor.launch import Child, python_m_p3, stop_all, wait_ready
 from p3.protocol import messages as m
 from tests.actors.harness import TestEdge, node_ids, route_of
 

@@ -2,7 +2,7 @@
 
 `p3 serve --port 0` when the CLI has it (it prints `P3_READY {"url": ...}`); until then, a
 coordinator + node process (this file run as a script) and an edge process started through
-p3.nodes.edge.main, each waited for by its P3_READY line.
+p3.nodes.edge.edge.main, each waited for by its P3_READY line.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SERVING_LINE = re.compile(r"^p3 serving .* at (http://\S+?)/v1\s*$")
 START_TIMEOUT_S = 180.0
 
 EDGE_SCRIPT = (
-    "import argparse, sys; from p3.log import setup_logging; from p3.nodes import edge; "
+    "import argparse, sys; from p3.log import setup_logging; from p3.nodes.edge import edge; "
     "p = argparse.ArgumentParser(); edge.add_arguments(p); setup_logging('warning'); "
     "sys.exit(edge.main(p.parse_args(sys.argv[1:])))"
 )
@@ -170,8 +170,8 @@ async def _run_cluster(num_nodes: int) -> None:
     """A coordinator and num_nodes nodes in one process (the fallback before `p3 serve`)."""
     from p3.config import EngineConfig
     from p3.log import setup_logging
-    from p3.nodes.coordinator import Coordinator, CoordinatorConfig
-    from p3.nodes.node import Node, NodeConfig
+    from p3.nodes.coordinator.coordinator import Coordinator, CoordinatorConfig
+    from p3.nodes.node.node import Node, NodeConfig
 
     setup_logging("warning")
     coordinator = Coordinator(CoordinatorConfig(bind="tcp://127.0.0.1:0"))

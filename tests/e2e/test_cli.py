@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from p3.weights import iter_state_dict
+from p3.weights.read import iter_state_dict
 
 from ..model.tiny import tiny_llama_bin
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from p3.nodes.placement import why_unfit
+from p3.nodes.coordinator.placement import why_unfit
 from p3.protocol import messages as m
 
 from ..model.tiny import make_tiny_model

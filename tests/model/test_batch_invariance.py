@@ -49,7 +49,7 @@ def test_continued_from_its_own_tokens(llm, alone):
 def test_the_cpp_layer_loop_gives_the_modules_bits(default_model_dir):
     """The default model's steps go through one C++ call for all layers (LayerLoop); the
     Python modules, calling the same kernels one by one, give the same tokens and logprobs."""
-    from p3.layer_loop import LayerLoop
+    from p3.engine.layer_loop import LayerLoop
 
     llm = LLM(default_model_dir, dtype="float32", kv_cache_bytes=64 * 2**20)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)

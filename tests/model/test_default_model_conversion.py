@@ -10,13 +10,8 @@ import torch
 
 from p3.kernels.quant import QuantWeight
 from p3.tokenizer import Tokenizer
-from p3.weights import (
-    DEFAULT_MODEL,
-    default_gguf_path,
-    iter_state_dict,
-    load_config,
-    resolve_model,
-)
+from p3.weights.files import DEFAULT_MODEL, default_gguf_path, load_config, resolve_model
+from p3.weights.read import iter_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from p3 import LLM, SamplingParams
 from p3.config import EngineConfig, ModelConfig
 from p3.engine.engine import Engine
 from p3.engine.sequence import Request
-from p3.weights import load_config
+from p3.weights.files import load_config
 
 from .tiny import VOCAB, make_tiny_model
 

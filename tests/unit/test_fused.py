@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from p3.config import ModelConfig
+from p3.engine.model import AttentionContext, Transformer
 from p3.kernels import build, fused
-from p3.model import AttentionContext, Transformer
 
 BUILD_TIMEOUT_S = 600
 DTYPES = [torch.float32, torch.bfloat16]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from p3.nodes.membership import JOINING_TIMEOUT_S, Membership
+from p3.nodes.coordinator.membership import JOINING_TIMEOUT_S, Membership
 from p3.protocol import messages as m
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from p3.nodes.openai import ApiError, Limits, parse_chat, parse_completion
+from p3.nodes.edge.schemas import ApiError, Limits, parse_chat, parse_completion
 
 pytestmark = pytest.mark.timeout(10)
 

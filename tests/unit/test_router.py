@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from p3.nodes.requests import Journal
-from p3.nodes.router import LOAD_GRAIN, Cluster, NodeLost
+from p3.nodes.cluster.links import LOAD_GRAIN, Cluster, NodeLost
+from p3.nodes.cluster.samples import Journal
 from p3.protocol import messages as m
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from p3.nodes.openai import (
+from p3.nodes.edge.responses import Responder
+from p3.nodes.edge.schemas import (
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -19,12 +20,11 @@ from p3.nodes.openai import (
     parse_chat,
     parse_completion,
 )
-from p3.nodes.responses import Responder
 from p3.sampling_params import SamplingParams
 from p3.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from p3.nodes.edge import Edge
+    from p3.nodes.edge.edge import Edge
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 SIGTERM stops with "drain" (the actor bounds it); a second SIGTERM, or SIGINT, stops with
 "abort". When the actor is serving, its ready_info() is announced to a launching parent
-(p3.launch). Exit code 0 after a clean stop, 1 if the actor failed.
+(p3.nodes.actor.launch). Exit code 0 after a clean stop, 1 if the actor failed.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import asyncio
 import signal
 from typing import Any
 
-from p3.launch import announce_ready
 from p3.log import get_logger
+from p3.nodes.actor.launch import announce_ready
 
 log = get_logger(__name__)
 

@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from p3.weights.files import QUANTIZATION_FILE
+
 MAX_SHARD_BYTES = 2 * 1024**3
-QUANTIZATION_FILE = "quantization.json"  # {"format": 1, "tensors": {hf name: kind}}
 GGUF_BLOCK_KINDS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 BIN_WEIGHTS = re.compile(r"pytorch_model.*\.bin(\.index\.json)?")
 SAFETENSORS_WEIGHTS = re.compile(r".*\.safetensors(\.index\.json)?")

@@ -29,9 +29,9 @@ import zmq
 import zmq.asyncio
 
 from p3.log import get_logger
-from p3.nodes.actor import Actor
-from p3.nodes.membership import Member, Membership, NodeStatus, Verdict
-from p3.nodes.placement import why_unfit
+from p3.nodes.actor.base import Actor
+from p3.nodes.coordinator.membership import Member, Membership, NodeStatus, Verdict
+from p3.nodes.coordinator.placement import why_unfit
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.security import ClusterKeys, Gate

@@ -1,7 +1,7 @@
 """Tensor and pipeline parallelism over torch.distributed: sharded layers, stages, the step plan.
 
 A replica of tp ranks holds one model. Each rank builds the same Transformer with local sizes
-and loads only its slice of every checkpoint tensor (see p3.model_loader.weight_slots):
+and loads only its slice of every checkpoint tensor (see p3.engine.model_loader.weight_slots):
 
     ColumnParallelLinear   qkv (this rank's query heads and their KV heads), gate_up
     RowParallelLinear      o_proj, down: partial sums, then one all-reduce in forward
@@ -44,8 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from p3.engine.layers import Linear
 from p3.kernels.quant import QuantWeight, quant_embedding
-from p3.layers import Linear
 
 # Seconds this process spent inside collectives and point-to-point calls, by kind (waiting
 # for a slower peer included): what scripts/bench_parallel.py reports as communication.

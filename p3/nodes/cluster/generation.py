@@ -18,8 +18,8 @@ import time
 from collections.abc import AsyncIterator
 
 from p3.log import get_logger
-from p3.nodes.requests import Delta, Sample
-from p3.nodes.router import Cluster, Event, NodeLost
+from p3.nodes.cluster.links import Cluster, Event, NodeLost
+from p3.nodes.cluster.samples import Delta, Sample
 from p3.protocol import messages as m
 
 log = get_logger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from p3.log import get_logger
 from p3.tokenizer import Tokenizer
-from p3.weights import resolve_model
+from p3.weights.files import resolve_model
 
 log = get_logger(__name__)
 

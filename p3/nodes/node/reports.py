@@ -13,11 +13,11 @@ import time
 from typing import TYPE_CHECKING
 
 from p3.engine.engine import Engine
-from p3.nodes.node_config import NodeConfig
+from p3.nodes.node.config import NodeConfig
 from p3.protocol import messages as m
 
 if TYPE_CHECKING:
-    from p3.nodes.node import Node
+    from p3.nodes.node.node import Node
 
 
 def hello(node: Node) -> m.Hello:

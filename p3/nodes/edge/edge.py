@@ -4,7 +4,7 @@
                           ^  <------Tokens------
                           +------ Routes ------- coordinator
 
-The cluster side (routes, node links, least-loaded routing, journals) is p3.nodes.router,
+The cluster side (routes, node links, least-loaded routing, journals) is p3.nodes.cluster.links,
 shared with p3.client; the HTTP routes are p3.nodes.api. `python -m p3 edge` calls
 `add_arguments` and `main`; `main` prints `P3_READY {"url": ...}` once it listens.
 """
@@ -23,12 +23,12 @@ from typing import Any
 from aiohttp import web
 
 from p3.log import get_logger
-from p3.nodes.actor import Actor
-from p3.nodes.generation import DEFAULT_TIMEOUT_S
-from p3.nodes.metrics import EdgeMetrics
-from p3.nodes.models import Models
-from p3.nodes.openai import ApiError, Fields, Limits
-from p3.nodes.router import Cluster
+from p3.nodes.actor.base import Actor
+from p3.nodes.cluster.generation import DEFAULT_TIMEOUT_S
+from p3.nodes.cluster.links import Cluster
+from p3.nodes.edge.metrics import EdgeMetrics
+from p3.nodes.edge.models import Models
+from p3.nodes.edge.schemas import ApiError, Fields, Limits
 from p3.protocol.security import ClusterKeys
 from p3.tokenizer import Tokenizer
 
@@ -112,7 +112,7 @@ class Edge(Actor):
     # -- Actor -----------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        from p3.nodes.api import make_app
+        from p3.nodes.edge.api import make_app
 
         self.cluster.open()
         self._runner = web.AppRunner(make_app(self), handler_cancellation=True, access_log=None)
@@ -218,7 +218,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
 
 def main(args: argparse.Namespace) -> int:
     """Run an edge until SIGTERM/SIGINT; prints `P3_READY {"kind": "edge", "url": ...}`."""
-    from p3.nodes.process import run_actor
+    from p3.nodes.actor.process import run_actor
 
     edge = Edge(config_from_args(args))
     edge.preload()

@@ -11,16 +11,17 @@ from pathlib import Path
 
 import torch
 
-from p3.convert import (
+from p3.kernels.quant import BLOCK, QuantWeight, mode_kind, quantize_weight
+from p3.log import get_logger
+from p3.weights.convert import (
     QUANTIZATION_FILE,
     SAFETENSORS_WEIGHTS,
     save_sharded,
     write_json,
     write_quantization,
 )
-from p3.kernels.quant import BLOCK, QuantWeight, mode_kind, quantize_weight
-from p3.log import get_logger
-from p3.weights import iter_state_dict, resolve_model
+from p3.weights.files import resolve_model
+from p3.weights.read import iter_state_dict
 
 log = get_logger(__name__)
 

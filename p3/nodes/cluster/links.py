@@ -1,6 +1,6 @@
 """An edge's view of the cluster: routes from the coordinator, one DEALER per node, routing.
 
-`Cluster` is the part of an edge that has no HTTP in it, shared by p3.nodes.edge and
+`Cluster` is the part of an edge that has no HTTP in it, shared by p3.nodes.edge.edge and
 p3.client. It says EdgeHello to the coordinator every second, keeps the latest routing
 table, connects a DEALER to every routed node, picks the least-loaded replica of a model
 (the table's load plus what this edge sent since that table, so a burst does not herd onto
@@ -30,8 +30,8 @@ import zmq.asyncio
 from zmq.utils import monitor as zmq_monitor
 
 from p3.log import get_logger
-from p3.nodes.inflight import expected_output_tokens
-from p3.nodes.requests import Sample
+from p3.nodes.cluster.samples import Sample
+from p3.nodes.node.inflight import expected_output_tokens
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.security import ClusterKeys

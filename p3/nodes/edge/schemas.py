@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from p3.nodes.openai_errors import ApiError, bad_request
+from p3.nodes.edge.errors import ApiError, bad_request
 from p3.sampling_params import SamplingParams
 
 __all__ = ["ApiError", "bad_request", "parse_chat", "parse_completion", "Limits", "Fields"]

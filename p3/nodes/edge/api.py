@@ -1,7 +1,7 @@
 """The edge's HTTP routes: OpenAI completions and chat, models, tokenize, health, metrics.
 
 Every refusal is an OpenAI-shaped error; a streamed failure ends the stream with an error
-event and `data: [DONE]`. Streams are resumable (p3.nodes.replay): every event has an id,
+event and `data: [DONE]`. Streams are resumable (p3.nodes.edge.replay): every event has an id,
 and a POST with `Last-Event-ID` continues the stream it names. Anything unexpected becomes a
 500 of the same shape, logged with its traceback (bad input must never get there).
 """
@@ -18,16 +18,16 @@ import msgspec
 from aiohttp import web
 
 from p3.log import get_logger
-from p3.nodes.generation import Generation, RequestFailed
-from p3.nodes.metrics import kv_usage
-from p3.nodes.openai import ApiError, bad_request
-from p3.nodes.prompts import Prepared, prepare
-from p3.nodes.replay import Replay, ReplayStore
-from p3.nodes.requests import Sample, make_samples
-from p3.nodes.responses import Choice, new_id
+from p3.nodes.cluster.generation import Generation, RequestFailed
+from p3.nodes.cluster.samples import Sample, make_samples
+from p3.nodes.edge.metrics import kv_usage
+from p3.nodes.edge.prompts import Prepared, prepare
+from p3.nodes.edge.replay import Replay, ReplayStore
+from p3.nodes.edge.responses import Choice, new_id
+from p3.nodes.edge.schemas import ApiError, bad_request
 
 if TYPE_CHECKING:
-    from p3.nodes.edge import Edge
+    from p3.nodes.edge.edge import Edge
 
 log = get_logger(__name__)
 

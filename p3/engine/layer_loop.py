@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from p3.model import AttentionContext, Transformer
+    from p3.engine.model import AttentionContext, Transformer
 
 
 class LayerLoop:

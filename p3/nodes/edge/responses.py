@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from p3.nodes.requests import Delta, Sample, TokenLogprob
+from p3.nodes.cluster.samples import Delta, Sample, TokenLogprob
 from p3.tokenizer import Tokenizer
 
 SYSTEM_FINGERPRINT = "p3-0.1.0"

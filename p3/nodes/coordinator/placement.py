@@ -40,9 +40,8 @@ def model_bytes(model: str | None, itemsize: int, quantization: str = "auto") ->
     kind's block bytes under --quantization KIND, or the stored bytes of a checkpoint whose
     quantization.json says it is blocks (auto)."""
     from p3.config import ModelConfig
-    from p3.convert import QUANTIZATION_FILE
     from p3.kernels.quant import BLOCK, BLOCK_BYTES, mode_kind
-    from p3.weights import DEFAULT_MODEL, load_config, models_dir
+    from p3.weights.files import DEFAULT_MODEL, QUANTIZATION_FILE, load_config, models_dir
 
     path = models_dir() / DEFAULT_MODEL if model in (None, DEFAULT_MODEL) else Path(model)
     if not (path / "config.json").is_file():

@@ -3,7 +3,7 @@
 A step's tokens are packed into one sequence of T tokens: first the decode tokens (one per
 decoding sequence), then the prefill chunks. Linears run over all T at once; attention is the
 only place that knows where one sequence ends and the next begins (see AttentionContext).
-Under tensor parallelism (p3.parallel) every module is built with this rank's local sizes.
+Under tensor parallelism (p3.engine.parallel) every module is built with this rank's local sizes.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from p3.config import ModelConfig, RopeScaling
-from p3.kernels.attention import paged_decode_attention, prefill_attention
-from p3.kernels.fused import fused_add_rms_norm, rms_norm, rope_store_kv, silu_mul
-from p3.parallel import (
+from p3.engine.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
     RowParallelLinear,
@@ -27,9 +25,11 @@ from p3.parallel import (
     receive_activations,
     send_activations,
 )
+from p3.kernels.attention import paged_decode_attention, prefill_attention
+from p3.kernels.fused import fused_add_rms_norm, rms_norm, rope_store_kv, silu_mul
 
 if TYPE_CHECKING:
-    from p3.layer_loop import LayerLoop
+    from p3.engine.layer_loop import LayerLoop
 
 
 @dataclass
@@ -243,7 +243,7 @@ class Transformer(nn.Module):
         if ctx.num_decode != x.shape[0] and ctx.token_block_tables is None:
             return None
         if self._loop is None:
-            from p3.layer_loop import LayerLoop
+            from p3.engine.layer_loop import LayerLoop
 
             self._loop = LayerLoop.build(self, x) or False
         return self._loop or None

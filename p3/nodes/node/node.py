@@ -28,14 +28,15 @@ import zmq
 import zmq.asyncio
 
 from p3.engine.engine import Engine
+from p3.engine.parallel import host_rendezvous, init_shard
 from p3.engine.sequence import Request, StepOutput
 from p3.log import get_logger
-from p3.nodes import placement, reports
-from p3.nodes.actor import Actor
-from p3.nodes.inflight import InFlight, InFlightTable
-from p3.nodes.node_config import NodeConfig, advertised_address
-from p3.nodes.stepper import StepFaults, StepThread
-from p3.parallel import host_rendezvous, init_shard
+from p3.nodes.actor.base import Actor
+from p3.nodes.coordinator import placement
+from p3.nodes.node import reports
+from p3.nodes.node.config import NodeConfig, advertised_address
+from p3.nodes.node.inflight import InFlight, InFlightTable
+from p3.nodes.node.stepper import StepFaults, StepThread
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.sampling import from_wire
