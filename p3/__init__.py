@@ -1,12 +1,13 @@
 """p3: a distributed LLM inference engine."""
 
+from p3.outputs import CompletionOutput, RequestOutput
 from p3.sampling_params import SamplingParams
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
 
 
 def __getattr__(name: str):
-    if name in ("LLM", "CompletionOutput", "RequestOutput"):  # imports torch: only on demand
+    if name == "LLM":  # imports torch: only on demand
         import p3.llm
 
         return getattr(p3.llm, name)

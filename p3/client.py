@@ -18,22 +18,20 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import Any
 
-from p3.llm import CompletionOutput, Logprob, RequestOutput
 from p3.nodes.cluster.generation import DEFAULT_TIMEOUT_S, Generation, RequestFailed
 from p3.nodes.cluster.links import Cluster
 from p3.nodes.cluster.samples import Delta, make_samples
 from p3.nodes.edge.edge import new_edge_id
 from p3.nodes.edge.models import Models
-from p3.nodes.edge.responses import Choice, token_text
+from p3.nodes.edge.responses import Choice
+from p3.outputs import CompletionOutput, PromptType, RequestOutput, logprob_entry, prompt_ids
 from p3.protocol.security import ClusterKeys
 from p3.sampling_params import SamplingParams
 from p3.tokenizer import Tokenizer
 
 __all__ = ["Client", "RequestFailed"]
 
-PromptType = str | dict[str, Any]
 
 
 class Client:
@@ -111,7 +109,7 @@ class Client:
     ) -> tuple[Generation, Tokenizer, str | None]:
         model = self._model(model)
         tokenizer = await self.models.tokenizer(model)
-        text, ids = _prompt_ids(tokenizer, prompt)
+        text, ids = prompt_ids(tokenizer, prompt)
         params = self._fit(model, ids, params)
         request_id = f"{self.cluster.edge_id}-{next(self._ids)}"
         samples = make_samples(request_id, model, [ids], params, tokenizer)
@@ -141,32 +139,14 @@ class Client:
         return params
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: PromptType) -> tuple[str | None, list[int]]:
-    if isinstance(prompt, str):
-        return prompt, tokenizer.encode(prompt)
-    if "prompt_token_ids" in prompt:
-        return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-    if "prompt" in prompt:
-        return prompt["prompt"], tokenizer.encode(prompt["prompt"])
-    raise ValueError("a prompt is a string or a dict with 'prompt' or 'prompt_token_ids'")
-
-
 def _completion_output(choice: Choice, tokenizer: Tokenizer) -> CompletionOutput:
     out = CompletionOutput(
         choice.index, choice.text, choice.token_ids, None, None, choice.finish_reason
     )
     out.stop_reason = choice.stop_reason
     if choice.logprobs:
-        out.logprobs = []
-        for entry in choice.logprobs:
-            ranked = {
-                t: Logprob(lp, rank + 1, token_text(tokenizer, t))
-                for rank, (t, lp) in enumerate(entry.top)
-            }
-            ranked.setdefault(
-                entry.token_id,
-                Logprob(entry.logprob, None, token_text(tokenizer, entry.token_id)),
-            )
-            out.logprobs.append(ranked)
+        out.logprobs = [
+            logprob_entry(tokenizer, e.token_id, e.logprob, e.top) for e in choice.logprobs
+        ]
         out.cumulative_logprob = sum(e.logprob for e in choice.logprobs)
     return out

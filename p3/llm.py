@@ -4,52 +4,25 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from p3.config import EngineConfig
 from p3.engine.engine import Engine
 from p3.engine.sequence import Request, StepOutput
+from p3.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptType,
+    RequestOutput,
+    logprob_entry,
+    prompt_ids,
+)
 from p3.sampling_params import SamplingParams
+from p3.seeds import child_seed
 from p3.tokenizer import OutputText, Tokenizer
 
-PromptType = str | dict[str, Any]
-
-
-@dataclass
-class Logprob:
-    logprob: float
-    rank: int | None = None  # 1 = the most likely token; None where not among the top k
-    decoded_token: str | None = None
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    cumulative_logprob: float | None = None
-    logprobs: list[dict[int, Logprob]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: str | int | None = None  # the stop string or stop token that ended it
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    num_cached_tokens: int = 0
-    # with SamplingParams(prompt_logprobs=k), as vLLM gives them: None for the first prompt
-    # token, then each one's {token id: Logprob} (its own and the top k)
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(o.finish_reason is not None for o in self.outputs)
-
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput"]
 
 class _Child:
     """One of a request's n samples as it streams out of the engine."""
@@ -89,25 +62,6 @@ class _Child:
         ):
             self.out.logprobs.append(logprob_entry(self.tokenizer, token, lp, top))
             self.out.cumulative_logprob = (self.out.cumulative_logprob or 0.0) + lp
-
-
-def logprob_entry(
-    tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None
-) -> dict[int, Logprob]:
-    """vLLM's shape: the top k by rank, and the token itself (rank None if not among them)."""
-    entry = {
-        t: Logprob(v, rank + 1, tokenizer.decode([t], False))
-        for rank, (t, v) in enumerate(top or [])
-    }
-    entry.setdefault(token, Logprob(logprob, None, tokenizer.decode([token], False)))
-    return entry
-
-
-def child_seed(seed: int | None, index: int) -> int | None:
-    """Sample i of a seeded n > 1 request gets its own, reproducible stream."""
-    if seed is None or index == 0:
-        return seed
-    return hash((seed, index)) & ((1 << 63) - 1)
 
 
 class LLM:
@@ -164,7 +118,8 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        pairs = list(zip(map(self._prompt_ids, prompts), params_list, strict=True))
+        read = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
+        pairs = list(zip(read, params_list, strict=True))
         for (_, ids), p in pairs:
             self.engine.validate(Request("", ids, p))  # refuse the call before anything runs
         self._children: dict[str, tuple[RequestOutput, _Child]] = {}
@@ -179,15 +134,6 @@ class LLM:
             self._children[child.request_id] = (out, child)
             self.engine.add(Request(child.request_id, ids, params, child_seed(params.seed, i)))
         return out
-
-    def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-        if "prompt" in prompt:
-            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ValueError("a prompt is a string or a dict with 'prompt' or 'prompt_token_ids'")
 
     def _run(self, outputs: dict[str, RequestOutput]) -> Iterator[tuple[_Child, str]]:
         while self.engine.has_unfinished():

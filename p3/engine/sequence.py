@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from p3.sampling_params import SamplingParams
+from p3.seeds import effective_seed
 
 
 class Status(Enum):
@@ -113,6 +113,4 @@ class Sequence:
 def _effective_seed(request: Request) -> int:
     if request.seed is not None:
         return request.seed
-    if request.params.seed is not None:
-        return request.params.seed
-    return random.getrandbits(63)
+    return effective_seed(request.params.seed)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from p3.sampling_params import SamplingParams
+from p3.seeds import mix_seed
 
 NEG_INF = float("-inf")
 # top_p first looks at this many best tokens, and sorts a row's whole vocab only when its
@@ -25,8 +26,6 @@ NEG_INF = float("-inf")
 NUCLEUS_PROBE_TOKENS = 128
 NUCLEUS_WIDENING = 8  # then this many times more, then the whole vocab
 
-_MASK64 = (1 << 64) - 1
-_MASK63 = (1 << 63) - 1
 
 
 @dataclass(slots=True)
@@ -96,18 +95,6 @@ class Sampler:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device]
-
-
-def mix_seed(seed: int, position: int) -> int:
-    """A splitmix64 mix of (seed, position), masked to the int63 that manual_seed accepts."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (position & _MASK64)) & _MASK63
-
-
-def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,12 @@ class Heartbeat(Msg, tag="heartbeat"):
     num_tokens_to_do: int = 0  # work left in flight: prompts not started, outputs still allowed
 
 
+def expected_output_tokens(max_tokens: int | None) -> int:
+    """What a request will generate, as nodes count num_tokens_to_do and edges weigh routes:
+    its max_tokens, or a typical answer's length."""
+    return max_tokens if max_tokens is not None else 256
+
+
 class Fatal(Msg, tag="fatal"):
     """A node's last word before it exits."""
 

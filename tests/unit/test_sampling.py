@@ -12,11 +12,11 @@ from p3.kernels.sampling import (
     Sampler,
     SampleRow,
     apply_penalties,
-    mix_seed,
     process_logits,
     sampling_weights,
 )
 from p3.sampling_params import SamplingParams
+from p3.seeds import mix_seed
 
 pytestmark = pytest.mark.timeout(60)
 

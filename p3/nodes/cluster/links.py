@@ -31,7 +31,6 @@ from zmq.utils import monitor as zmq_monitor
 
 from p3.log import get_logger
 from p3.nodes.cluster.samples import Sample
-from p3.nodes.node.inflight import expected_output_tokens
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.security import ClusterKeys
@@ -275,7 +274,7 @@ class Cluster:
         journal.tried_nodes.add(route.node_id)
         journal.num_attempts += 1
         self.inflight[sample.request_id] = (sample, queue)
-        cost = len(journal.prompt_token_ids) + expected_output_tokens(journal.params.max_tokens)
+        cost = len(journal.prompt_token_ids) + m.expected_output_tokens(journal.params.max_tokens)
         self.sent_load[route.node_id] = self.sent_load.get(route.node_id, 0) + cost
         if not wire.send(self.links[route.node_id].socket, journal.submit_message()):
             self.inflight.pop(sample.request_id, None)

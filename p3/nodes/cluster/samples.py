@@ -9,23 +9,13 @@ finish reason), the same way p3.llm does in-process. Shared by the edge and p3.c
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
-from p3.llm import child_seed
 from p3.protocol import messages as m
 from p3.protocol.sampling import to_wire
 from p3.sampling_params import SamplingParams
+from p3.seeds import child_seed, effective_seed
 from p3.tokenizer import OutputText, Tokenizer
-
-SEED_BITS = 63
-
-
-def effective_seed(seed: int | None) -> int:
-    """The client's seed (folded into 63 bits), or a fresh random one: every Submit has one."""
-    if seed is None:
-        return random.getrandbits(SEED_BITS)
-    return seed & ((1 << SEED_BITS) - 1)
 
 
 @dataclass

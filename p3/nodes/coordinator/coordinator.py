@@ -9,7 +9,8 @@ Placement with tensor or pipeline parallelism (tp x pp > 1): nodes are welcomed 
 once tp x pp of one model wait, they become a replica. Its rank 0 gets Place and answers
 Rendezvous (its torch.distributed store's host:port); the others then get Place with it. A
 replica is routed (through rank 0) once all its members are ready; when one dies, the
-others are told to shut down (re-forming a replica from spare nodes is not done yet).
+others are told to shut down, and the model's waiting nodes (spares, restarted ones) form a
+new replica as soon as tp x pp of them wait (tests/e2e/test_reform_replica.py).
 
 Restarts: a coordinator keeps no state on disk. A restarted one (on the same address, which
 nodes and edges keep dialling) hears heartbeats from nodes it does not know and answers

@@ -28,14 +28,9 @@ class InFlight:
     @property
     def num_tokens_to_do(self) -> int:
         """Work left, as a router weighs it: the prompt until the first token, then the
-        outputs still allowed (expected_output_tokens when there is no max_tokens)."""
+        outputs still allowed (m.expected_output_tokens when there is no max_tokens)."""
         prompt = self.num_prompt_tokens if not self.num_output_tokens else 0
-        return prompt + max(1, expected_output_tokens(self.max_tokens) - self.num_output_tokens)
-
-
-def expected_output_tokens(max_tokens: int | None) -> int:
-    """What a request will generate, for routing only: its max_tokens, or a typical answer."""
-    return max_tokens if max_tokens is not None else 256
+        return prompt + max(1, m.expected_output_tokens(self.max_tokens) - self.num_output_tokens)
 
 
 class InFlightTable:
