@@ -19,7 +19,12 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from p3.nodes.cluster.generation import DEFAULT_TIMEOUT_S, Generation, RequestFailed
+from p3.nodes.cluster.generation import (
+    DEFAULT_TIMEOUT_S,
+    FailureCode,
+    Generation,
+    RequestFailed,
+)
 from p3.nodes.cluster.links import Cluster
 from p3.nodes.cluster.samples import Delta, make_samples
 from p3.nodes.edge.edge import new_edge_id
@@ -63,7 +68,8 @@ class Client:
                     await self.cluster.routes_changed.wait()
         except TimeoutError:
             await self.close()
-            raise RequestFailed("no ready replica in the cluster", "no_replica", True) from None
+            message = "no ready replica in the cluster"
+            raise RequestFailed(message, FailureCode.NO_REPLICA, True) from None
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -4,12 +4,14 @@ client (p3.client) alike; and how either reads a prompt. No torch here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from p3.tokenizer import Tokenizer
 
 PromptType = str | dict[str, Any]
+# why a sample ended: a stop token or string, max_tokens or the context, or it was aborted
+FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass
@@ -26,7 +28,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float | None = None
     logprobs: list[dict[int, Logprob]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
 
 

@@ -26,6 +26,7 @@ from p3.engine.scheduler import ScheduledBatch, Scheduler
 from p3.engine.sequence import Request, Sequence, StepOutput
 from p3.kernels.sampling import SampleResult
 from p3.log import get_logger
+from p3.outputs import FinishReason
 from p3.weights.convert import read_quantization
 from p3.weights.files import load_config, resolve_model
 from p3.weights.read import iter_state_dict
@@ -281,7 +282,7 @@ class Engine:
             outputs.append(out)
         return outputs
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params
         if token in p.stop_token_ids:
             return "stop"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+from p3.outputs import FinishReason
 from p3.sampling_params import SamplingParams
 from p3.seeds import effective_seed
 
@@ -36,7 +37,7 @@ class StepOutput:
     new_token_ids: list[int]
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
+    finish_reason: FinishReason | None = None  # None while running
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     # prompt tokens 1.. as (token, logprob, top k), with the first sampled token
@@ -59,7 +60,7 @@ class Sequence:
         self.arrival = arrival
         self.lane = 0  # the pipeline micro-batch it rides in (engine.py)
         self.status = Status.WAITING
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose K/V sit in the cache
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache

@@ -1,15 +1,27 @@
 """Every message that crosses a cluster socket, and one tagged union per socket direction.
 
-Rules (DESIGN.md): msgspec Structs, array_like (positional: small and fast), frozen, gc=False,
+Rules (docs/design.md): msgspec Structs, array_like (positional: small and fast), frozen, gc=False,
 tagged. Fields are only ever appended, each with a default, so an older peer's shorter message
 still decodes. A Hello carries PROTOCOL_VERSION; a peer with another version is refused.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
+from p3.outputs import FinishReason
+
 PROTOCOL_VERSION = 1
+
+# Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
+# bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
+# overloaded, busy (that request id still runs there), stale_epoch and draining send it to
+# another replica, and when none takes it it fails as overloaded or no_replica (HTTP 503).
+RejectCode = Literal["bad_request", "overloaded", "busy", "stale_epoch", "draining"]
+# How an actor stops: drain finishes in-flight work first (bounded), abort does not.
+StopMode = Literal["drain", "abort"]
 
 
 class Msg(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=True):
@@ -155,7 +167,7 @@ class Fence(Msg, tag="fence"):
 
 
 class Shutdown(Msg, tag="shutdown"):
-    mode: str = "drain"  # "drain" | "abort"
+    mode: StopMode = "drain"
 
 
 class Reregister(Msg, tag="reregister"):
@@ -246,7 +258,7 @@ class TokenDelta(Msg, tag="delta"):
     index: int = 0  # output position of token_ids[0]
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     # with prompt_logprobs: (token, logprob, top k) of prompt tokens 1.. (the first has none)
@@ -267,7 +279,7 @@ class Rejected(Msg, tag="rejected"):
 
     request_id: str
     reason: str
-    code: str = "rejected"  # "bad_request" | "overloaded" | "stale_epoch" | "draining"
+    code: RejectCode = "overloaded"
 
 
 class Pong(Msg, tag="pong"):

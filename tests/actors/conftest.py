@@ -30,9 +30,11 @@ class Running:
     def __init__(self):
         self.tasks: dict[object, asyncio.Task] = {}
 
-    async def start(self, actor):
+    async def start(self, actor, serving: bool = True):
+        """Run actor; with serving, until it serves."""
         self.tasks[actor] = asyncio.create_task(actor.run())
-        await actor.wait_ready()
+        if serving:
+            await actor.wait_ready()
         return actor
 
     async def finish(self, actor, mode: str = "drain", timeout_s: float = 10.0) -> None:
@@ -77,10 +79,7 @@ def make_node(running, coordinator, tiny_model):
             drain_timeout_s=5.0,
         )
         node = Node(NodeConfig(**{**options, **overrides}), faults or StepFaults())
-        await running.start(node)
-        if serving:
-            async with asyncio.timeout(30):
-                await node.serving.wait()
+        await running.start(node, serving)
         return node
 
     return make

@@ -114,3 +114,26 @@ def test_sampling_params_survive_the_wire():
 def test_out_of_range_wire_sampling_params_raise_value_error():
     with pytest.raises(ValueError, match="temperature"):
         from_wire(m.WireSamplingParams(temperature=-1.0))
+
+
+DELTA = ["delta", "r", [5], 0, None, None]
+
+
+@pytest.mark.parametrize(
+    ("decoder", "bad", "good"),
+    [
+        (wire.edge_from_node, ["rejected", "r1", "why", "teapot"], ["rejected", "r1", "w", "busy"]),
+        (wire.node_from_coordinator, ["shutdown", "later"], ["shutdown", "abort"]),
+        (
+            wire.edge_from_node,
+            ["tokens", "n", 1, 1, [[*DELTA, "done"]]],
+            ["tokens", "n", 1, 1, [[*DELTA, "length"]]],
+        ),
+    ],
+    ids=["reject-code", "stop-mode", "finish-reason"],
+)
+def test_a_code_mode_or_reason_outside_its_literal_is_dropped(decoder, bad, good):
+    d = decoder()
+    assert d.decode(msgspec.msgpack.encode(good)) is not None
+    assert d.decode(msgspec.msgpack.encode(bad)) is None
+    assert d.num_dropped == 1

@@ -103,3 +103,42 @@ async def test_a_node_routed_from_another_process_lost_the_samples_of_the_old_on
     cluster.on_routes(m.Routes(2, [routed("a", 2, pid=8)]))  # died, started again, registered
     cluster.on_node_tokens("a", tokens("a", 1, "r", 0))
     assert received(queue) == [NodeLost("a", "node restarted")]
+
+
+async def test_a_link_whose_reader_raises_is_logged_dropped_and_linked_anew(cluster, monkeypatch):
+    """A bug in handling a node's frames must not silence the link: the edge logs it, moves
+    the link's samples, and the next routes table links the node again."""
+    import structlog.testing
+    import zmq
+
+    from p3.protocol import wire
+
+    node = wire.make_socket(cluster.ctx, zmq.ROUTER, bind="tcp://127.0.0.1:0")
+    try:
+        table = m.Route("n1", 1, wire.bound_address(node), "tiny", pid=7)
+        cluster.on_routes(m.Routes(1, [table]))
+        first = cluster.links["n1"]
+        broken = asyncio.Event()
+
+        def bug(node_id, tokens):
+            broken.set()
+            raise KeyError("a bug in on_node_tokens")
+
+        monkeypatch.setattr(cluster, "on_node_tokens", bug)
+        lost = []
+        monkeypatch.setattr(cluster, "link_lost", lost.append)
+        with structlog.testing.capture_logs() as logs:
+            first.socket.send(wire.encode(m.Ping(1)))  # so the node learns the edge's identity
+            identity, _ = await asyncio.wait_for(node.recv_multipart(), 5)
+            await node.send_multipart([identity, wire.encode(m.Tokens("n1", 1, 1))])
+            await asyncio.wait_for(broken.wait(), 5)
+            async with asyncio.timeout(5):
+                while "n1" in cluster.links:  # the done-callback runs on a later loop turn
+                    await asyncio.sleep(0)
+        [entry] = [e for e in logs if e["event"] == "edge.link_task_failed"]
+        assert entry["log_level"] == "error" and entry["error_type"] == "KeyError"
+        assert lost == ["n1"]
+        cluster.on_routes(m.Routes(2, [table]))
+        assert cluster.links["n1"] is not first
+    finally:
+        node.close(linger=0)

@@ -5,20 +5,31 @@
 
 A subclass opens what it needs in `setup`, names its loops in `loops`, finishes in-flight work
 in `drain` (stop mode "drain"; skipped on "abort") and closes what it opened, in reverse
-order, in `teardown` (always called). Every status change is logged with its cause.
+order, in `teardown` (always called). Every status change is logged with its cause; a failure
+is logged at error level with the exception that caused it (the first of a TaskGroup's, not
+the group), its type, message and traceback; a teardown that raises is logged too.
+
+Readiness is one thing: `serving`, an Event, with `ready_info()` saying where (what a
+launching parent is told, p3.nodes.actor.process). An actor serves once `setup` returns,
+unless it sets `serves_after_setup = False` and calls `mark_serving()` itself (a node: once
+its engine is loaded and Ready sent). A stop() before run() is kept: run() then stops at once.
+Background work lives in `loops` (the TaskGroup) or in `spawn`, which puts a task in the same
+group once the actor runs: its failure fails the actor, never silently.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Coroutine
 from enum import Enum
-from typing import Any
+from typing import Any, get_args
 
 from p3.log import get_logger
+from p3.protocol.messages import StopMode
 
 log = get_logger(__name__)
+
+STOP_MODES: tuple[StopMode, ...] = get_args(StopMode)
 
 
 class Status(Enum):
@@ -32,13 +43,18 @@ class Status(Enum):
 
 class Actor:
     kind = "actor"
+    serves_after_setup = True
 
     def __init__(self, name: str):
         self.name = name
         self.status = Status.CREATED
-        self.stop_mode = "drain"
-        self._stop_requested: asyncio.Event | None = None
-        self._ready = asyncio.Event()
+        self.stop_mode: StopMode = "drain"
+        self.serving = asyncio.Event()  # the one readiness signal (see mark_serving)
+        self._stop_requested = asyncio.Event()  # binds to a loop only when first awaited
+        self._ended = asyncio.Event()
+        self._group: asyncio.TaskGroup | None = None
+        self._spawned: list[asyncio.Task] = []
+        self._to_spawn: list[tuple[Coroutine[Any, Any, Any], str]] = []  # spawned in setup
 
     # -- for subclasses -------------------------------------------------------------------
 
@@ -54,39 +70,72 @@ class Actor:
     async def teardown(self) -> None:
         """Close what setup opened, in reverse order. Always called, also after a failure."""
 
+    def ready_info(self) -> dict[str, Any]:
+        """What a launching parent is told once this actor serves (its address, say)."""
+        return {}
+
     # -- lifecycle ------------------------------------------------------------------------
 
+    def mark_serving(self) -> None:
+        self.serving.set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task | None:
+        """A background task in the actor's TaskGroup: if it raises, the actor fails with
+        its exception (logged); cancelled with the loops on stop. From setup, the task starts
+        with the loops (None is returned)."""
+        if self._group is None:
+            if self.status is not Status.STARTING:
+                coro.close()
+                raise RuntimeError(f"{self.kind} {self.name}: spawn({name}) while not running")
+            self._to_spawn.append((coro, name))
+            return None
+        task = self._group.create_task(coro, name=f"{self.name}.{name}")
+        self._spawned = [t for t in self._spawned if not t.done()] + [task]
+        return task
+
     async def run(self) -> None:
-        """Run until stop() or a loop fails; teardown always runs."""
-        self._stop_requested = asyncio.Event()
+        """Run until stop() or a loop fails; teardown always runs once setup began."""
+        if self._stop_requested.is_set():  # stopped before it ran: nothing to open or close
+            self._set_status(Status.STOPPED, f"stop ({self.stop_mode}) before run")
+            self._ended.set()
+            return
         self._set_status(Status.STARTING, "run")
         try:
             await self.setup()
             self._set_status(Status.RUNNING, "setup done")
-            self._ready.set()
+            if self.serves_after_setup:
+                self.mark_serving()
             await self._run_loops()
         except BaseException as exc:
-            self._set_status(Status.FAILED, f"{type(exc).__name__}: {exc}")
+            self._record_failure(exc)
             raise
         finally:
-            self._ready.set()
-            with contextlib.suppress(Exception):
-                await self.teardown()
+            for coro, _ in self._to_spawn:  # setup failed before the loops began
+                coro.close()
+            self._to_spawn.clear()
+            await self._teardown()
+            self._ended.set()
         self._set_status(Status.STOPPED, f"stop ({self.stop_mode})")
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until the actor serves; RuntimeError if it ended first."""
         async with asyncio.timeout(timeout_s):
-            await self._ready.wait()
-        if self.status is not Status.RUNNING:
+            serving = asyncio.ensure_future(self.serving.wait())
+            ended = asyncio.ensure_future(self._ended.wait())
+            try:
+                await asyncio.wait((serving, ended), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                serving.cancel()
+                ended.cancel()
+        if not self.serving.is_set():
             raise RuntimeError(f"{self.kind} {self.name} did not start: {self.status.value}")
 
-    def stop(self, mode: str = "drain") -> None:
+    def stop(self, mode: StopMode = "drain") -> None:
         """Ask the actor to stop: "drain" finishes in-flight work first, "abort" does not."""
-        if mode not in ("drain", "abort"):
+        if mode not in STOP_MODES:
             raise ValueError(f"stop mode must be 'drain' or 'abort', got {mode!r}")
         self.stop_mode = mode
-        if self._stop_requested is not None:
-            self._stop_requested.set()
+        self._stop_requested.set()
 
     @property
     def is_running(self) -> bool:
@@ -94,6 +143,10 @@ class Actor:
 
     async def _run_loops(self) -> None:
         async with asyncio.TaskGroup() as group:
+            self._group = group
+            for coro, name in self._to_spawn:
+                self.spawn(coro, name)
+            self._to_spawn.clear()
             tasks = [
                 group.create_task(loop, name=f"{self.name}.{loop.__name__}")
                 for loop in self.loops()
@@ -103,8 +156,35 @@ class Actor:
             self._set_status(Status.STOPPING, f"stop requested ({self.stop_mode})")
             if self.stop_mode == "drain":
                 await self.drain()
-            for task in tasks:
+            for task in [*tasks, *self._spawned]:
                 task.cancel()
+        self._group = None
+
+    def _record_failure(self, exc: BaseException) -> None:
+        cause = root_cause(exc)
+        self._set_status(Status.FAILED, f"{type(cause).__name__}: {cause}")
+        if isinstance(cause, Exception):  # not a cancellation or an interpreter exit
+            log.error(
+                f"{self.kind}.failed",
+                name=self.name,
+                error_type=type(cause).__name__,
+                error=str(cause),
+                exc_info=cause,
+            )
+
+    async def _teardown(self) -> None:
+        if self.status is Status.CREATED:
+            return
+        try:
+            await self.teardown()
+        except Exception as exc:  # noqa: BLE001 - logged, and the stop goes on
+            log.error(
+                f"{self.kind}.teardown_failed",
+                name=self.name,
+                error_type=type(exc).__name__,
+                error=str(exc),
+                exc_info=exc,
+            )
 
     def _set_status(self, status: Status, cause: str) -> None:
         if status is self.status:
@@ -117,3 +197,10 @@ class Actor:
             cause=cause,
         )
         self.status = status
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The first leaf exception of (nested) exception groups; exc itself otherwise."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

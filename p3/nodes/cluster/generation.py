@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from enum import StrEnum
 
 from p3.log import get_logger
 from p3.nodes.cluster.links import Cluster, Event, NodeLost
@@ -30,14 +31,37 @@ MAX_IDLE_MOVES = 3  # moves in a row without a new token: a request that kills e
 # lands on stops moving; a stream that progresses between faults survives any number of them
 
 
+class FailureCode(StrEnum):
+    """Why a request could not finish; the HTTP status the edge answers with is beside it."""
+
+    BAD_REQUEST = "bad_request"  # 400: a node refused it as invalid (every node would)
+    NO_REPLICA = "no_replica"  # 503: no ready replica serves its model, or none would take it
+    OVERLOADED = "overloaded"  # 503: every replica refused it as full
+    TIMEOUT = "timeout"  # 504: no token for --token-timeout on every replica it tried
+    NODE_DEAD = "node_dead"  # its node died and no other replica could take it over:
+    LINK_LOST = "link_lost"  # its link failed, likewise: 503 if nothing was sent, else 500
+
+
+FAILURE_HTTP_STATUS = {
+    FailureCode.BAD_REQUEST: 400,
+    FailureCode.NO_REPLICA: 503,
+    FailureCode.OVERLOADED: 503,
+    FailureCode.TIMEOUT: 504,
+}
+
+
 class RequestFailed(Exception):
     """A request that cannot finish. definite: nothing was generated (safe to retry)."""
 
-    def __init__(self, message: str, code: str, definite: bool):
+    def __init__(self, message: str, code: FailureCode, definite: bool):
         super().__init__(message)
         self.message = message
-        self.code = code  # "bad_request" | "no_replica" | "node_dead" | "timeout" | "overloaded"
+        self.code = FailureCode(code)
         self.definite = definite
+
+    @property
+    def http_status(self) -> int:
+        return FAILURE_HTTP_STATUS.get(self.code, 503 if self.definite else 500)
 
 
 class Generation:
@@ -66,7 +90,9 @@ class Generation:
             if not self.cluster.submit(sample, self.queue):
                 self.close()
                 raise RequestFailed(
-                    f"no ready replica of model {sample.journal.model!r}", "no_replica", True
+                    f"no ready replica of model {sample.journal.model!r}",
+                    FailureCode.NO_REPLICA,
+                    True,
                 )
         self.submitted_at = time.perf_counter()
 
@@ -107,7 +133,7 @@ class Generation:
                         continue
                     self.cluster.cancel(sample)  # the stuck node: stop it there
                     sample.journal.stuck_nodes.add(sample.journal.node_id or "")
-                    self._move(sample, f"no tokens for {self.timeout_s:g} s", "timeout")
+                    self._move(sample, f"no tokens for {self.timeout_s:g} s", FailureCode.TIMEOUT)
             else:
                 self._quiet.clear()
                 return event
@@ -137,15 +163,18 @@ class Generation:
                     self._leave_live_node(sample, f"{msg.reason} ({msg.node_id})")
                 else:
                     self.cluster.forget(sample)
-                    self._move(sample, f"node {msg.node_id} died ({msg.reason})", "node_dead")
+                    cause = f"node {msg.node_id} died ({msg.reason})"
+                    self._move(sample, cause, FailureCode.NODE_DEAD)
         return None
 
     def _leave_live_node(self, sample: Sample, cause: str) -> None:
         """Its link lost frames, but the node lives: cancel it there, move it on."""
         self.cluster.cancel(sample)
-        self._move(sample, cause, "link_lost", may_stay=True)
+        self._move(sample, cause, FailureCode.LINK_LOST, may_stay=True)
 
-    def _move(self, sample: Sample, cause: str, code: str, may_stay: bool = False) -> None:
+    def _move(
+        self, sample: Sample, cause: str, code: FailureCode, may_stay: bool = False
+    ) -> None:
         """Resubmit an unfinished sample elsewhere, continuing after the tokens it has.
         may_stay: the node it leaves is alive (its link failed), so when no other replica
         is there, it may go back to the same one."""
@@ -192,9 +221,10 @@ class Generation:
             reason=rejected.reason,
         )
         if rejected.code == "bad_request":
-            raise RequestFailed(rejected.reason, "bad_request", True)
+            raise RequestFailed(rejected.reason, FailureCode.BAD_REQUEST, True)
         if not self.cluster.submit(sample, self.queue):
-            code = "overloaded" if rejected.code == "overloaded" else "no_replica"
+            full = rejected.code == "overloaded"
+            code = FailureCode.OVERLOADED if full else FailureCode.NO_REPLICA
             definite = sample.num_output_tokens == 0  # a moved sample has sent tokens
             raise RequestFailed(f"every replica refused: {rejected.reason}", code, definite)
 

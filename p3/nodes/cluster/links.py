@@ -78,6 +78,8 @@ class NodeLink:
         self.socket.connect(route.address)
         self.reader = asyncio.create_task(cluster.read_node(self), name=f"read.{self.node_id}")
         self.watcher = asyncio.create_task(cluster.watch_link(self), name=f"link.{self.node_id}")
+        for task in (self.reader, self.watcher):  # they run forever: an end is a failure
+            task.add_done_callback(lambda t: cluster.link_task_ended(self, t))
 
     def close(self) -> None:
         self.reader.cancel()
@@ -165,6 +167,25 @@ class Cluster:
             event = zmq_monitor.parse_monitor_message(await link.monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.link_lost(link.node_id)
+
+    def link_task_ended(self, link: NodeLink, task: asyncio.Task) -> None:
+        """A link's reader or watcher ended other than by close(): log why, treat the link as
+        lost (its samples move) and drop it, so the next routes table links the node anew."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error(
+            "edge.link_task_failed",
+            node_id=link.node_id,
+            task=task.get_name(),
+            error_type=type(exc).__name__ if exc else None,
+            error=str(exc) if exc else "returned",
+            exc_info=exc,
+        )
+        if self.links.get(link.node_id) is link:
+            del self.links[link.node_id]
+            link.close()
+            self.link_lost(link.node_id)
 
     def link_lost(self, node_id: str) -> None:
         """Frames to or from node_id may be lost: its samples move (and are cancelled there)."""

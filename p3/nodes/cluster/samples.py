@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from p3.outputs import FinishReason
 from p3.protocol import messages as m
 from p3.protocol.sampling import to_wire
 from p3.sampling_params import SamplingParams
@@ -33,7 +34,7 @@ class Delta:
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., with the first token
 
@@ -84,7 +85,7 @@ class Sample:
         self.tokenizer = tokenizer
         self.params = params
         self.text = OutputText(tokenizer, journal.prompt_token_ids, params)
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.num_prompt_tokens = len(journal.prompt_token_ids)
         self.num_cached_tokens = 0
         self.prompt_logprobs: list[TokenLogprob] | None = None

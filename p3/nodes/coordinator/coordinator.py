@@ -83,7 +83,6 @@ class Coordinator(Actor):
         self._changed_dead: list[str] = []
         self._changed = asyncio.Event()
         self._last_publish_at = 0.0
-        self.serving = asyncio.Event()  # bound and listening
 
     async def setup(self) -> None:
         self._ctx = zmq.asyncio.Context()
@@ -91,8 +90,7 @@ class Coordinator(Actor):
         self._gate = Gate(self._ctx, keys, self.name) if keys else None
         self._sock = wire.make_socket(self._ctx, zmq.ROUTER, bind=self.config.bind, keys=keys)
         self.address = wire.bound_address(self._sock)
-        log.info("coordinator.listening", address=self.address)
-        self.serving.set()
+        log.info("coordinator.listening", address=self.address)  # and so serving
 
     def ready_info(self) -> dict:
         return {"address": self.address}

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
-FAILURE_STATUS = {"bad_request": 400, "no_replica": 503, "overloaded": 503, "timeout": 504}
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -46,8 +45,7 @@ def error_response(error: ApiError) -> web.Response:
 
 
 def failure_error(failure: RequestFailed) -> ApiError:
-    status = FAILURE_STATUS.get(failure.code, 500 if not failure.definite else 503)
-    return ApiError(status, failure.message, code=failure.code)
+    return ApiError(failure.http_status, failure.message, code=failure.code.value)
 
 
 def make_app(edge: Edge) -> web.Application:
@@ -228,6 +226,16 @@ class Api:
         except RequestFailed as failure:
             self._failed(failure)
             send(failure_error(failure).body())
+        except Exception as exc:  # a bug here: the client hears it, the log shows it
+            log.error(
+                "edge.stream_failed",
+                request_ids=generation.request_ids,
+                error_type=type(exc).__name__,
+                error=str(exc),
+                exc_info=exc,
+            )
+            self.metrics.request_failure.labels("internal").inc()
+            send(ApiError(500, f"internal error: {type(exc).__name__}", code="internal").body())
         finally:
             replay.append(b"[DONE]")
             replay.finish()

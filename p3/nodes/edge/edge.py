@@ -86,7 +86,6 @@ class Edge(Actor):
         self.cluster = Cluster(config.coordinator, self.edge_id, keys)
         self.cluster.on_models = self.models.learn
         self.url = ""
-        self.serving = asyncio.Event()  # listening: run_actor announces ready_info() then
         self._runner: web.AppRunner | None = None
 
     def preload(self) -> None:
@@ -121,8 +120,7 @@ class Edge(Actor):
         await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{_url_host(host)}:{port}"
-        log.info("edge.listening", url=self.url, edge_id=self.edge_id)
-        self.serving.set()
+        log.info("edge.listening", url=self.url, edge_id=self.edge_id)  # and so serving
 
     def ready_info(self) -> dict[str, str]:
         return {"url": self.url, "edge_id": self.edge_id}

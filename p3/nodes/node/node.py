@@ -51,6 +51,7 @@ class NodeFailed(RuntimeError):
 
 class Node(Actor):
     kind = "node"
+    serves_after_setup = False  # serving once the engine is loaded (on_loaded)
 
     def __init__(self, config: NodeConfig, faults: StepFaults | None = None):
         super().__init__(config.node_id)
@@ -65,7 +66,6 @@ class Node(Actor):
         self.stepper: StepThread | None = None
         self.inflight = InFlightTable()
         self.address = ""
-        self.serving = asyncio.Event()  # welcomed, engine loaded, Ready sent
         self._welcomed = asyncio.Event()
         self.memory_bytes = 0  # what Hello reports (set in setup)
         self.model_bytes = 0
@@ -272,7 +272,7 @@ class Node(Actor):
         self.engine = engine
         if self.registered:
             self._send_ready()
-        self.serving.set()
+        self.mark_serving()  # loaded (Ready goes out once welcomed)
 
     def ready_info(self) -> dict:
         info = {"node_id": self.name, "address": self.address, "epoch": self.epoch}
@@ -345,7 +345,7 @@ class Node(Actor):
         self.inflight.add(entry)
         self.stepper.wake()
 
-    def _refusal(self, submit: m.Submit) -> tuple[str, str] | None:
+    def _refusal(self, submit: m.Submit) -> tuple[m.RejectCode, str] | None:
         if self.draining or not self.is_running:
             return "draining", "node is stopping"
         if self.engine is None:
