@@ -50,9 +50,10 @@ class Client:
     ):
         """keys: the cluster's `p3 keys generate` directory, when its sockets use CurveZMQ."""
         cluster_keys = ClusterKeys.load(keys) if keys else None
-        self.cluster = Cluster(coordinator, new_edge_id("client"), cluster_keys)
         self.models = Models()
-        self.cluster.on_models = self.models.learn
+        self.cluster = Cluster(
+            coordinator, new_edge_id("client"), cluster_keys, on_models=self.models.learn
+        )
         self.model = model
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s

@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 GREEDY_EPSILON = 1e-5  # temperatures below this mean argmax
 
 
+class InvalidParam(ValueError):
+    """A SamplingParams field out of its range; `name` is the field."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
@@ -73,7 +81,7 @@ class SamplingParams:
         ]
         for ok, name, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise InvalidParam(name, f"{name} {why}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

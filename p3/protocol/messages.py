@@ -13,7 +13,7 @@ import msgspec
 
 from p3.outputs import FinishReason
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the load figures as one nested Load
 
 # Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
 # bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
@@ -89,6 +89,17 @@ class Ready(Msg, tag="ready"):
     kv_cache_dtype: str = ""  # what its KV cache holds: "auto" (the model dtype) or "int8"
 
 
+class Load(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """How busy a node is: its heartbeat says it, the routes repeat it, edges route on it."""
+
+    num_free_blocks: int = 0  # KV blocks
+    num_waiting: int = 0  # sequences queued in the engine
+    num_running: int = 0  # sequences in the running batch
+    num_tokens_in_flight: int = 0  # prompt and output tokens of its in-flight requests
+    num_tokens_processed: int = 0  # prompt and output tokens run through the model, ever
+    num_tokens_to_do: int = 0  # work left in flight: prompts not started, outputs still allowed
+
+
 class Heartbeat(Msg, tag="heartbeat"):
     """Liveness with progress: a node whose compute thread hangs is caught too."""
 
@@ -97,13 +108,8 @@ class Heartbeat(Msg, tag="heartbeat"):
     num_steps: int = 0
     last_step_age_s: float = 0.0
     busy: bool = False  # requests are in flight, so num_steps should be moving
-    num_free_blocks: int = 0
-    num_waiting: int = 0
-    num_running: int = 0
-    num_tokens_in_flight: int = 0
     draining: bool = False  # stopping: finishing in-flight requests, accepting no new ones
-    num_tokens_processed: int = 0  # prompt and output tokens run through the model, ever
-    num_tokens_to_do: int = 0  # work left in flight: prompts not started, outputs still allowed
+    load: Load = Load()
 
 
 def expected_output_tokens(max_tokens: int | None) -> int:
@@ -204,15 +210,10 @@ class Route(Msg, tag="route"):
     replica: int = 0
     max_model_len: int = 0
     num_kv_blocks: int = 0
-    num_free_blocks: int = 0
-    num_waiting: int = 0
-    num_running: int = 0
-    num_tokens_in_flight: int = 0
     host: str = ""
     pid: int = 0
-    num_tokens_processed: int = 0
-    num_tokens_to_do: int = 0
     replica_rank: int = 0  # > 0: a shard of rank 0's replica, listed but never routed to
+    load: Load = Load()  # as its latest heartbeat said
 
 
 class Routes(Msg, tag="routes"):

@@ -52,10 +52,11 @@ async def test_hello_welcome_ready_puts_the_node_in_the_routes(fake_node, edge):
 async def test_heartbeat_load_reaches_the_edges(fake_node, edge):
     peer = fake_node("n1")
     welcome = await join(peer)
-    peer.send(m.Heartbeat("n1", welcome.epoch, 5, 0.01, True, 42, 3, 2, 77))
-    routes = await edge.routes_until(lambda r: (x := route_of(r, "n1")) and x.num_waiting == 3)
+    peer.send(m.Heartbeat("n1", welcome.epoch, 5, 0.01, True, load=m.Load(42, 3, 2, 77)))
+    routes = await edge.routes_until(lambda r: (x := route_of(r, "n1")) and x.load.num_waiting == 3)
     route = route_of(routes, "n1")
-    assert (route.num_free_blocks, route.num_running, route.num_tokens_in_flight) == (42, 2, 77)
+    load = route.load
+    assert (load.num_free_blocks, load.num_running, load.num_tokens_in_flight) == (42, 2, 77)
 
 
 async def test_another_protocol_version_is_refused(fake_node, coordinator):

@@ -44,11 +44,11 @@ def test_tensor_parallel_nodes_form_replicas_in_join_order():
     assert not any(mb.placed for mb in joined)
     groups = members.form_groups()
     assert [[mb.node_id for mb in g] for g in groups] == [["x", "y"]]
-    assert [(mb.replica, mb.rank) for mb in groups[0]] == [(0, 0), (0, 1)]
+    assert [(mb.replica, mb.replica_rank) for mb in groups[0]] == [(0, 0), (0, 1)]
     assert not joined[2].placed and members.form_groups() == []  # z waits for a partner
     w = members.register(b"w", m.Hello(m.PROTOCOL_VERSION, "w", model="a"))
     (group,) = members.form_groups()
-    assert [(mb.node_id, mb.replica, mb.rank) for mb in group] == [("z", 1, 0), ("w", 1, 1)]
+    assert [(mb.node_id, mb.replica, mb.replica_rank) for mb in group] == [("z", 1, 0), ("w", 1, 1)]
     assert w.group_size == 2
 
 
@@ -79,7 +79,7 @@ def test_nodes_registering_again_keep_their_replica_and_ranks_in_any_order():
     follower = members.register(b"y", placed_hello("y", 3, 1))
     leader = members.register(b"x", placed_hello("x", 3, 0))
     assert members.form_groups() == []  # nothing to form: they are a replica still
-    assert [(mb.replica, mb.rank, mb.group_size) for mb in (leader, follower)] == [
+    assert [(mb.replica, mb.replica_rank, mb.group_size) for mb in (leader, follower)] == [
         (3, 0, 2),
         (3, 1, 2),
     ]
@@ -97,7 +97,7 @@ def test_a_kept_replica_number_taken_since_moves_the_whole_replica_to_another():
     assert formed[0].replica == 0
     x = members.register(b"x", placed_hello("x", 0, 0))
     y = members.register(b"y", placed_hello("y", 0, 1))
-    assert (x.replica, x.rank, y.replica, y.rank) == (1, 0, 1, 1)
+    assert (x.replica, x.replica_rank, y.replica, y.replica_rank) == (1, 0, 1, 1)
     assert members.group_of(x) == [x, y]
 
 

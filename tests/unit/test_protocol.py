@@ -19,8 +19,8 @@ EXAMPLES = [
     m.Ready("n1", 3, "tiny", 100, 16, 2048, 0.25, 1, 2),
     m.Rendezvous("n1", 3, "10.0.0.1", 29500),
     m.Place(3, 0, 1, 2, 1, "10.0.0.1:29500"),
-    m.Heartbeat("n1", 3, 10, 0.01, True, 90, 1, 2, 300),
-    m.Heartbeat("n1", 3, 10, 0.01, True, 90, 1, 2, 300, True),
+    m.Heartbeat("n1", 3, 10, 0.01, True),
+    m.Heartbeat("n1", 3, 10, 0.01, True, True, m.Load(90, 1, 2, 300, 5000, 64)),
     m.Fatal("n1", 3, "boom"),
     m.Goodbye("n1", 3),
     m.EdgeHello(m.PROTOCOL_VERSION, "e1"),
@@ -30,7 +30,7 @@ EXAMPLES = [
     m.Fence(3, "declared dead"),
     m.Shutdown("abort"),
     m.Reregister(3, "unknown node"),
-    m.Route("n1", 3, "tcp://1.2.3.4:5", "tiny", 0, 2048, 100, 90, 1, 2, 300, "host", 42),
+    m.Route("n1", 3, "tcp://1.2.3.4:5", "tiny", 0, 2048, 100, "host", 42, 1, m.Load(90, 1, 2)),
     m.Routes(7, [m.Route("n1", 3, "tcp://x:1", "tiny")], ["n0"]),
     m.Submit("r1", [1, 2, 3], m.WireSamplingParams(), 99, 3),
     m.Cancel("r1"),
@@ -95,9 +95,15 @@ def test_a_hello_from_before_epochs_decodes_with_no_epoch():
     assert wire.to_coordinator().decode(old).epoch == 0
 
 
-def test_a_heartbeat_from_before_draining_decodes_as_not_draining():
-    old = msgspec.msgpack.encode(["heartbeat", "n1", 4, 10, 0.5, True, 1, 2, 3, 4])
-    assert wire.to_coordinator().decode(old).draining is False
+def test_a_shorter_heartbeat_decodes_as_not_draining_and_idle():
+    old = msgspec.msgpack.encode(["heartbeat", "n1", 4, 10, 0.5, True])
+    msg = wire.to_coordinator().decode(old)
+    assert msg.draining is False and msg.load == m.Load()
+
+
+def test_a_load_with_fewer_figures_decodes_with_the_rest_zero():
+    hb = msgspec.msgpack.encode(["heartbeat", "n1", 4, 10, 0.5, True, False, [7, 1]])
+    assert wire.to_coordinator().decode(hb).load == m.Load(7, 1)
 
 
 def test_sampling_params_survive_the_wire():

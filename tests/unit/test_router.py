@@ -23,7 +23,7 @@ def cluster():
 def route(node_id: str, to_do: int = 0, processed: int = 0) -> m.Route:
     return m.Route(
         node_id, 1, f"tcp://h:{len(node_id)}", "tiny",
-        num_tokens_to_do=to_do, num_tokens_processed=processed,
+        load=m.Load(num_tokens_to_do=to_do, num_tokens_processed=processed),
     )  # fmt: skip
 
 

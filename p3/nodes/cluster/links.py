@@ -90,7 +90,13 @@ class NodeLink:
 
 
 class Cluster:
-    def __init__(self, coordinator: str, edge_id: str, keys: ClusterKeys | None = None):
+    def __init__(
+        self,
+        coordinator: str,
+        edge_id: str,
+        keys: ClusterKeys | None = None,
+        on_models: Callable[[set[str]], Any] | None = None,  # called with the routed models
+    ):
         self.coordinator = coordinator
         self.edge_id = edge_id
         self.keys = keys  # CurveZMQ client keys, when the cluster has keys
@@ -106,7 +112,7 @@ class Cluster:
         self.routes_at = 0.0  # when the last table came (monotonic)
         self.dead_nodes: set[str] = set()  # declared dead and not routed since
         self.routes_changed = asyncio.Event()
-        self.on_models: Callable[[set[str]], Any] | None = None  # called with the routed models
+        self.on_models = on_models
         self.on_tokens: Callable[[m.Tokens], Any] | None = None
         self._coordinator_socket: zmq.asyncio.Socket | None = None
         self._decode_coordinator = wire.edge_from_coordinator()
@@ -209,7 +215,7 @@ class Cluster:
         self.sent_load.clear()
         for route in self.routes.values():
             old = previous.get(route.node_id)
-            if old is not None and route.num_tokens_processed > old.num_tokens_processed:
+            if old is not None and route.load.num_tokens_processed > old.load.num_tokens_processed:
                 self.progress_at[route.node_id] = time.monotonic()  # its queue moves
             self._link(route)
         self.routes_changed.set()
@@ -262,7 +268,7 @@ class Cluster:
     def load(self, route: m.Route) -> int:
         """Tokens of work the replica has left: its last report (every edge's requests) plus
         what this edge sent it since (optimistic local increments between tables)."""
-        return route.num_tokens_to_do + self.sent_load.get(route.node_id, 0)
+        return route.load.num_tokens_to_do + self.sent_load.get(route.node_id, 0)
 
     def pick(self, model: str, exclude: set[str] = frozenset()) -> m.Route | None:
         """The least-loaded ready replica of model, or None. Loads within LOAD_GRAIN tokens
@@ -278,7 +284,7 @@ class Cluster:
 
     def work(self, route: m.Route) -> int:
         """Every token of work this replica was given, done or not (as far as we know)."""
-        return route.num_tokens_processed + self.load(route)
+        return route.load.num_tokens_processed + self.load(route)
 
     # -- requests --------------------------------------------------------------------------
 

@@ -190,7 +190,7 @@ class Coordinator(Actor):
                 place = m.Place(
                     member.epoch,
                     member.replica,
-                    member.rank,
+                    member.replica_rank,
                     self.config.tp_size,
                     self.config.pp_size,
                     address,

@@ -53,7 +53,7 @@ class Member:
     heartbeat: m.Heartbeat | None = None
     dead_epochs: set[int] = field(default_factory=set)
     cause: str = ""
-    rank: int = 0  # tensor-parallel rank in its replica
+    replica_rank: int = 0  # its rank in its replica: stage rank // tp_size, tp rank % tp_size
     group_size: int = 1
     placed: bool = True  # False: waiting for a replica to be formed around it
 
@@ -62,8 +62,9 @@ class Member:
         return self.status is not NodeStatus.DEAD
 
     def route(self) -> m.Route:
-        hb = self.heartbeat or m.Heartbeat(self.node_id, self.epoch)
         ready = self.ready or m.Ready(self.node_id, self.epoch)
+        # before its first heartbeat a node is idle, with all its blocks free
+        load = self.heartbeat.load if self.heartbeat else m.Load(ready.num_kv_blocks)
         return m.Route(
             node_id=self.node_id,
             epoch=self.epoch,
@@ -72,15 +73,10 @@ class Member:
             replica=self.replica,
             max_model_len=ready.max_model_len,
             num_kv_blocks=ready.num_kv_blocks,
-            num_free_blocks=hb.num_free_blocks if self.heartbeat else ready.num_kv_blocks,
-            num_waiting=hb.num_waiting,
-            num_running=hb.num_running,
-            num_tokens_in_flight=hb.num_tokens_in_flight,
             host=self.hello.host,
             pid=self.hello.pid,
-            num_tokens_processed=hb.num_tokens_processed,
-            num_tokens_to_do=hb.num_tokens_to_do,
-            replica_rank=self.rank,
+            replica_rank=self.replica_rank,
+            load=load,
         )
 
 
@@ -124,7 +120,7 @@ class Membership:
             placed=placed,
         )
         if placed and self.replica_size > 1:  # it registers again, already in a replica
-            member.rank, member.group_size = hello.replica_rank, self.replica_size
+            member.replica_rank, member.group_size = hello.replica_rank, self.replica_size
         self.members[hello.node_id] = member
         return member
 
@@ -166,7 +162,7 @@ class Membership:
                 group, members = members[:size], members[size:]
                 replica = self._free_replica(model, "")
                 for rank, member in enumerate(group):
-                    member.replica, member.rank, member.group_size = replica, rank, size
+                    member.replica, member.replica_rank, member.group_size = replica, rank, size
                     member.placed = True
                 groups.append(group)
         return groups
@@ -247,10 +243,10 @@ class Membership:
         leaders = [
             mb
             for mb in self.members.values()
-            if mb.status is NodeStatus.READY and mb.rank == 0 and self._whole(mb)
+            if mb.status is NodeStatus.READY and mb.replica_rank == 0 and self._whole(mb)
         ]
         members = [mb for leader in leaders for mb in self.group_of(leader)]
-        order = sorted(members, key=lambda mb: (mb.hello.model, mb.replica, mb.rank))
+        order = sorted(members, key=lambda mb: (mb.hello.model, mb.replica, mb.replica_rank))
         return [mb.route() for mb in order]
 
     def _whole(self, leader: Member) -> bool:

@@ -327,12 +327,7 @@ def _node_json(cluster, route) -> dict[str, Any]:
         "replica_rank": route.replica_rank,
         "max_model_len": route.max_model_len,
         "load": {
-            "num_running": route.num_running,
-            "num_waiting": route.num_waiting,
-            "num_tokens_in_flight": route.num_tokens_in_flight,
-            "num_tokens_processed": route.num_tokens_processed,
-            "num_tokens_to_do": route.num_tokens_to_do,
-            "num_free_blocks": route.num_free_blocks,
+            **msgspec.structs.asdict(route.load),
             "num_kv_blocks": route.num_kv_blocks,
             "kv_cache_usage": kv_usage(route),
             "edge_load": cluster.load(route),

@@ -83,8 +83,7 @@ class Edge(Actor):
         self.models = Models(aliases)
         self.metrics = EdgeMetrics()
         keys = ClusterKeys.load(config.keys) if config.keys else None
-        self.cluster = Cluster(config.coordinator, self.edge_id, keys)
-        self.cluster.on_models = self.models.learn
+        self.cluster = Cluster(config.coordinator, self.edge_id, keys, self.models.learn)
         self.url = ""
         self._runner: web.AppRunner | None = None
 

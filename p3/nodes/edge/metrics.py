@@ -57,8 +57,8 @@ class EdgeMetrics:
         for gauge in (self.running, self.waiting, self.kv_usage):
             gauge.clear()
         for route in routes:
-            self.running.labels(route.node_id).set(route.num_running)
-            self.waiting.labels(route.node_id).set(route.num_waiting)
+            self.running.labels(route.node_id).set(route.load.num_running)
+            self.waiting.labels(route.node_id).set(route.load.num_waiting)
             self.kv_usage.labels(route.node_id).set(kv_usage(route))
 
     def render(self) -> bytes:
@@ -68,4 +68,4 @@ class EdgeMetrics:
 def kv_usage(route: m.Route) -> float:
     if route.num_kv_blocks <= 0:
         return 0.0
-    return 1.0 - route.num_free_blocks / route.num_kv_blocks
+    return 1.0 - route.load.num_free_blocks / route.num_kv_blocks

@@ -2,7 +2,7 @@
 
 Pure: no sockets, no tokenizer. `parse_chat` / `parse_completion` take the decoded JSON body and
 return a `ChatRequest` / `CompletionRequest` whose `sampling_params()` builds SamplingParams
-(whose own ValueError is mapped back to the field it names).
+(whose InvalidParam names the field the 400 names).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p3.nodes.edge.errors import ApiError, bad_request
-from p3.sampling_params import SamplingParams
+from p3.sampling_params import InvalidParam, SamplingParams
 
 __all__ = ["ApiError", "bad_request", "parse_chat", "parse_completion", "Limits", "Fields"]
 
@@ -44,9 +44,8 @@ class CommonRequest:
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         try:
             return SamplingParams(n=self.n, max_tokens=max_tokens, **self.params)
-        except ValueError as exc:
-            name = str(exc).split(" ", 1)[0]
-            raise bad_request(name, str(exc)) from None
+        except InvalidParam as exc:
+            raise bad_request(exc.name, str(exc)) from None
 
 
 @dataclass

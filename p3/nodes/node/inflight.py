@@ -52,9 +52,9 @@ class InFlightTable:
     def pop(self, request_id: str) -> InFlight | None:
         return self._requests.pop(request_id, None)
 
-    def pop_where(self, keep: Callable[[InFlight], bool]) -> list[InFlight]:
-        """Remove (and return) every entry for which keep(entry) is false."""
-        gone = [e for e in self._requests.values() if not keep(e)]
+    def remove_where(self, matches: Callable[[InFlight], bool]) -> list[InFlight]:
+        """Remove (and return) every entry for which matches(entry) is true."""
+        gone = [e for e in self._requests.values() if matches(e)]
         for entry in gone:
             del self._requests[entry.request_id]
         return gone
@@ -97,7 +97,7 @@ class InFlightTable:
     def abort_deltas(self) -> dict[tuple[bytes, int], list[m.TokenDelta]]:
         """Empty all entries; a final "abort" delta for each, grouped like batch()."""
         batches: dict[tuple[bytes, int], list[m.TokenDelta]] = {}
-        for entry in self.pop_where(lambda _: False):
+        for entry in self.remove_where(lambda _: True):
             delta = m.TokenDelta(
                 request_id=entry.request_id,
                 token_ids=[],

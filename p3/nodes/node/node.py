@@ -205,7 +205,7 @@ class Node(Actor):
 
     def on_fence(self, fence: m.Fence) -> None:
         self.fenced_epoch = max(self.fenced_epoch, fence.epoch)
-        aborted = self.inflight.pop_where(lambda e: e.epoch > fence.epoch)
+        aborted = self.inflight.remove_where(lambda e: e.epoch <= fence.epoch)
         self._cancel_in_engine(aborted)
         log.warning(
             "node.fenced", node_id=self.name, epoch=fence.epoch, reason=fence.reason,
@@ -370,7 +370,7 @@ class Node(Actor):
         return wire.send(self._edges, msg, edge)
 
     def _forget_edge(self, edge: bytes) -> None:
-        gone = self.inflight.pop_where(lambda e: e.edge != edge)
+        gone = self.inflight.remove_where(lambda e: e.edge == edge)
         log.warning("node.edge_unreachable", edge=edge.decode(errors="replace"), num=len(gone))
         self._cancel_in_engine(gone)
 
