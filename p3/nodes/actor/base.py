@@ -164,13 +164,7 @@ class Actor:
         cause = root_cause(exc)
         self._set_status(Status.FAILED, f"{type(cause).__name__}: {cause}")
         if isinstance(cause, Exception):  # not a cancellation or an interpreter exit
-            log.error(
-                f"{self.kind}.failed",
-                name=self.name,
-                error_type=type(cause).__name__,
-                error=str(cause),
-                exc_info=cause,
-            )
+            self._log_exception("failed", cause)
 
     async def _teardown(self) -> None:
         if self.status is Status.CREATED:
@@ -178,13 +172,17 @@ class Actor:
         try:
             await self.teardown()
         except Exception as exc:  # noqa: BLE001 - logged, and the stop goes on
-            log.error(
-                f"{self.kind}.teardown_failed",
-                name=self.name,
-                error_type=type(exc).__name__,
-                error=str(exc),
-                exc_info=exc,
-            )
+            self._log_exception("teardown_failed", exc)
+
+    def _log_exception(self, event: str, exc: BaseException) -> None:
+        """At error level: the exception's type, message and (rendered) traceback."""
+        log.error(
+            f"{self.kind}.{event}",
+            name=self.name,
+            error_type=type(exc).__name__,
+            error=str(exc),
+            exc_info=exc,
+        )
 
     def _set_status(self, status: Status, cause: str) -> None:
         if status is self.status:
