@@ -119,6 +119,32 @@ def wait_model(url: str, model: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{url} does not list {model} after {timeout_s} s")
 
 
+class MixedStreams:
+    """Stream i of a mixed load with the openai SDK: odd ones seeded at temperature 0.8, even
+    ones greedy, all ignore_eos (so max_tokens each); calling it gives (text, finish, usage)
+    and appends the stream's longest pause to max_gaps."""
+
+    def __init__(self, model: str, prompt: str, max_tokens: int, seed_base: int):
+        self.model, self.prompt, self.max_tokens = model, prompt, max_tokens
+        self.seed_base = seed_base
+        self.max_gaps: list[float] = []
+
+    def request(self, i: int) -> dict:
+        seeded = {"temperature": 0.8, "seed": self.seed_base + i} if i % 2 else {"temperature": 0}
+        return {
+            "model": self.model,
+            "prompt": self.prompt.format(i=i),
+            "max_tokens": self.max_tokens,
+            "extra_body": {"ignore_eos": True},
+            **seeded,
+        }
+
+    async def __call__(self, client, i: int, started=None) -> tuple[str, str | None, Any]:
+        text, finish, usage, max_gap = await stream_completion(client, self.request(i), started)
+        self.max_gaps.append(max_gap)
+        return text, finish, usage
+
+
 async def stream_completion(client, body: dict, started=None) -> tuple[str, str | None, Any, float]:
     """Stream one completion with the openai SDK: (text, finish reason, usage, the longest
     pause between two chunks after the first). started (an asyncio.Event) is set once more

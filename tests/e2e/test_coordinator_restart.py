@@ -36,26 +36,8 @@ def two_nodes(default_model_dir):
     served.stop()
 
 
-def request(i: int) -> dict:
-    seeded = {"temperature": 0.8, "seed": 200 + i} if i % 2 else {"temperature": 0}
-    return {
-        "model": MODEL,
-        "prompt": f"Letter {i}: dear friend, the harbour was quiet this morning and",
-        "max_tokens": MAX_TOKENS,
-        "extra_body": {"ignore_eos": True},
-        **seeded,
-    }
-
-
-async def stream(client: AsyncOpenAI, i: int, started: asyncio.Event | None = None):
-    """Stream i: (text, finish, usage); its longest pause goes to stream.max_gaps."""
-    text, finish, usage, max_gap = await openai_cluster.stream_completion(
-        client, request(i), started
-    )
-    stream.max_gaps.append(max_gap)
-    return text, finish, usage
-
-stream.max_gaps = []
+LETTER = "Letter {i}: dear friend, the harbour was quiet this morning and"
+stream = openai_cluster.MixedStreams(MODEL, LETTER, MAX_TOKENS, 200)
 
 
 def assert_as_reference(results: list, reference: list) -> None:

@@ -31,26 +31,8 @@ def two_nodes(default_model_dir):
     served.stop()
 
 
-def request(i: int) -> dict:
-    seeded = {"temperature": 0.8, "seed": 100 + i} if i % 2 else {"temperature": 0}
-    return {
-        "model": MODEL,
-        "prompt": f"Story {i}: once upon a time, in a city by the sea,",
-        "max_tokens": MAX_TOKENS,
-        "extra_body": {"ignore_eos": True},
-        **seeded,
-    }
-
-
-async def stream(client: AsyncOpenAI, i: int, started: asyncio.Event | None = None):
-    """Stream i: (text, finish, usage); its longest pause goes to stream.max_gaps."""
-    text, finish, usage, max_gap = await openai_cluster.stream_completion(
-        client, request(i), started
-    )
-    stream.max_gaps.append(max_gap)
-    return text, finish, usage
-
-stream.max_gaps = []
+STORY = "Story {i}: once upon a time, in a city by the sea,"
+stream = openai_cluster.MixedStreams(MODEL, STORY, MAX_TOKENS, 100)
 
 
 async def busiest_node(url: str) -> dict:
