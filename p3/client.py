@@ -7,8 +7,8 @@
 
 It gets the routing table from the coordinator, tokenizes locally with the model's tokenizer,
 submits straight to the least-loaded replica and detokenizes the streamed tokens: the same
-p3.nodes.cluster.links / generation / requests code the HTTP edge runs. Results have the shape of
-p3.llm.RequestOutput; failures raise p3.nodes.cluster.generation.RequestFailed.
+p3.nodes.cluster code (links, samples, generation) the HTTP edge runs. Results have the shape
+of p3.outputs.RequestOutput; failures raise p3.nodes.cluster.generation.RequestFailed.
 """
 
 from __future__ import annotations

@@ -32,5 +32,12 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     return structlog.get_logger(name)
 
 
+def log_exception(
+    logger: structlog.typing.FilteringBoundLogger, event: str, exc: BaseException, **context
+) -> None:
+    """At error level, with the exception's type, message and (rendered) traceback."""
+    logger.error(event, **context, error_type=type(exc).__name__, error=str(exc), exc_info=exc)
+
+
 if not structlog.is_configured():  # library use stays quiet; entry points call setup_logging
     setup_logging("warning")

@@ -108,25 +108,6 @@ async def test_a_stop_before_run_is_honoured():
         await actor.wait_ready(timeout_s=1)
 
 
-class Spawner(Recorder):
-    async def setup(self):
-        await super().setup()
-        self.spawn(self.background(), "background")
-
-    async def background(self):
-        await asyncio.sleep(0)
-        raise KeyError("lost entry")
-
-
-async def test_a_spawned_task_that_raises_fails_the_actor_loudly():
-    actor = Spawner()
-    with structlog.testing.capture_logs() as logs, pytest.raises(ExceptionGroup):
-        async with asyncio.timeout(5):
-            await actor.run()
-    assert actor.status is Status.FAILED
-    assert any(e["event"] == "actor.failed" and e["error_type"] == "KeyError" for e in logs)
-
-
 async def test_wait_ready_fails_when_the_actor_fails_before_serving():
     class FailsInSetup(Recorder):
         async def setup(self):

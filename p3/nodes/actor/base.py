@@ -13,8 +13,7 @@ Readiness is one thing: `serving`, an Event, with `ready_info()` saying where (w
 launching parent is told, p3.nodes.actor.process). An actor serves once `setup` returns,
 unless it sets `serves_after_setup = False` and calls `mark_serving()` itself (a node: once
 its engine is loaded and Ready sent). A stop() before run() is kept: run() then stops at once.
-Background work lives in `loops` (the TaskGroup) or in `spawn`, which puts a task in the same
-group once the actor runs: its failure fails the actor, never silently.
+Background work lives in `loops`, the TaskGroup: a loop that raises fails the actor, loudly.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from collections.abc import Coroutine
 from enum import Enum
 from typing import Any, get_args
 
-from p3.log import get_logger
+from p3.log import get_logger, log_exception
 from p3.protocol.messages import StopMode
 
 log = get_logger(__name__)
@@ -52,9 +51,6 @@ class Actor:
         self.serving = asyncio.Event()  # the one readiness signal (see mark_serving)
         self._stop_requested = asyncio.Event()  # binds to a loop only when first awaited
         self._ended = asyncio.Event()
-        self._group: asyncio.TaskGroup | None = None
-        self._spawned: list[asyncio.Task] = []
-        self._to_spawn: list[tuple[Coroutine[Any, Any, Any], str]] = []  # spawned in setup
 
     # -- for subclasses -------------------------------------------------------------------
 
@@ -79,20 +75,6 @@ class Actor:
     def mark_serving(self) -> None:
         self.serving.set()
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task | None:
-        """A background task in the actor's TaskGroup: if it raises, the actor fails with
-        its exception (logged); cancelled with the loops on stop. From setup, the task starts
-        with the loops (None is returned)."""
-        if self._group is None:
-            if self.status is not Status.STARTING:
-                coro.close()
-                raise RuntimeError(f"{self.kind} {self.name}: spawn({name}) while not running")
-            self._to_spawn.append((coro, name))
-            return None
-        task = self._group.create_task(coro, name=f"{self.name}.{name}")
-        self._spawned = [t for t in self._spawned if not t.done()] + [task]
-        return task
-
     async def run(self) -> None:
         """Run until stop() or a loop fails; teardown always runs once setup began."""
         if self._stop_requested.is_set():  # stopped before it ran: nothing to open or close
@@ -110,9 +92,6 @@ class Actor:
             self._record_failure(exc)
             raise
         finally:
-            for coro, _ in self._to_spawn:  # setup failed before the loops began
-                coro.close()
-            self._to_spawn.clear()
             await self._teardown()
             self._ended.set()
         self._set_status(Status.STOPPED, f"stop ({self.stop_mode})")
@@ -143,10 +122,6 @@ class Actor:
 
     async def _run_loops(self) -> None:
         async with asyncio.TaskGroup() as group:
-            self._group = group
-            for coro, name in self._to_spawn:
-                self.spawn(coro, name)
-            self._to_spawn.clear()
             tasks = [
                 group.create_task(loop, name=f"{self.name}.{loop.__name__}")
                 for loop in self.loops()
@@ -156,33 +131,20 @@ class Actor:
             self._set_status(Status.STOPPING, f"stop requested ({self.stop_mode})")
             if self.stop_mode == "drain":
                 await self.drain()
-            for task in [*tasks, *self._spawned]:
+            for task in tasks:
                 task.cancel()
-        self._group = None
 
     def _record_failure(self, exc: BaseException) -> None:
         cause = root_cause(exc)
         self._set_status(Status.FAILED, f"{type(cause).__name__}: {cause}")
         if isinstance(cause, Exception):  # not a cancellation or an interpreter exit
-            self._log_exception("failed", cause)
+            log_exception(log, f"{self.kind}.failed", cause, name=self.name)
 
     async def _teardown(self) -> None:
-        if self.status is Status.CREATED:
-            return
         try:
             await self.teardown()
         except Exception as exc:  # noqa: BLE001 - logged, and the stop goes on
-            self._log_exception("teardown_failed", exc)
-
-    def _log_exception(self, event: str, exc: BaseException) -> None:
-        """At error level: the exception's type, message and (rendered) traceback."""
-        log.error(
-            f"{self.kind}.{event}",
-            name=self.name,
-            error_type=type(exc).__name__,
-            error=str(exc),
-            exc_info=exc,
-        )
+            log_exception(log, f"{self.kind}.teardown_failed", exc, name=self.name)
 
     def _set_status(self, status: Status, cause: str) -> None:
         if status is self.status:

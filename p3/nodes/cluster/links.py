@@ -29,7 +29,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils import monitor as zmq_monitor
 
-from p3.log import get_logger
+from p3.log import get_logger, log_exception
 from p3.nodes.cluster.samples import Sample
 from p3.protocol import messages as m
 from p3.protocol import wire
@@ -180,14 +180,12 @@ class Cluster:
         if task.cancelled():
             return
         exc = task.exception()
-        log.error(
-            "edge.link_task_failed",
-            node_id=link.node_id,
-            task=task.get_name(),
-            error_type=type(exc).__name__ if exc else None,
-            error=str(exc) if exc else "returned",
-            exc_info=exc,
-        )
+        if exc is None:
+            log.error("edge.link_task_failed", node_id=link.node_id, task=task.get_name(),
+                      error_type=None, error="returned")  # fmt: skip
+        else:
+            log_exception(log, "edge.link_task_failed", exc, node_id=link.node_id,
+                          task=task.get_name())  # fmt: skip
         if self.links.get(link.node_id) is link:
             del self.links[link.node_id]
             link.close()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from p3.log import get_logger
+from p3.log import get_logger, log_exception
 from p3.nodes.cluster.generation import Generation, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
 from p3.nodes.edge.metrics import kv_usage
@@ -227,13 +227,7 @@ class Api:
             self._failed(failure)
             send(failure_error(failure).body())
         except Exception as exc:  # a bug here: the client hears it, the log shows it
-            log.error(
-                "edge.stream_failed",
-                request_ids=generation.request_ids,
-                error_type=type(exc).__name__,
-                error=str(exc),
-                exc_info=exc,
-            )
+            log_exception(log, "edge.stream_failed", exc, request_ids=generation.request_ids)
             self.metrics.request_failure.labels("internal").inc()
             send(ApiError(500, f"internal error: {type(exc).__name__}", code="internal").body())
         finally:
