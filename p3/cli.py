@@ -7,8 +7,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from p3.config import EngineConfig, default_of
 from p3.log import setup_logging
 from p3.nodes.actor.launch import watch_parent
+from p3.nodes.coordinator.coordinator import CoordinatorConfig
+from p3.nodes.node.config import NodeConfig
 
 SIZE_UNITS = {
     "": 1,
@@ -38,7 +41,17 @@ def parse_size(text: str) -> int:
     return size
 
 
+def format_size(size: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> None:
+    def engine(name: str):
+        return default_of(EngineConfig, name)
+
     if several_models:
         p.add_argument(
             "--model",
@@ -52,7 +65,7 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
         )
     p.add_argument(
         "--dtype",
-        default="auto",
+        default=engine("dtype"),
         choices=("auto", "bfloat16", "float32", "float16"),
         help="activations and unquantized weights (auto: bf16 where the hardware computes it, "
         "else float32)",
@@ -60,7 +73,7 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument(
         "--quantization",
-        default="auto",
+        default=engine("quantization"),
         choices=("auto", "none", "int8", "q8_0", "q4_0", "q4_1"),
         help="weights: auto = as stored (a GGUF's blocks as they are), none = all float, a kind "
         "= linears quantized at load (embedding and head q8_0; int8 = q8_0)",
@@ -68,21 +81,23 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
     p.add_argument(
         "--kv-cache-memory",
         type=parse_size,
-        default="2GiB",
+        default=engine("kv_cache_bytes"),
         dest="kv_cache_bytes",
-        help="memory for the paged KV cache (e.g. 2GiB)",
+        help=f"memory for the paged KV cache (default: {format_size(engine('kv_cache_bytes'))})",
     )
     p.add_argument(
         "--kv-cache-dtype",
-        default="auto",
+        default=engine("kv_cache_dtype"),
         choices=["auto", "int8"],
         help="what the KV cache holds: auto = the model dtype; int8 = int8 with a scale per "
         "token and kv head (about 2x the blocks of bf16, 4x of fp32, in the same memory)",
     )
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=engine("max_num_seqs"))
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=engine("max_num_batched_tokens")
+    )
+    p.add_argument("--max-model-len", type=int, default=engine("max_model_len"))
+    p.add_argument("--block-size", type=int, default=engine("block_size"))
     p.add_argument("--no-prefix-caching", action="store_false", dest="enable_prefix_caching")
 
 
@@ -104,13 +119,28 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--heartbeat-interval", type=float, default=0.1, help="seconds")
-    p.add_argument("--heartbeat-misses", type=int, default=3, help="missed intervals = dead")
+    def cluster(name: str):
+        return default_of(CoordinatorConfig, name)
+
     p.add_argument(
-        "--hung-after", type=float, default=30.0, help="busy with no step this long = dead (s)"
+        "--heartbeat-interval", type=float, default=cluster("heartbeat_interval_s"), help="s"
     )
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel nodes per pipeline stage")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages per replica")
+    p.add_argument(
+        "--heartbeat-misses",
+        type=int,
+        default=cluster("heartbeat_misses"),
+        help="missed intervals = dead",
+    )
+    p.add_argument(
+        "--hung-after",
+        type=float,
+        default=cluster("hung_after_s"),
+        help="busy with no step this long = dead (s)",
+    )
+    p.add_argument(
+        "--tp", type=int, default=cluster("tp_size"), help="tensor-parallel nodes per stage"
+    )
+    p.add_argument("--pp", type=int, default=cluster("pp_size"), help="pipeline stages per replica")
     p.add_argument("--keys", default=None, help="cluster keys dir (p3 keys generate): CurveZMQ")
 
 
@@ -287,12 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(node)
     node.add_argument("--coordinator", required=True, help="tcp://HOST:PORT")
     node.add_argument("--node-id", default=None, help="default: HOSTNAME-PID")
-    node.add_argument("--bind", default="tcp://127.0.0.1:0", help="where edges reach this node")
+    node.add_argument(
+        "--bind", default=default_of(NodeConfig, "bind"), help="where edges reach this node"
+    )
     node.add_argument("--advertise-host", default=None, help="host edges dial (default: bind's)")
     node.add_argument("--advertise-port", type=int, default=None, help="port edges dial")
     node.add_argument("--threads", type=int, default=None, help="torch threads")
-    node.add_argument("--max-in-flight", type=int, default=1024)
-    node.add_argument("--drain-timeout", type=float, default=30.0, help="seconds")
+    node.add_argument(
+        "--max-in-flight", type=int, default=default_of(NodeConfig, "max_in_flight")
+    )
+    node.add_argument(
+        "--drain-timeout", type=float, default=default_of(NodeConfig, "drain_timeout_s"), help="s"
+    )
     node.add_argument("--keys", default=None, help="cluster keys dir (p3 keys generate): CurveZMQ")
     node.set_defaults(func=cmd_node)
 

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads when a dtype or device is asked for: the CLI reads these
+    import torch  # defaults without it
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPES = ("bfloat16", "float32", "float16")  # torch dtype names
 DTYPE_CHOICES = ("auto", *DTYPES)
 # "auto": the KV cache holds the model dtype; "int8": int8 values and one fp32 scale per token
 # and kv head (p3.kernels.attention)
@@ -21,12 +23,24 @@ KV_CACHE_DTYPES = ("auto", "int8")
 KV_SCALE_BYTES = 4  # one fp32 scale per (token, kv head) of an int8 cache
 
 
+def default_of(cls: type, name: str) -> Any:
+    """A dataclass field's default: command-line flags show and take the config's own."""
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    if spec.default is dataclasses.MISSING:
+        raise ValueError(f"{cls.__name__}.{name} has no default")
+    return spec.default
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """"auto": bf16 where the hardware computes it natively (CUDA with bf16, a CPU with
     AVX512-BF16 or AMX that oneDNN packs for), else fp32 (bf16 emulated on AVX2 is 8x slower
     than fp32, and fp16 on a CPU slower still)."""
+    import torch
+
     if dtype != "auto":
-        return DTYPES[dtype]
+        return getattr(torch, dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_bf16_is_native():
@@ -43,6 +57,8 @@ def cpu_bf16_is_native() -> bool:
 
 def onednn_bf16_supported() -> bool:
     """oneDNN's bf16 linears run here: AVX-512 BW/VL/DQ (or AVX-NE-CONVERT), within the cap."""
+    import torch
+
     from p3.kernels.cpu import cpu_info
 
     mkldnn = getattr(torch.ops, "mkldnn", None)
@@ -183,6 +199,8 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -190,11 +208,13 @@ class EngineConfig:
     @property
     def kv_cache_torch_dtype(self) -> torch.dtype:
         """What the K/V cache tensors hold: the model dtype, or int8."""
+        import torch
+
         return torch.int8 if self.kv_cache_dtype == "int8" else self.torch_dtype
 
     def kv_block_bytes(self, model: ModelConfig) -> int:
         """Bytes of one KV block over all layers: K and V values, and an int8 cache's scales."""
-        itemsize = torch.empty((), dtype=self.kv_cache_torch_dtype).element_size()
+        itemsize = self.kv_cache_torch_dtype.itemsize
         per_head = model.head_dim * itemsize
         if self.kv_cache_dtype == "int8":
             per_head += KV_SCALE_BYTES

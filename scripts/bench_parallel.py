@@ -52,7 +52,7 @@ def run_rank(args: argparse.Namespace) -> None:
         engine.runner.follow()
         report = {"comm_s": dict(comm_seconds), "rank": args.rank}
         print(json.dumps(report), flush=True)
-        from p3.engine.parallel import close_shard
+        from p3.engine.stages import close_shard
 
         close_shard(shard)
         return

@@ -20,10 +20,11 @@ import torch
 from p3.config import EngineConfig, ModelConfig
 from p3.engine.block_manager import BlockManager
 from p3.engine.model_loader import build_model, quantization_plan
-from p3.engine.parallel import Shard, close_shard
+from p3.engine.parallel import Shard
 from p3.engine.runner import Launched, ModelRunner
 from p3.engine.scheduler import ScheduledBatch, Scheduler
 from p3.engine.sequence import Request, Sequence, StepOutput
+from p3.engine.stages import close_shard
 from p3.kernels.sampling import SampleResult
 from p3.log import get_logger
 from p3.outputs import FinishReason

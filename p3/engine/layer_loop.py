@@ -34,7 +34,7 @@ class LayerLoop:
 
         kernels, level = kernel_build.load(), _default_level()
         usable = (
-            model.shard.size == 1
+            model.shard.tp_size == 1
             and x.is_cpu
             and x.dtype in (torch.float32, torch.bfloat16)
             and kernels is not None

@@ -22,9 +22,8 @@ from p3.engine.parallel import (
     RowParallelLinear,
     Shard,
     VocabParallelEmbedding,
-    receive_activations,
-    send_activations,
 )
+from p3.engine.stages import receive_activations, send_activations
 from p3.kernels.attention import paged_decode_attention, prefill_attention
 from p3.kernels.fused import fused_add_rms_norm, rms_norm, rope_store_kv, silu_mul
 

@@ -31,10 +31,10 @@ def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]
     qs, kvs, il = (q1 - q0) * hd, (kv1 - kv0) * hd, i1 - i0
 
     def rows(start: int, end: int) -> tuple[int, int, int] | None:
-        return None if shard.size == 1 else (0, start, end)
+        return None if shard.tp_size == 1 else (0, start, end)
 
     def cols(start: int, end: int) -> tuple[int, int, int] | None:
-        return None if shard.size == 1 else (1, start, end)
+        return None if shard.tp_size == 1 else (1, start, end)
 
     if shard.is_first_stage:
         yield "model.embed_tokens.weight", "embed.weight", 0, v1 - v0, rows(v0, v1)

@@ -11,9 +11,9 @@ from torch import Tensor
 
 from p3.config import EngineConfig, ModelConfig
 from p3.engine.model import AttentionContext, Transformer
-from p3.engine.parallel import PendingLogits, StepPlan, receive_plan, send_logits, send_plan
 from p3.engine.scheduler import ScheduledBatch
 from p3.engine.sequence import Sequence
+from p3.engine.stages import PendingLogits, StepPlan, receive_plan, send_logits, send_plan
 from p3.kernels import build
 from p3.kernels.attention import CPU_KERNEL_DTYPES, cpu_decode_kernel_available
 from p3.kernels.dispatch import log_kernels

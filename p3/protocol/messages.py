@@ -184,13 +184,13 @@ class Reregister(Msg, tag="reregister"):
 
 
 class Place(Msg, tag="place"):
-    """A node's shard of a replica of tp_size x pp_size nodes: its rank (stage rank // tp_size,
-    tp rank rank % tp_size). Rank 0 (rendezvous "") hosts the store and answers Rendezvous;
-    the others get the leader's "host:port" to join."""
+    """A node's shard of a replica of tp_size x pp_size nodes: its replica_rank (stage
+    replica_rank // tp_size, tp rank replica_rank % tp_size). Replica rank 0 (rendezvous "")
+    hosts the store and answers Rendezvous; the others get the leader's "host:port" to join."""
 
     epoch: int
     replica: int
-    rank: int
+    replica_rank: int
     tp_size: int = 1
     pp_size: int = 1
     rendezvous: str = ""

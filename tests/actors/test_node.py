@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from p3.nodes.node.node import NodeState
 from p3.protocol import messages as m
 from tests.actors.harness import node_ids, route_of
 
@@ -47,6 +48,7 @@ async def test_a_node_registers_and_is_routed_with_what_it_learned(make_node, ed
     assert route.epoch == node.epoch >= 1 and route.address == node.address
     assert route.num_kv_blocks == node.engine.num_kv_blocks > 0
     assert route.max_model_len == node.engine.max_model_len
+    assert node.state is NodeState.SERVING and node.ready_info()["state"] == "serving"
 
 
 async def test_tokens_come_one_message_per_step_with_contiguous_indices(make_node, edge):
@@ -124,6 +126,7 @@ async def test_drain_rejects_new_submits_as_draining(make_node, edge):
     peer.send(submit("r", route.epoch))
     await peer.recv()
     node.stop("drain")
+    await until(lambda: node.state is NodeState.DRAINING)
     peer.send(submit("late", route.epoch))
     rejected = await peer.recv_until(lambda msg: isinstance(msg, m.Rejected))
     assert (rejected.request_id, rejected.code) == ("late", "draining")

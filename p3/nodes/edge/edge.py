@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from p3.config import default_of
 from p3.log import get_logger
 from p3.nodes.actor.base import Actor
 from p3.nodes.cluster.generation import DEFAULT_TIMEOUT_S
@@ -147,9 +148,12 @@ def _url_host(host: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def edge(name: str):
+        return default_of(EdgeConfig, name)
+
     parser.add_argument("--coordinator", required=True, help="tcp://HOST:PORT of the coordinator")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--host", default=edge("host"))
+    parser.add_argument("--port", type=int, default=edge("port"), help="0: any free port")
     parser.add_argument("--api-key", action="append", default=[], dest="api_keys")
     parser.add_argument(
         "--model",
@@ -159,11 +163,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load this model's tokenizer at start (others load when routed)",
     )
     parser.add_argument("--model-name", default=None, help="API name for the first --model")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--max-body-bytes", type=int, default=edge("max_body_bytes"))
     parser.add_argument(
         "--max-pending",
         type=int,
-        default=1024,
+        default=edge("max_pending"),
         help="requests this edge holds at once; more get 429",
     )
     parser.add_argument("--max-n", type=int, default=Limits.max_n)
@@ -172,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-timeout",
         type=float,
-        default=DEFAULT_TIMEOUT_S,
+        default=edge("token_timeout_s"),
         dest="token_timeout_s",
         help="move a request whose tokens stop this long to another replica",
     )
@@ -180,14 +184,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume-grace",
         type=float,
-        default=3.0,
+        default=edge("resume_grace_s"),
         dest="resume_grace_s",
         help="seconds a stream whose client left goes on, awaiting a Last-Event-ID resume",
     )
     parser.add_argument(
         "--resume-window",
         type=float,
-        default=60.0,
+        default=edge("resume_window_s"),
         dest="resume_window_s",
         help="seconds a finished stream stays resumable",
     )

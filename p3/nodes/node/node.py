@@ -22,6 +22,7 @@ import functools
 import os
 import signal
 import time
+from enum import StrEnum
 from urllib.parse import urlsplit
 
 import zmq
@@ -49,6 +50,19 @@ class NodeFailed(RuntimeError):
     pass
 
 
+class NodeState(StrEnum):
+    """Where a node's engine is; whether the coordinator knows it is `registered`, apart.
+
+    unplaced -> loading -> serving -> draining, and failed from any of them.
+    """
+
+    UNPLACED = "unplaced"  # no Place yet: not told which shard of which replica to load
+    LOADING = "loading"  # the engine is being built on the step thread
+    SERVING = "serving"  # takes Submits
+    DRAINING = "draining"  # stopping: finishes in-flight requests, takes no new ones
+    FAILED = "failed"  # a step or the load raised; Fatal sent, the actor ends
+
+
 class Node(Actor):
     kind = "node"
     serves_after_setup = False  # serving once the engine is loaded (on_loaded)
@@ -60,20 +74,19 @@ class Node(Actor):
         self.epoch = 0  # the latest epoch we were welcomed under
         self.fenced_epoch = 0  # the highest epoch we were fenced under
         self.registered = False  # the coordinator knows us under self.epoch
-        self.draining = False
+        self.state = NodeState.UNPLACED
         self.heartbeat_interval_s = 0.1
         self.engine: Engine | None = None
         self.stepper: StepThread | None = None
         self.inflight = InFlightTable()
         self.address = ""
-        self._welcomed = asyncio.Event()
         self.memory_bytes = 0  # what Hello reports (set in setup)
         self.model_bytes = 0
         self.place: m.Place | None = None  # this node's shard of its replica
         self._placed = asyncio.Event()
         self._kick = asyncio.Event()
         self._idle = asyncio.Event()
-        self._failure: BaseException | None = None
+        self._failure: BaseException | None = None  # set with state FAILED
         self._failed = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -117,8 +130,13 @@ class Node(Actor):
             self.watch_failure(),
         ]
 
+    @property
+    def draining(self) -> bool:
+        return self.state is NodeState.DRAINING
+
     async def drain(self) -> None:
-        self.draining = True
+        if self.state is not NodeState.FAILED:
+            self.state = NodeState.DRAINING
         self._kick.set()  # tell the coordinator now, so routes drop us
         log.info("node.draining", node_id=self.name, num_in_flight=len(self.inflight))
         try:
@@ -130,7 +148,7 @@ class Node(Actor):
             log.warning("node.drain_timeout", num_in_flight=len(self.inflight))
 
     async def teardown(self) -> None:
-        if self._failure is None:
+        if self.state is not NodeState.FAILED:
             self._abort_all("stop")
             if self.registered:
                 wire.send(self._coordinator, m.Goodbye(self.name, self.epoch))
@@ -186,7 +204,6 @@ class Node(Actor):
         self.epoch, self.registered = welcome.epoch, True
         self.heartbeat_interval_s = welcome.heartbeat_interval_s
         log.info("node.welcomed", node_id=self.name, epoch=self.epoch, replica=welcome.replica)
-        self._welcomed.set()
         self._kick.set()
         if welcome.placed and self.place is None:
             self.on_place(m.Place(welcome.epoch, welcome.replica, 0, 1))
@@ -197,10 +214,11 @@ class Node(Actor):
         if place.epoch != self.epoch or self.place is not None:
             return  # for an older registration, or placed already (the engine is built)
         log.info(
-            "node.placed", node_id=self.name, replica=place.replica, rank=place.rank,
-            tp=place.tp_size, pp=place.pp_size,
+            "node.placed", node_id=self.name, replica=place.replica,
+            replica_rank=place.replica_rank, tp=place.tp_size, pp=place.pp_size,
         )  # fmt: skip
         self.place = place
+        self.state = NodeState.LOADING
         self._placed.set()
 
     def on_fence(self, fence: m.Fence) -> None:
@@ -245,7 +263,7 @@ class Node(Actor):
         both on the step thread, which is where this process's torch work belongs."""
         device = self.config.engine.torch_device
         host = urlsplit(self.address).hostname or "127.0.0.1"  # the address peers reach us at
-        if place.rank == 0:
+        if place.replica_rank == 0:
             store = host_rendezvous(host, place.tp_size * place.pp_size)
             wire.send(self._coordinator, m.Rendezvous(self.name, self.epoch, host, store.port))
             join = functools.partial(
@@ -255,7 +273,7 @@ class Node(Actor):
             leader, _, port = place.rendezvous.rpartition(":")
             join = functools.partial(
                 init_shard,
-                place.rank,
+                place.replica_rank,
                 place.tp_size,
                 place.pp_size,
                 device,
@@ -270,12 +288,15 @@ class Node(Actor):
 
     def on_loaded(self, engine: Engine) -> None:
         self.engine = engine
+        if self.state is NodeState.LOADING:
+            self.state = NodeState.SERVING
         if self.registered:
             self._send_ready()
         self.mark_serving()  # loaded (Ready goes out once welcomed)
 
     def ready_info(self) -> dict:
         info = {"node_id": self.name, "address": self.address, "epoch": self.epoch}
+        info["state"] = str(self.state)
         if self.engine is not None:  # serving: the engine is built
             info["kv_cache_dtype"] = self.engine.config.kv_cache_dtype
             info["num_kv_blocks"] = self.engine.num_kv_blocks
@@ -293,9 +314,9 @@ class Node(Actor):
 
     def _fail(self, exc: BaseException) -> None:
         """Node-fatal: a last Fatal to the coordinator, then the actor fails (exit non-zero)."""
-        if self._failure is not None:
+        if self.state is NodeState.FAILED:
             return
-        self._failure = exc
+        self.state, self._failure = NodeState.FAILED, exc
         log.error("node.fatal", node_id=self.name, epoch=self.epoch, error=repr(exc))
         wire.send(self._coordinator, m.Fatal(self.name, self.epoch, repr(exc)[:500]))
         self._failed.set()
@@ -346,10 +367,10 @@ class Node(Actor):
         self.stepper.wake()
 
     def _refusal(self, submit: m.Submit) -> tuple[m.RejectCode, str] | None:
-        if self.draining or not self.is_running:
+        if self.state is not NodeState.SERVING or not self.is_running:
+            if self.state in (NodeState.UNPLACED, NodeState.LOADING):
+                return "overloaded", "node is still loading its model"
             return "draining", "node is stopping"
-        if self.engine is None:
-            return "overloaded", "node is still loading its model"
         if not self.fenced_epoch < submit.epoch <= self.epoch:  # older: not fenced, re-registered
             return "stale_epoch", f"epoch {submit.epoch} is not a live epoch of this node"
         if submit.request_id in self.inflight or self.engine.holds(submit.request_id):

@@ -41,7 +41,7 @@ def hello(node: Node) -> m.Hello:
         model=cfg.model_name,
         epoch=node.epoch,
         replica=place.replica if place is not None else -1,
-        replica_rank=place.rank if place is not None else 0,
+        replica_rank=place.replica_rank if place is not None else 0,
         replica_size=place.tp_size * place.pp_size if place is not None else 1,
     )
 
