@@ -1,8 +1,12 @@
-"""From a validated OpenAI request to what the cluster runs: model, prompt ids, SamplingParams.
+"""From an OpenAI request body to what the cluster runs, in four steps, each in one place:
 
-Resolves the model (404 unknown, 503 no ready replica), renders the chat template, encodes,
-and checks every prompt against the context: prompt + max_tokens beyond max_model_len is a
-400 naming "messages"/"prompt" (the prompt alone is too long) or "max_tokens".
+1. parse: the body into a validated ChatRequest / CompletionRequest (schemas.py);
+2. resolve: its model to the routed model string and tokenizer (Edge.model_for, models.py;
+   404 unknown, 503 no ready replica);
+3. render: the chat template and the encoding into prompt ids (here), each prompt checked
+   against the context: prompt + max_tokens beyond max_model_len is a 400 naming
+   "messages"/"prompt" (the prompt alone is too long) or "max_tokens";
+4. params: SamplingParams, with the effective max_tokens (CommonRequest.sampling_params).
 """
 
 from __future__ import annotations
@@ -58,10 +62,7 @@ async def prepare(edge: Edge, body: Any, chat: bool | None) -> Prepared:
     model, tokenizer = await edge.model_for({"model": request.model})
     if not edge.cluster.replicas(model):
         raise ApiError(503, f"no ready replica of model {request.model!r}", code="no_replica")
-    if chat:
-        prompt_ids = [_chat_ids(tokenizer, request.messages, request.add_generation_prompt)]
-    else:
-        prompt_ids = [_completion_ids(tokenizer, p) for p in request.prompts]
+    prompt_ids = _render(tokenizer, request)
     prepared = Prepared(request, chat, model, edge.models.api_name(model), tokenizer, prompt_ids)
     max_tokens = _check_context(edge, prepared)
     prepared.params = request.sampling_params(max_tokens)
@@ -81,6 +82,12 @@ async def _prepare_tokenize(edge: Edge, body: Any) -> Prepared:
             raise bad_request("prompt", "give a prompt (string) or messages")
         ids = tokenizer.encode(prompt, add_special_tokens=f.bool("add_special_tokens", True))
     return Prepared(None, False, model, edge.models.api_name(model), tokenizer, [ids])
+
+
+def _render(tokenizer: Tokenizer, request: ChatRequest | CompletionRequest) -> list[list[int]]:
+    if isinstance(request, ChatRequest):
+        return [_chat_ids(tokenizer, request.messages, request.add_generation_prompt)]
+    return [_completion_ids(tokenizer, p) for p in request.prompts]
 
 
 def _chat_ids(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:

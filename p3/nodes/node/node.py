@@ -253,9 +253,14 @@ class Node(Actor):
         if place.tp_size * place.pp_size > 1:
             build = self._shard_builder(place)
         self.stepper = StepThread(
-            build, asyncio.get_running_loop(), self.on_loaded, self.on_step, self._fail, self.faults
+            build,
+            asyncio.get_running_loop(),
+            self.on_loaded,
+            self.on_step,
+            self._fail,
+            on_released=lambda: self.stop("drain"),
+            faults=self.faults,
         )
-        self.stepper.on_released = lambda: self.stop("drain")
         self.stepper.start()
 
     def _shard_builder(self, place: m.Place):

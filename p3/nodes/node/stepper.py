@@ -78,12 +78,13 @@ class StepThread:
         on_ready: Callable[[Engine], None],
         on_outputs: Callable[[int, list[StepOutput]], None],
         on_fatal: Callable[[BaseException], None],
+        on_released: Callable[[], None] | None = None,  # a follower's leader let it go
         faults: StepFaults | None = None,
     ):
         self.engine: Engine | None = None
         self._build = build
         self._on_ready = on_ready
-        self.on_released: Callable[[], None] | None = None  # a follower's leader let it go
+        self.on_released = on_released
         self.faults = faults or StepFaults()
         self.in_step = False
         self.last_step_at = time.monotonic()
