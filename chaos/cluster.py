@@ -29,10 +29,12 @@ import aiohttp
 
 from chaos.proxy import FaultProxy
 from p3.nodes.actor.launch import Child, python_m_p3, stop_all, wait_ready
+from p3.protocol.security import generate
 from p3.serve import free_port
 
 RUN_ENV = "P3_CHAOS_RUN"
 LOCALHOST = "127.0.0.1"
+COMMON = ["--log-level", "info", "--log-json"]
 
 
 @dataclass
@@ -72,6 +74,10 @@ class ChaosCluster:
         self.url = ""
         self._logs: dict[str, TextIO] = {}
         self.pids_seen: set[int] = set()
+        self.keys = run_dir / "keys"  # every member its own CurveZMQ key, as in production
+        if not self.keys.exists():
+            nodes = [f"node-{i}" for i in range(settings.num_nodes)]
+            generate(self.keys, nodes, ["edge-0"])
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -91,8 +97,9 @@ class ChaosCluster:
         self.url = f"http://{LOCALHOST}:{edge_port}"
         self.edge = self._child(
             "edge",
-            self._common() + ["edge", "--coordinator", self._via("coord<-edge"), "--port",
-             str(edge_port), "--token-timeout", str(s.token_timeout_s), *self._model()],
+            COMMON + ["edge", "--coordinator", self._via("coord<-edge"), "--port",
+             str(edge_port), "--token-timeout", str(s.token_timeout_s), *self._model(),
+             *self._keys()],
             ready_url=self.url + "/ready",
         )  # fmt: skip
         await asyncio.to_thread(wait_ready, [self.edge], s.ready_timeout_s)
@@ -101,21 +108,21 @@ class ChaosCluster:
         s = self.settings
         self.coordinator = self._child(
             "coordinator",
-            self._common() + ["coordinator", "--bind", f"tcp://{LOCALHOST}:{self.coordinator_port}",
+            COMMON + ["coordinator", "--bind", f"tcp://{LOCALHOST}:{self.coordinator_port}",
              "--heartbeat-interval", str(s.heartbeat_interval_s), "--heartbeat-misses",
-             str(s.heartbeat_misses), "--hung-after", str(s.hung_after_s)],
+             str(s.heartbeat_misses), "--hung-after", str(s.hung_after_s), *self._keys()],
         )  # fmt: skip
 
     def start_node(self, i: int) -> Child:
         s = self.settings
         node = self._child(
             f"node-{i}",
-            self._common() + ["node", "--coordinator", self._via(f"coord<-node-{i}"),
+            COMMON + ["node", "--coordinator", self._via(f"coord<-node-{i}"),
              "--node-id", f"node-{i}", "--bind", f"tcp://{LOCALHOST}:{self.node_ports[i]}",
              "--advertise-port", str(self.proxies[f"node-{i}<-edge"].port),
              "--threads", str(s.threads_per_node), "--dtype", s.dtype,
              "--kv-cache-memory", str(s.kv_cache_bytes), "--max-num-batched-tokens",
-             str(s.max_num_batched_tokens), *self._model(), *s.extra_node_args],
+             str(s.max_num_batched_tokens), *self._model(), *self._keys(), *s.extra_node_args],
         )  # fmt: skip
         self.nodes[i] = node
         return node
@@ -208,9 +215,8 @@ class ChaosCluster:
     def _model(self) -> list[str]:
         return ["--model", self.settings.model] if self.settings.model else []
 
-    @staticmethod
-    def _common() -> list[str]:
-        return ["--log-level", "info", "--log-json"]
+    def _keys(self) -> list[str]:
+        return ["--keys", str(self.keys)]
 
     def _child(self, name: str, args: list[str], ready_url: str | None = None) -> Child:
         log = self._logs.get(name)

@@ -141,7 +141,34 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         "--tp", type=int, default=cluster("tp_size"), help="tensor-parallel nodes per stage"
     )
     p.add_argument("--pp", type=int, default=cluster("pp_size"), help="pipeline stages per replica")
-    p.add_argument("--keys", default=None, help="cluster keys dir (p3 keys generate): CurveZMQ")
+
+
+def add_security_args(p: argparse.ArgumentParser, made_here: bool = False) -> None:
+    """--keys DIR, or --insecure: a piece of a cluster never starts open by accident."""
+    p.add_argument(
+        "--keys",
+        default=None,
+        help="the cluster's key directory (p3 keys generate): CurveZMQ with a key per member"
+        + (" (default: keys made for this run, in a private temporary directory)" if made_here
+           else ""),
+    )  # fmt: skip
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain sockets: any process that reaches them can join, submit and read",
+    )
+
+
+def cluster_keys(args: argparse.Namespace, what: str) -> str | None:
+    """The key directory to run with; None with --insecure. Without either: refused."""
+    if args.keys and args.insecure:
+        raise ValueError("--keys and --insecure contradict each other")
+    if not args.keys and not args.insecure:
+        raise ValueError(
+            f"{what} refuses to start without --keys DIR (make one with `p3 keys generate "
+            "DIR`) unless --insecure says any process that reaches its sockets may join"
+        )
+    return args.keys
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -237,7 +264,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         hung_after_s=args.hung_after,
         tp_size=args.tp,
         pp_size=args.pp,
-        keys=args.keys,
+        keys=cluster_keys(args, "p3 coordinator"),
     )
     return run_actor(Coordinator(config))
 
@@ -259,16 +286,30 @@ def cmd_node(args: argparse.Namespace) -> int:
         engine=engine,
         max_in_flight=args.max_in_flight,
         drain_timeout_s=args.drain_timeout,
-        keys=args.keys,
+        keys=cluster_keys(args, "p3 node"),
     )
     return run_actor(Node(config))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from p3.protocol.security import generate
+    from p3.protocol import security
 
-    path = generate(args.dir)
-    print(f"cluster keys in {path}: give every coordinator, node, edge and client --keys {path}")
+    if args.action == "generate":
+        nodes = args.node or [f"node-{i}" for i in range(args.nodes)]
+        edges = args.edge or [f"edge-{i}" for i in range(args.edges)]
+        security.generate(args.dir, nodes, edges)
+        print(f"cluster keys in {args.dir}: the coordinator, nodes {nodes}, edges {edges}")
+        print("each host needs the *.key files and its own members' *.key_secret; pass --keys")
+    elif args.action == "add":
+        if len(args.names) != 2:
+            raise ValueError("p3 keys add DIR ROLE NAME (ROLE: node or edge)")
+        print(f"added {security.add_key(args.dir, *args.names)}")
+    elif args.action == "revoke":
+        for name in args.names:
+            print(f"revoked {name}: {security.revoke_key(args.dir, name)}")
+    else:
+        for member in security.list_keys(args.dir):
+            print(f"{member.role}\t{member.name}")
     return 0
 
 
@@ -289,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="a whole cluster on this machine, serving the OpenAI API")
     add_engine_args(serve, several_models=True)
     add_cluster_args(serve)
+    add_security_args(serve, made_here=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port")
     serve.add_argument(
@@ -311,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord = sub.add_parser("coordinator", help="the cluster's membership and routing table")
     coord.add_argument("--bind", default="tcp://127.0.0.1:5555", help="tcp://HOST:PORT")
     add_cluster_args(coord)
+    add_security_args(coord)
     coord.set_defaults(func=cmd_coordinator)
 
     node = sub.add_parser("node", help="one replica's engine, registered with a coordinator")
@@ -329,12 +372,21 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--drain-timeout", type=float, default=default_of(NodeConfig, "drain_timeout_s"), help="s"
     )
-    node.add_argument("--keys", default=None, help="cluster keys dir (p3 keys generate): CurveZMQ")
+    add_security_args(node)
     node.set_defaults(func=cmd_node)
 
-    keys = sub.add_parser("keys", help="CurveZMQ keys for a cluster's sockets")
-    keys.add_argument("action", choices=["generate"])
-    keys.add_argument("dir", help="where to write server.key(_secret) and client.key(_secret)")
+    keys = sub.add_parser(
+        "keys",
+        help="CurveZMQ keys, one per member: generate DIR, add DIR ROLE NAME, revoke DIR NAME, "
+        "list DIR",
+    )
+    keys.add_argument("action", choices=["generate", "add", "revoke", "list"])
+    keys.add_argument("dir", help="the cluster's key directory")
+    keys.add_argument("names", nargs="*", help="add: ROLE NAME; revoke: NAME...")
+    keys.add_argument("--nodes", type=int, default=1, help="generate: node-0 .. node-N-1")
+    keys.add_argument("--edges", type=int, default=1, help="generate: edge-0 .. edge-N-1")
+    keys.add_argument("--node", action="append", help="generate: a node by name (repeatable)")
+    keys.add_argument("--edge", action="append", help="generate: an edge by name (repeatable)")
     keys.set_defaults(func=cmd_keys)
 
     edge = sub.add_parser("edge", help="the OpenAI HTTP edge (p3 edge --help)", add_help=False)

@@ -31,9 +31,11 @@ from p3.nodes.edge.edge import new_edge_id
 from p3.nodes.edge.models import Models
 from p3.nodes.edge.responses import Choice
 from p3.outputs import CompletionOutput, PromptType, RequestOutput, logprob_entry, prompt_ids
-from p3.protocol.security import ClusterKeys
+from p3.protocol.security import Keyring
 from p3.sampling_params import SamplingParams
 from p3.tokenizer import Tokenizer
+
+DEFAULT_CLIENT_NAME = "client-0"
 
 __all__ = ["Client", "RequestFailed"]
 
@@ -47,13 +49,14 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = 30.0,
         keys: str | None = None,
+        name: str = DEFAULT_CLIENT_NAME,
     ):
-        """keys: the cluster's `p3 keys generate` directory, when its sockets use CurveZMQ."""
-        cluster_keys = ClusterKeys.load(keys) if keys else None
+        """keys: the cluster's `p3 keys` directory, when its sockets use CurveZMQ; the client
+        runs as its edge member `name` (`p3 serve` makes a key named client-0)."""
+        keyring = Keyring(keys, "edge", name) if keys else None
+        edge_id = name if keys else new_edge_id("client")
         self.models = Models()
-        self.cluster = Cluster(
-            coordinator, new_edge_id("client"), cluster_keys, on_models=self.models.learn
-        )
+        self.cluster = Cluster(coordinator, edge_id, keyring, on_models=self.models.learn)
         self.model = model
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s

@@ -1,5 +1,8 @@
 """`p3 serve`: a coordinator, N nodes (N / tp replicas) and an edge on this machine.
 
+Every member gets its own CurveZMQ key (made for the run unless --keys names a directory, or
+--insecure), so no other process on the host can join, submit or listen in.
+
 Starts them in order (coordinator on an ephemeral port, then the nodes, then the edge),
 waiting for each to be ready; prints the URL; then supervises them: a node or the
 coordinator that exits is started again (the coordinator on the very address it had, which
@@ -12,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from p3.log import get_logger
 from p3.nodes.actor.launch import Child, LaunchError, python_m_p3, stop_all, wait_ready
@@ -42,6 +48,7 @@ def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
     port = args.port or free_port(args.host)
     children: list[Child] = []
     stop = _stop_on_signals()
+    made_keys = _prepare_keys(args)
     try:
         _start_cluster(args, engine_argv, port, children)
         served = ", ".join(args.model or ["the default model"])
@@ -53,6 +60,38 @@ def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
         return 1
     finally:
         stop_all(list(reversed(children)), timeout_s=args.stop_timeout)
+        if made_keys:
+            shutil.rmtree(args.keys, ignore_errors=True)
+
+
+CLIENT_KEY = "client-0"  # an edge key p3 serve makes for p3.client (with --keys DIR)
+
+
+def _prepare_keys(args: argparse.Namespace) -> bool:
+    """Every member's key, unless --insecure: in --keys DIR when given (made there if DIR has
+    none), else in a private temporary directory, removed at exit. True if temporary."""
+    if args.insecure:
+        if args.keys:
+            raise ValueError("--keys and --insecure contradict each other")
+        return False
+    from p3.protocol.security import generate, list_keys
+
+    temporary = not args.keys
+    if temporary:
+        args.keys = tempfile.mkdtemp(prefix="p3-keys-")
+    nodes = [f"node-{i}" for i in range(args.nodes)]
+    if temporary or not list_keys(args.keys):
+        generate(args.keys, nodes, ["edge-0", CLIENT_KEY])
+        if not temporary:
+            print(f"p3 serve: cluster keys in {args.keys} (p3.client: name={CLIENT_KEY!r})")
+    else:
+        have = {(m.role, m.name) for m in list_keys(args.keys)}
+        missing = [n for n in nodes if ("node", n) not in have]
+        missing += [] if ("edge", "edge-0") in have else ["edge-0"]
+        if missing:
+            raise ValueError(f"{args.keys} has no key for {missing}; `p3 keys add` makes them")
+    Path(args.keys).chmod(0o700)
+    return temporary
 
 
 def _prepare_model(model: str | None) -> None:
@@ -147,7 +186,7 @@ def _bind_at(argv: list[str], address: str) -> list[str]:
 
 
 def _keys(args: argparse.Namespace) -> list[str]:
-    return ["--keys", args.keys] if args.keys else []
+    return ["--keys", args.keys] if args.keys else ["--insecure"]
 
 
 def _dial_host(host: str) -> str:

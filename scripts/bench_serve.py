@@ -23,6 +23,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ import aiohttp
 
 from p3.client import Client
 from p3.nodes.actor.launch import READY_MARKER
+from p3.protocol.security import generate
 from p3.sampling_params import SamplingParams
 from p3.weights.files import DEFAULT_MODEL
 
@@ -59,16 +61,21 @@ def spawn(*args: str) -> tuple[subprocess.Popen, dict]:
     raise RuntimeError(f"p3 {args[0]} exited before it was ready")
 
 
-def start_cluster(num_nodes: int, threads: int | None) -> tuple[list[subprocess.Popen], str, str]:
-    coord, info = spawn("coordinator", "--bind", "tcp://127.0.0.1:0")
+def start_cluster(
+    num_nodes: int, threads: int | None, keys: str
+) -> tuple[list[subprocess.Popen], str, str]:
+    """Keyed as in production: each member its own CurveZMQ key (client-0 for the client)."""
+    generate(keys, [f"bench-{i}" for i in range(num_nodes)], ["edge-0", "client-0"])
+    keyed = ["--keys", keys]
+    coord, info = spawn("coordinator", "--bind", "tcp://127.0.0.1:0", *keyed)
     procs = [coord]
     node_args = ["--threads", str(threads)] if threads else []
     for i in range(num_nodes):
         node, _ = spawn(
-            "node", "--coordinator", info["address"], "--node-id", f"bench-{i}", *node_args
+            "node", "--coordinator", info["address"], "--node-id", f"bench-{i}", *node_args, *keyed
         )
         procs.append(node)
-    edge, edge_info = spawn("edge", "--coordinator", info["address"], "--port", "0")
+    edge, edge_info = spawn("edge", "--coordinator", info["address"], "--port", "0", *keyed)
     procs.append(edge)
     return procs, info["address"], edge_info["url"]
 
@@ -159,11 +166,12 @@ def pct(values: list[float], q: float) -> float:
 
 async def main_async(args: argparse.Namespace) -> None:
     procs: list[subprocess.Popen] = []
-    url, coordinator = args.url, args.coordinator
+    url, coordinator, keys = args.url, args.coordinator, args.keys
     if url is None:
-        procs, coordinator, url = start_cluster(args.nodes, args.node_threads)
+        keys = tempfile.mkdtemp(prefix="p3-bench-keys-")
+        procs, coordinator, url = start_cluster(args.nodes, args.node_threads, keys)
     try:
-        async with Client(coordinator) as client:
+        async with Client(coordinator, keys=keys) as client:
             p3_rates = await bench_all(args, url, client)
     finally:
         for proc in reversed(procs):
@@ -288,6 +296,7 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="an edge already running")
     parser.add_argument("--coordinator", default=None, help="its coordinator (with --url)")
     parser.add_argument("--llama-server", default=None, help="llama.cpp's binary, to compare")
+    parser.add_argument("--keys", default=None, help="with --url: the cluster's key directory")
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -8,6 +8,11 @@ edge; # starts a comment). One coordinator; its address is tcp://HOST:PORT with 
 its --bind (default 5555). Nodes bind every interface on an ephemeral port and advertise
 their host. The processes start in order (coordinator, nodes, edges), each awaited on its
 `P3_READY` line; they run under `ssh -tt`, so ending the session (Ctrl-C here) ends them.
+
+Every process gets --keys DIR (the same path on every host; `--keys-for` prints the
+`p3 keys generate` command that makes a key for every member the file lists, node i named
+HOST-i): copy DIR's *.key files to every host and each member's *.key_secret only to its own.
+--insecure instead runs the cluster on plain sockets.
 """
 
 from __future__ import annotations
@@ -60,14 +65,33 @@ def coordinator_address(entry: Entry) -> str:
 def p3_argv(entry: Entry, index: int, address: str, args: argparse.Namespace) -> list[str]:
     argv = [args.python, "-m", "p3", "--log-level", args.log_level]
     argv += ["--log-json"] if args.log_json else []
+    keys = ["--insecure"] if args.insecure else ["--keys", args.keys]
     if entry.role == "coordinator":
         bind = [] if "--bind" in entry.flags else ["--bind", address.replace(entry.host, "0.0.0.0")]
-        return [*argv, "coordinator", *bind, *entry.flags]
-    defaults = ["--coordinator", address]
+        return [*argv, "coordinator", *bind, *keys, *entry.flags]
+    defaults = ["--coordinator", address, *keys]
     if entry.role == "node":
-        defaults += ["--node-id", f"{entry.host}-{index}", "--bind", "tcp://0.0.0.0:0"]
+        defaults += ["--node-id", node_name(entry, index), "--bind", "tcp://0.0.0.0:0"]
         defaults += ["--advertise-host", entry.host]
+    elif entry.role == "edge":
+        defaults += ["--edge-id", f"edge-{entry.host}-{index}"]
     return [*argv, entry.role, *defaults, *entry.flags]
+
+
+def node_name(entry: Entry, index: int) -> str:
+    return f"{entry.host}-{index}"
+
+
+def keys_command(entries: list[Entry], directory: str) -> list[str]:
+    """The `p3 keys generate` that makes a key for every member of the hosts file."""
+    ordered = sorted(entries, key=lambda e: ROLES.index(e.role))
+    argv = ["python3", "-m", "p3", "keys", "generate", directory, "--nodes", "0", "--edges", "0"]
+    for i, e in enumerate(ordered):
+        if e.role == "node":
+            argv += ["--node", node_name(e, i)]
+        elif e.role == "edge":
+            argv += ["--edge", f"edge-{e.host}-{i}"]
+    return argv
 
 
 def ssh_argv(entry: Entry, command: list[str], args: argparse.Namespace) -> list[str]:
@@ -116,8 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-json", action="store_true")
     parser.add_argument("--ready-timeout", type=float, default=300.0)
+    parser.add_argument("--keys", help="the cluster's key directory, the same path on each host")
+    parser.add_argument("--insecure", action="store_true", help="plain sockets, no keys")
+    parser.add_argument("--keys-for", metavar="DIR", help="print the keys command and exit")
     args = parser.parse_args(argv)
-    steps = plan(parse_hosts(args.hosts.read_text()), args)
+    entries = parse_hosts(args.hosts.read_text())
+    if args.keys_for:
+        print(shlex.join(keys_command(entries, args.keys_for)))
+        return 0
+    if bool(args.keys) == args.insecure:
+        parser.error("give --keys DIR (see --keys-for) or --insecure")
+    steps = plan(entries, args)
     if args.dry_run:
         for name, command in steps:
             print(f"# {name}\n{shlex.join(command)}")

@@ -6,6 +6,8 @@ never kill a process.
 
 from __future__ import annotations
 
+import secrets
+import time
 from typing import Any
 
 import msgspec
@@ -14,7 +16,7 @@ import zmq.asyncio
 
 from p3.log import get_logger
 from p3.protocol import messages as m
-from p3.protocol.security import ClusterKeys
+from p3.protocol.security import Door, Keyring, Member
 
 log = get_logger(__name__)
 
@@ -25,27 +27,35 @@ def encode(msg: m.Msg) -> bytes:
     return _encoder.encode(msg)
 
 
+DROP_LOG_EVERY_S = 1.0
+
+
 class Decoder:
-    """Decodes one socket direction's union; bad frames are logged, counted and dropped."""
+    """Decodes one socket direction's union; bad frames are counted and dropped, and logged
+    at most once a second (with how many were dropped since): a flood of garbage must not
+    become a flood of log."""
 
     def __init__(self, union: Any, socket_name: str):
         self._decoder = msgspec.msgpack.Decoder(union)
         self.socket_name = socket_name
         self.num_dropped = 0
+        self._logged_at = float("-inf")
+        self._unlogged = 0
 
     def decode(self, frame: bytes | memoryview, peer: bytes | None = None) -> Any | None:
         try:
             return self._decoder.decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.num_dropped += 1
-            log.warning(
-                "wire.frame_dropped",
-                socket=self.socket_name,
-                error=str(exc)[:200],
-                peer=peer.hex() if peer else None,
-                size=len(frame),
-            )
+            self.dropped(error=str(exc)[:200], peer=peer.hex() if peer else None, size=len(frame))
             return None
+
+    def dropped(self, **why: Any) -> None:
+        self.num_dropped += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= DROP_LOG_EVERY_S:
+            log.warning("wire.frame_dropped", socket=self.socket_name, num=self._unlogged, **why)
+            self._logged_at, self._unlogged = now, 0
 
 
 def to_coordinator() -> Decoder:
@@ -76,12 +86,17 @@ def make_socket(
     connect: str | None = None,
     identity: str | None = None,
     immediate: bool = False,
-    keys: ClusterKeys | None = None,
+    keyring: Keyring | None = None,
+    server: Member | None = None,
 ) -> zmq.asyncio.Socket:
     """A ROUTER/DEALER socket that never blocks shutdown (linger 0) and keeps TCP alive.
 
-    immediate: queue nothing while the peer is not connected (a Hello retried while the
-    coordinator is down must not pile up and arrive as a burst).
+    identity: the member name this socket speaks for; its routing identity is "name/random",
+    unguessable, so no other peer can take it over on a ROUTER (ROUTER_HANDOVER gives a
+    reconnecting socket its own identity back). immediate: queue nothing while the peer is
+    not connected (a Hello retried while the coordinator is down must not pile up and arrive
+    as a burst). keyring: CurveZMQ, a server where it binds, a client of `server` (whose
+    public key is pinned) where it connects.
     """
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -89,14 +104,22 @@ def make_socket(
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
     if identity is not None:
-        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.IDENTITY, f"{identity}/{secrets.token_hex(8)}".encode())
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer that reconnects takes its identity back
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
-    if keys is not None:  # CurveZMQ: a server where it binds, a client where it connects
-        keys.secure(sock, serving=bind is not None)
+    try:
+        if keyring is not None and bind is not None:
+            keyring.secure_server(sock)
+        elif keyring is not None:
+            if server is None:
+                raise ValueError("a keyed socket that connects names the member it dials")
+            keyring.secure_client(sock, server)
+    except ValueError:
+        sock.close(linger=0)
+        raise
     if bind is not None:
         sock.bind(bind)
     if connect is not None:
@@ -128,21 +151,31 @@ def send(sock: zmq.asyncio.Socket, msg: m.Msg, identity: bytes | None = None) ->
     return True
 
 
-async def recv_routed(sock: zmq.asyncio.Socket, decoder: Decoder) -> tuple[bytes, Any | None]:
-    """One message on a ROUTER socket: (sender identity, message or None if malformed)."""
-    frames = await sock.recv_multipart(copy=True)
+async def recv_routed(
+    sock: zmq.asyncio.Socket, decoder: Decoder, door: Door | None = None
+) -> tuple[bytes, Any | None]:
+    """One message on a ROUTER socket: (sender identity, message or None if malformed or,
+    with a door, not believed from the member whose connection it came on)."""
+    if door is None:
+        frames = await sock.recv_multipart(copy=True)
+    else:
+        frames = await sock.recv_multipart(copy=False)
+    identity = bytes(frames[0])
     if len(frames) != 2:
-        decoder.num_dropped += 1
-        log.warning("wire.frame_dropped", socket=decoder.socket_name, num_frames=len(frames))
-        return frames[0], None
-    return frames[0], decoder.decode(frames[1], peer=frames[0])
+        decoder.dropped(num_frames=len(frames))
+        return identity, None
+    if door is None:
+        return identity, decoder.decode(frames[1], peer=identity)
+    msg = decoder.decode(frames[1].buffer, peer=identity)
+    if msg is None or not door.admit(frames[1].get("User-Id"), identity, msg):
+        return identity, None
+    return identity, msg
 
 
 async def recv_dealt(sock: zmq.asyncio.Socket, decoder: Decoder) -> Any | None:
     """One message on a DEALER socket, or None if malformed."""
     frames = await sock.recv_multipart(copy=True)
     if len(frames) != 1:
-        decoder.num_dropped += 1
-        log.warning("wire.frame_dropped", socket=decoder.socket_name, num_frames=len(frames))
+        decoder.dropped(num_frames=len(frames))
         return None
     return decoder.decode(frames[0])

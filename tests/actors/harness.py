@@ -10,16 +10,32 @@ import zmq.asyncio
 
 from p3.protocol import messages as m
 from p3.protocol import wire
+from p3.protocol.security import COORDINATOR, Keyring, Member
 
 TIMEOUT_S = 5.0
 
 
 class Peer:
-    """A DEALER with an identity, connected to one actor's ROUTER."""
+    """A DEALER with an identity, connected to one actor's ROUTER; with a keyring, a CURVE
+    client of `server`; routing_id: the exact routing identity to claim (a forger's)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, identity: str, decoder):
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        address: str,
+        identity: str,
+        decoder,
+        keyring: Keyring | None = None,
+        server: Member | None = None,
+        routing_id: bytes | None = None,
+    ):
         self.identity = identity
-        self.sock = wire.make_socket(ctx, zmq.DEALER, connect=address, identity=identity)
+        self.sock = wire.make_socket(
+            ctx, zmq.DEALER, identity=identity, keyring=keyring, server=server
+        )
+        if routing_id is not None:
+            self.sock.setsockopt(zmq.IDENTITY, routing_id)
+        self.sock.connect(address)
         self.decoder = decoder
 
     def send(self, msg: m.Msg) -> None:
@@ -52,11 +68,19 @@ class TestEdge:
 
     __test__ = False
 
-    def __init__(self, coordinator_address: str, edge_id: str = "edge-test"):
+    def __init__(
+        self, coordinator_address: str, edge_id: str = "edge-test", keyring: Keyring | None = None
+    ):
         self.ctx = zmq.asyncio.Context()
         self.edge_id = edge_id
+        self.keyring = keyring
         self.coordinator = Peer(
-            self.ctx, coordinator_address, edge_id, wire.edge_from_coordinator()
+            self.ctx,
+            coordinator_address,
+            edge_id,
+            wire.edge_from_coordinator(),
+            keyring,
+            Member(COORDINATOR, COORDINATOR),
         )
         self.coordinator.send(m.EdgeHello(m.PROTOCOL_VERSION, edge_id))
         self.nodes: dict[str, Peer] = {}
@@ -66,9 +90,13 @@ class TestEdge:
             lambda msg: isinstance(msg, m.Routes) and match(msg), timeout_s
         )
 
-    def node(self, address: str) -> Peer:
+    def node(self, address: str, node_id: str | None = None) -> Peer:
+        """A link to the node at address (with keys: node_id's, whose key is pinned)."""
         if address not in self.nodes:
-            self.nodes[address] = Peer(self.ctx, address, self.edge_id, wire.edge_from_node())
+            server = Member("node", node_id) if node_id else None
+            self.nodes[address] = Peer(
+                self.ctx, address, self.edge_id, wire.edge_from_node(), self.keyring, server
+            )
         return self.nodes[address]
 
     def close(self) -> None:

@@ -41,7 +41,8 @@ def test_a_silent_child_fails_the_launch_after_the_timeout():
 
 
 def test_a_ready_line_carries_what_the_child_announced():
-    child = Child("coordinator", python_m_p3("coordinator", "--bind", "tcp://127.0.0.1:0"))
+    argv = python_m_p3("coordinator", "--bind", "tcp://127.0.0.1:0", "--insecure")
+    child = Child("coordinator", argv)
     try:
         wait_ready([child], timeout_s=20)
         assert child.info["kind"] == "coordinator"
@@ -65,7 +66,8 @@ def test_children_die_when_their_parent_is_killed():
             import sys, time
             sys.path.insert(0, {str(ROOT)!r})
             from p3.nodes.actor.launch import Child, python_m_p3, wait_ready
-            child = Child("coordinator", python_m_p3("coordinator", "--bind", "tcp://127.0.0.1:0"))
+            argv = python_m_p3("coordinator", "--bind", "tcp://127.0.0.1:0", "--insecure")
+            child = Child("coordinator", argv)
             wait_ready([child], 20)
             print(child.pid, flush=True)
             time.sleep(60)
@@ -91,7 +93,7 @@ def test_children_die_when_their_parent_is_killed():
 def test_launch_cluster_dry_run_prints_every_command_in_start_order():
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts/launch_cluster.py"),
-         str(ROOT / "scripts/cluster.hosts.example"), "--dry-run"],
+         str(ROOT / "scripts/cluster.hosts.example"), "--dry-run", "--keys", "/etc/p3/keys"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -100,3 +102,4 @@ def test_launch_cluster_dry_run_prints_every_command_in_start_order():
     assert roles == ["coordinator", "node", "node", "edge"]
     assert all("--coordinator tcp://10.0.0.1:5555" in c for c in commands[1:])
     assert "--advertise-host 10.0.0.2" in commands[1] and "-tt 10.0.0.2" in commands[1]
+    assert all("--keys /etc/p3/keys" in c for c in commands)

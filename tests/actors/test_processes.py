@@ -29,7 +29,8 @@ async def start_cluster(children: list[Child], tiny_model) -> str:
     coordinator = Child(
         "coordinator",
         python_m_p3("--log-level", "info", "coordinator", "--bind", "tcp://127.0.0.1:0",
-                    "--heartbeat-interval", str(INTERVAL_S), "--heartbeat-misses", "3"),
+                    "--heartbeat-interval", str(INTERVAL_S), "--heartbeat-misses", "3",
+                    "--insecure"),
     )  # fmt: skip
     children.append(coordinator)
     await asyncio.to_thread(wait_ready, [coordinator], 30)
@@ -53,6 +54,7 @@ async def start_cluster(children: list[Child], tiny_model) -> str:
                 "1MiB",
                 "--threads",
                 "1",
+                "--insecure",
             ),
         )  # fmt: skip
         for i in range(2)

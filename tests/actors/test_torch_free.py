@@ -53,7 +53,7 @@ def test_a_running_edge_maps_no_torch_library():
     """A real edge process, with the default model's tokenizer loaded, serving HTTP."""
     nowhere = f"tcp://127.0.0.1:{_free_port()}"  # no coordinator: the edge keeps dialling
     edge = subprocess.Popen(
-        [sys.executable, "-m", "p3", "edge", "--coordinator", nowhere, "--port", "0"],
+        [sys.executable, "-m", "p3", "edge", "--coordinator", nowhere, "--port", "0", "--insecure"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -66,7 +66,8 @@ def start(num_nodes: int = 1, edge_args: tuple[str, ...] = (), own: bool = False
         return serve("--nodes", str(num_nodes), *edge_args)
     cluster_proc = _spawn([sys.executable, __file__, str(num_nodes)])
     coordinator = _wait_ready(cluster_proc)["coordinator"]
-    edge_cmd = [sys.executable, "-c", EDGE_SCRIPT, "--coordinator", coordinator, "--port", "0"]
+    edge_cmd = [sys.executable, "-c", EDGE_SCRIPT, "--coordinator", coordinator, "--port", "0",
+                "--insecure"]  # fmt: skip
     edge_proc = _spawn([*edge_cmd, *edge_args])
     try:
         url = _wait_ready(edge_proc)["url"]

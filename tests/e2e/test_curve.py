@@ -1,11 +1,12 @@
-"""CurveZMQ: a cluster started with --keys serves over encrypted, authenticated sockets (HTTP
-edge and native client alike); a node with other keys, or none, is never admitted, and the
-coordinator logs the refusal of the wrong key."""
+"""CurveZMQ with a key per member, at the real processes: `p3 serve` keys its cluster by
+itself; pieces started by hand refuse to run open unless told --insecure; a keyed cluster
+serves the HTTP edge and the native client, and never admits a node with a stranger's key or
+none, even under a member's name; a revoked client is cut off."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -16,13 +17,18 @@ import aiohttp
 import pytest
 
 from p3.client import Client
-from p3.protocol.security import generate
 from p3.sampling_params import SamplingParams
 
 from ..model.tiny import make_tiny_chat_model
 from . import openai_cluster
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def p3_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "p3", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def start(*args: str, stderr=None) -> tuple[subprocess.Popen, dict]:
@@ -42,11 +48,52 @@ async def cluster_ids(url: str) -> set[str]:
         return {n["id"] for n in (await r.json())["nodes"]}
 
 
+def children_of(pid: int) -> list[list[str]]:
+    """The command lines of pid's child processes."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if proc.name.isdigit() and parent == pid:
+                found.append((proc / "cmdline").read_bytes().decode().split("\0"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_pieces_refuse_to_start_open_unless_told():
+    for args in (["coordinator", "--bind", "tcp://127.0.0.1:0"],
+                 ["edge", "--coordinator", "tcp://127.0.0.1:9", "--port", "0"]):  # fmt: skip
+        result = p3_run(*args)
+        assert result.returncode == 2, result.stderr
+        assert "refuses to start without --keys" in result.stderr and "--insecure" in result.stderr
+
+
+def test_p3_serve_keys_its_members_privately_and_cleans_up(tmp_path, default_model_dir):
+    model = make_tiny_chat_model(tmp_path, default_model_dir)
+    cluster = openai_cluster.serve("--model", str(model))
+    try:
+        commands = children_of(cluster.procs[0].pid)
+        assert len(commands) == 3  # coordinator, node, edge
+        dirs = {c[c.index("--keys") + 1] for c in commands}
+        assert len(dirs) == 1 and not any("--insecure" in c for c in commands)
+        keys = Path(dirs.pop())
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+        secrets = list(keys.glob("*/*.key_secret"))
+        assert {p.stem for p in secrets} == {"coordinator", "node-0", "edge-0", "client-0"}
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in secrets)
+    finally:
+        cluster.stop()
+    assert not keys.exists()
+
+
 async def test_a_keyed_cluster_serves_and_refuses_strangers(tmp_path, default_model_dir):
-    keys, other = str(generate(tmp_path / "keys")), generate(tmp_path / "other")
-    for name in ("server.key", "server.key_secret"):  # it knows the cluster's server keys, but
-        shutil.copy(Path(keys) / name, other / name)  # not its client key: the gate's check
-    other = str(other)
+    keys, other = str(tmp_path / "keys"), str(tmp_path / "other")
+    assert p3_run("keys", "generate", keys, "--node", "good").returncode == 0
+    assert p3_run("keys", "add", keys, "edge", "client-0").returncode == 0
+    assert p3_run("keys", "generate", other, "--node", "good").returncode == 0
+    public = "coordinator/coordinator.key"  # a stranger may know the coordinator's public key
+    (Path(other) / public).write_bytes((Path(keys) / public).read_bytes())
     model = make_tiny_chat_model(tmp_path, default_model_dir)
     procs = []
     try:
@@ -74,19 +121,26 @@ async def test_a_keyed_cluster_serves_and_refuses_strangers(tmp_path, default_mo
         ):
             assert r.status == 200
             text = (await r.json())["choices"][0]["text"]
-        async with Client(info["address"], keys=keys) as client:
-            native = await client.generate(
-                {"prompt_token_ids": [300, 400]}, SamplingParams(max_tokens=4, temperature=0)
-            )
-        assert native.outputs[0].text == text
+        params = SamplingParams(max_tokens=4, temperature=0)
+        async with Client(info["address"], keys=keys, name="client-0") as client:
+            native = await client.generate({"prompt_token_ids": [300, 400]}, params)
+            assert native.outputs[0].text == text
+            assert "revoked" in p3_run("keys", "revoke", keys, "client-0").stdout
+            revoked_at = time.monotonic()
+            while True:  # members reread the keys within a second; then the client is cut off
+                try:
+                    await asyncio.wait_for(client.generate({"prompt_token_ids": [300]}, params), 3)
+                except TimeoutError:
+                    break
+                assert time.monotonic() - revoked_at < 2.5, "a revoked key still served"
 
-        strangers = [
+        strangers = [  # under the real node's name: a stranger's key for it, and no key
             subprocess.Popen(
-                [sys.executable, "-m", "p3", *node_args(info["address"], model, name, *k)],
+                [sys.executable, "-m", "p3", *node_args(info["address"], model, "good", *k)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            for name, k in (("wrong-key", ("--keys", other)), ("no-key", ()))
+            for k in (("--keys", other), ("--insecure",))
         ]
         procs += strangers
         deadline = time.monotonic() + 60  # a stranger's start: torch, then its Hello
@@ -95,5 +149,7 @@ async def test_a_keyed_cluster_serves_and_refuses_strangers(tmp_path, default_mo
         assert any("auth.refused" in line for line in log), "the wrong key was never refused"
         assert all(p.poll() is None for p in strangers)  # still knocking, never let in
         assert await cluster_ids(url) == {"good"}
+        async with aiohttp.ClientSession() as session, session.get(url + "/cluster") as r:
+            assert [n["pid"] for n in (await r.json())["nodes"]] == [node.pid]
     finally:
         openai_cluster.Cluster("", procs).stop()  # SIGTERM in reverse, SIGKILL what stays

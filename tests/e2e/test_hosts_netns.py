@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from p3.protocol.security import generate
+
 from ..model.tiny import load_reference, make_tiny_chat_model, reference_greedy
 from . import openai_cluster
 
@@ -112,9 +114,11 @@ def test_a_tp2_replica_across_two_hosts_serves_an_edge_on_a_third(
     hosts, tmp_path, default_model_dir
 ):
     model = make_tiny_chat_model(tmp_path, default_model_dir)
+    keys = str(generate(tmp_path / "keys", ["host1", "host2"], ["edge-0"]))
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(p3(hosts, 0, "coordinator", "--bind", f"tcp://{hosts.ip(0)}:0", "--tp", "2"))
+        procs.append(p3(hosts, 0, "coordinator", "--bind", f"tcp://{hosts.ip(0)}:0", "--tp", "2",
+                        "--keys", keys))  # fmt: skip
         address = openai_cluster._wait_ready(procs[0])["address"]
         assert address.startswith(f"tcp://{hosts.ip(0)}:")
         nodes = [
@@ -136,6 +140,8 @@ def test_a_tp2_replica_across_two_hosts_serves_an_edge_on_a_third(
                 "1",
                 "--kv-cache-memory",
                 "64MiB",
+                "--keys",
+                keys,
             )  # fmt: skip
             for i in (1, 2)
         ]
@@ -144,7 +150,7 @@ def test_a_tp2_replica_across_two_hosts_serves_an_edge_on_a_third(
             assert openai_cluster._wait_ready(node)["address"].startswith(f"tcp://{hosts.ip(i)}:")
         edge = p3(
             hosts, 0, "edge", "--coordinator", address, "--host", hosts.ip(0), "--port", "0",
-            "--model", str(model),
+            "--model", str(model), "--keys", keys,
         )  # fmt: skip
         procs.append(edge)
         edge_info = openai_cluster._wait_ready(edge)

@@ -144,7 +144,7 @@ def test_ready_is_503_without_replicas(default_model_dir):
 
     edge = subprocess.Popen(
         [sys.executable, "-c", openai_cluster.EDGE_SCRIPT, "--coordinator", "tcp://127.0.0.1:9",
-         "--port", "0", "--model", MODEL],
+         "--port", "0", "--model", MODEL, "--insecure"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -28,7 +28,7 @@ def test_a_shard_fits_when_its_share_of_the_weights_and_its_kv_cache_do():
 def test_a_node_that_cannot_hold_its_shard_is_refused_and_says_why(tmp_path):
     model = make_tiny_model(tmp_path, "llama-gqa-untied")
     coordinator = subprocess.Popen(
-        [sys.executable, "-m", "p3", "coordinator", "--bind", "tcp://127.0.0.1:0"],
+        [sys.executable, "-m", "p3", "coordinator", "--bind", "tcp://127.0.0.1:0", "--insecure"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -36,7 +36,7 @@ def test_a_node_that_cannot_hold_its_shard_is_refused_and_says_why(tmp_path):
         address = openai_cluster._wait_ready(coordinator)["address"]
         node = subprocess.run(
             [sys.executable, "-m", "p3", "node", "--coordinator", address, "--model", str(model),
-             "--kv-cache-memory", "100000GiB"],
+             "--kv-cache-memory", "100000GiB", "--insecure"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     finally:

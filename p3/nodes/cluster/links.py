@@ -33,7 +33,7 @@ from p3.log import get_logger, log_exception
 from p3.nodes.cluster.samples import Sample
 from p3.protocol import messages as m
 from p3.protocol import wire
-from p3.protocol.security import ClusterKeys
+from p3.protocol.security import COORDINATOR, Keyring, Member
 
 log = get_logger(__name__)
 
@@ -69,7 +69,8 @@ class NodeLink:
             cluster.ctx,
             zmq.DEALER,
             identity=cluster.edge_id,
-            keys=cluster.keys,
+            keyring=cluster.keyring,
+            server=Member("node", route.node_id),  # only that node's key answers here
         )
         self.socket.setsockopt(zmq.HEARTBEAT_IVL, int(LINK_PING_S * 1000))
         self.socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LINK_TIMEOUT_S * 1000))
@@ -94,12 +95,12 @@ class Cluster:
         self,
         coordinator: str,
         edge_id: str,
-        keys: ClusterKeys | None = None,
+        keyring: Keyring | None = None,
         on_models: Callable[[set[str]], Any] | None = None,  # called with the routed models
     ):
         self.coordinator = coordinator
         self.edge_id = edge_id
-        self.keys = keys  # CurveZMQ client keys, when the cluster has keys
+        self.keyring = keyring  # this edge's member keys, when the cluster has keys
         self.ctx = zmq.asyncio.Context()
         self.routes: dict[str, m.Route] = {}  # READY replicas' rank 0 nodes, by node id
         self.shards: list[m.Route] = []  # their other ranks: listed, never routed to
@@ -111,6 +112,7 @@ class Cluster:
         self.routes_version = -1
         self.routes_at = 0.0  # when the last table came (monotonic)
         self.dead_nodes: set[str] = set()  # declared dead and not routed since
+        self._unlinkable: set[str] = set()  # routed nodes whose key this edge has not
         self.routes_changed = asyncio.Event()
         self.on_models = on_models
         self.on_tokens: Callable[[m.Tokens], Any] | None = None
@@ -127,7 +129,8 @@ class Cluster:
             connect=self.coordinator,
             identity=self.edge_id,
             immediate=True,
-            keys=self.keys,
+            keyring=self.keyring,
+            server=Member(COORDINATOR, COORDINATOR),
         )
 
     def close(self) -> None:
@@ -211,17 +214,19 @@ class Cluster:
         self.shards = [r for r in table.routes if r.replica_rank > 0]
         self.dead_nodes -= {r.node_id for r in table.routes}
         self.sent_load.clear()
-        for route in self.routes.values():
+        for route in list(self.routes.values()):
             old = previous.get(route.node_id)
             if old is not None and route.load.num_tokens_processed > old.load.num_tokens_processed:
                 self.progress_at[route.node_id] = time.monotonic()  # its queue moves
-            self._link(route)
+            if not self._link(route):
+                del self.routes[route.node_id]
         self.routes_changed.set()
         self.routes_changed = asyncio.Event()
         if self.on_models is not None:
             self.on_models({r.model for r in self.routes.values()})
 
-    def _link(self, route: m.Route) -> None:
+    def _link(self, route: m.Route) -> bool:
+        """Link route's node (again, if it moved); False if it cannot be (no key for it)."""
         link = self.links.get(route.node_id)
         if link is not None and (link.address, link.pid) != (route.address, route.pid):
             self._lose_samples(route.node_id, "node restarted")  # the old process is gone
@@ -232,10 +237,19 @@ class Cluster:
             epochs.add(route.epoch)
         if link is not None and link.address == route.address:
             link.pid = route.pid
-            return
+            return True
         if link is not None:
             link.close()
-        self.links[route.node_id] = NodeLink(self, route)
+            del self.links[route.node_id]
+        try:
+            self.links[route.node_id] = NodeLink(self, route)
+        except ValueError as exc:  # a node the coordinator admitted, whose key we lack
+            if route.node_id not in self._unlinkable:
+                self._unlinkable.add(route.node_id)
+                log.error("edge.node_unlinkable", node_id=route.node_id, error=str(exc))
+            return False
+        self._unlinkable.discard(route.node_id)
+        return True
 
     def _node_dead(self, node_id: str) -> None:
         log.warning("edge.node_dead", node_id=node_id)

@@ -35,7 +35,7 @@ from p3.nodes.coordinator.membership import Member, Membership, NodeStatus, Verd
 from p3.nodes.coordinator.placement import why_unfit
 from p3.protocol import messages as m
 from p3.protocol import wire
-from p3.protocol.security import ClusterKeys, Gate
+from p3.protocol.security import COORDINATOR, Door, Gate, Keyring
 
 log = get_logger(__name__)
 
@@ -86,9 +86,13 @@ class Coordinator(Actor):
 
     async def setup(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        keys = ClusterKeys.load(self.config.keys) if self.config.keys else None
-        self._gate = Gate(self._ctx, keys, self.name) if keys else None
-        self._sock = wire.make_socket(self._ctx, zmq.ROUTER, bind=self.config.bind, keys=keys)
+        keys = self.config.keys
+        keyring = Keyring(keys, COORDINATOR, COORDINATOR) if keys else None
+        self._gate = Gate(self._ctx, keyring, admits=("node", "edge")) if keyring else None
+        self._door = Door(keyring) if keyring else None
+        self._sock = wire.make_socket(
+            self._ctx, zmq.ROUTER, bind=self.config.bind, keyring=keyring
+        )
         self.address = wire.bound_address(self._sock)
         log.info("coordinator.listening", address=self.address)  # and so serving
 
@@ -108,7 +112,7 @@ class Coordinator(Actor):
 
     async def receive(self) -> None:
         while True:
-            identity, msg = await wire.recv_routed(self._sock, self._decoder)
+            identity, msg = await wire.recv_routed(self._sock, self._decoder, self._door)
             if msg is not None:
                 self.dispatch(identity, msg)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from p3.cli import add_security_args, cluster_keys
 from p3.config import default_of
 from p3.log import get_logger
 from p3.nodes.actor.base import Actor
@@ -30,12 +31,13 @@ from p3.nodes.cluster.links import Cluster
 from p3.nodes.edge.metrics import EdgeMetrics
 from p3.nodes.edge.models import Models
 from p3.nodes.edge.schemas import ApiError, Fields, Limits
-from p3.protocol.security import ClusterKeys
+from p3.protocol.security import Keyring
 from p3.tokenizer import Tokenizer
 
 log = get_logger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_EDGE_NAME = "edge-0"  # with keys: the member an edge runs as unless --edge-id says
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Edge(Actor):
     kind = "edge"
 
     def __init__(self, config: EdgeConfig):
-        self.edge_id = config.edge_id or new_edge_id()
+        self.edge_id = config.edge_id or (DEFAULT_EDGE_NAME if config.keys else new_edge_id())
         super().__init__(self.edge_id)
         self.config = config
         self.limits = config.limits
@@ -83,8 +85,8 @@ class Edge(Actor):
         aliases = {config.model_name: config.models[0]} if config.model_name else {}
         self.models = Models(aliases)
         self.metrics = EdgeMetrics()
-        keys = ClusterKeys.load(config.keys) if config.keys else None
-        self.cluster = Cluster(config.coordinator, self.edge_id, keys, self.models.learn)
+        keyring = Keyring(config.keys, "edge", self.edge_id) if config.keys else None
+        self.cluster = Cluster(config.coordinator, self.edge_id, keyring, self.models.learn)
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -180,7 +182,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="token_timeout_s",
         help="move a request whose tokens stop this long to another replica",
     )
-    parser.add_argument("--keys", default=None, help="cluster keys dir (p3 keys generate)")
     parser.add_argument(
         "--resume-grace",
         type=float,
@@ -195,7 +196,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="resume_window_s",
         help="seconds a finished stream stays resumable",
     )
-    parser.add_argument("--edge-id", default="")
+    parser.add_argument(
+        "--edge-id",
+        default="",
+        help=f"with --keys: the edge key it runs as (default {DEFAULT_EDGE_NAME})",
+    )
+    add_security_args(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
@@ -210,7 +216,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         max_pending=args.max_pending,
         limits=Limits(args.max_n, args.max_tokens_limit, args.max_prompt_tokens),
         token_timeout_s=args.token_timeout_s,
-        keys=args.keys,
+        keys=cluster_keys(args, "p3 edge"),
         resume_grace_s=args.resume_grace_s,
         resume_window_s=args.resume_window_s,
         edge_id=args.edge_id,

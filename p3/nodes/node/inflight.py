@@ -49,6 +49,9 @@ class InFlightTable:
             self.busy_since = time.monotonic()
         self._requests[entry.request_id] = entry
 
+    def get(self, request_id: str) -> InFlight | None:
+        return self._requests.get(request_id)
+
     def pop(self, request_id: str) -> InFlight | None:
         return self._requests.pop(request_id, None)
 

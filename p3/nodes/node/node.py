@@ -41,7 +41,7 @@ from p3.nodes.node.stepper import StepFaults, StepThread
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.sampling import from_wire
-from p3.protocol.security import ClusterKeys, Gate
+from p3.protocol.security import COORDINATOR, Door, Gate, Keyring, Member, routing_name
 
 log = get_logger(__name__)
 
@@ -99,16 +99,18 @@ class Node(Actor):
             cfg.model, engine.torch_dtype.itemsize, engine.quantization
         )
         self._ctx = zmq.asyncio.Context()
-        keys = ClusterKeys.load(cfg.keys) if cfg.keys else None
-        self._gate = Gate(self._ctx, keys, self.name) if keys else None
-        self._edges = wire.make_socket(self._ctx, zmq.ROUTER, bind=cfg.bind, keys=keys)
+        keyring = Keyring(cfg.keys, "node", cfg.node_id) if cfg.keys else None
+        self._gate = Gate(self._ctx, keyring, admits=("edge",)) if keyring else None
+        self._door = Door(keyring) if keyring else None
+        self._edges = wire.make_socket(self._ctx, zmq.ROUTER, bind=cfg.bind, keyring=keyring)
         self._coordinator = wire.make_socket(
             self._ctx,
             zmq.DEALER,
             connect=cfg.coordinator,
             identity=cfg.node_id,
             immediate=True,
-            keys=keys,
+            keyring=keyring,
+            server=Member(COORDINATOR, COORDINATOR),
         )
         self.address = advertised_address(
             wire.bound_address(self._edges), cfg.advertise_host, cfg.advertise_port
@@ -330,12 +332,12 @@ class Node(Actor):
 
     async def receive_edges(self) -> None:
         while True:
-            edge, msg = await wire.recv_routed(self._edges, self._edge_decoder)
+            edge, msg = await wire.recv_routed(self._edges, self._edge_decoder, self._door)
             match msg:
                 case m.Submit():
                     self.on_submit(edge, msg)
                 case m.Cancel(request_id=request_id):
-                    self.on_cancel(request_id)
+                    self.on_cancel(edge, request_id)
                 case m.Ping(nonce=nonce):
                     self._send_edge(edge, m.Pong(nonce, self.name, self.epoch))
 
@@ -386,11 +388,17 @@ class Node(Actor):
             return "overloaded", f"{len(self.inflight)} requests in flight"
         return None
 
-    def on_cancel(self, request_id: str) -> None:
-        entry = self.inflight.pop(request_id)
-        if entry is not None:
-            self._cancel_in_engine([entry])
-            log.debug("node.cancelled", request_id=request_id)
+    def on_cancel(self, edge: bytes, request_id: str) -> None:
+        """Only the edge that submitted a request may cancel it."""
+        entry = self.inflight.get(request_id)
+        if entry is None:
+            return
+        if entry.edge != edge:
+            log.warning("node.cancel_refused", request_id=request_id, edge=routing_name(edge))
+            return
+        self.inflight.pop(request_id)
+        self._cancel_in_engine([entry])
+        log.debug("node.cancelled", request_id=request_id)
 
     def _send_edge(self, edge: bytes, msg: m.Msg) -> bool:
         return wire.send(self._edges, msg, edge)
