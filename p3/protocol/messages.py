@@ -7,9 +7,10 @@ still decodes. A Hello carries PROTOCOL_VERSION; a peer with another version is 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 from p3.outputs import FinishReason
 
@@ -24,6 +25,12 @@ RejectCode = Literal["bad_request", "overloaded", "busy", "stale_epoch", "draini
 StopMode = Literal["drain", "abort"]
 
 
+# Numbers a peer sends are bounded where they are decoded: a frame outside these ranges is
+# dropped and counted like any malformed frame (the edge checks a client's numbers first).
+TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
+Count = Annotated[int, Meta(ge=0, lt=1 << 31)]
+
+
 class Msg(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=True):
     pass
 
@@ -32,21 +39,21 @@ class Msg(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=True):
 
 
 class WireSamplingParams(Msg, tag="sampling"):
-    max_tokens: int | None = 16
-    min_tokens: int = 0
+    max_tokens: Count | None = 16
+    min_tokens: Count = 0
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: Annotated[int, Meta(ge=-1, lt=1 << 31)] = 0
     min_p: float = 0.0
     seed: int | None = None
-    stop_token_ids: list[int] = []
+    stop_token_ids: list[TokenId] = []
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = {}
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
+    logit_bias: dict[TokenId, float] = {}
+    logprobs: Count | None = None
+    prompt_logprobs: Count | None = None
 
 
 # -- node -> coordinator -----------------------------------------------------------------------
@@ -232,11 +239,11 @@ ToEdgeFromCoordinator = Routes | Refused
 
 class Submit(Msg, tag="submit"):
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[TokenId]
     params: WireSamplingParams = WireSamplingParams()
     seed: int = 0  # the effective seed (the edge draws one when the client gave none)
     epoch: int = 0  # the node's epoch as the edge's routing table knows it
-    output_token_ids: list[int] = []  # generated elsewhere already: continue after them
+    output_token_ids: list[TokenId] = []  # generated elsewhere already: continue after them
 
 
 class Cancel(Msg, tag="cancel"):

@@ -42,7 +42,8 @@ class Peer:
         self.sock.send(wire.encode(msg))
 
     def send_raw(self, *frames: bytes) -> None:
-        self.sock.send_multipart(list(frames))
+        if frames:  # ZeroMQ has no message of no frames
+            self.sock.send_multipart(list(frames))
 
     async def recv(self, timeout_s: float = TIMEOUT_S):
         async with asyncio.timeout(timeout_s):

@@ -97,6 +97,13 @@ async def test_a_submit_that_cannot_run_is_rejected_with_its_code(make_node, edg
     assert bad.code == "bad_request" and "token ids" in bad.reason
     peer.send(m.Submit("hot", [1], m.WireSamplingParams(temperature=-1.0), 0, route.epoch))
     assert (await peer.recv()).code == "bad_request"
+    dropped = node._edge_decoder.num_dropped
+    for huge in (m.WireSamplingParams(top_k=2**64 - 1), m.WireSamplingParams(top_k=-2)):
+        peer.send(m.Submit("huge", [1], huge, 2**64 - 1, route.epoch))  # dropped as malformed
+    await until(lambda: node._edge_decoder.num_dropped == dropped + 2)
+    assert "huge" not in node.inflight
+    peer.send(submit("fine", route.epoch, m.WireSamplingParams(max_tokens=2)))  # still serving
+    assert (await peer.recv_until(lambda msg: isinstance(msg, m.Tokens))).deltas
 
 
 async def test_drain_stop_finishes_the_request_in_flight_then_says_goodbye(

@@ -312,12 +312,13 @@ class Cluster:
         journal.node_id, journal.epoch = route.node_id, route.epoch
         journal.tried_nodes.add(route.node_id)
         journal.num_attempts += 1
+        # registered only once sent (nothing can answer before this returns to the loop), so
+        # a send that raises leaves no entry behind
+        if not wire.send(self.links[route.node_id].socket, journal.submit_message()):
+            return self.submit(sample, queue, (exclude or set()) | {route.node_id})
         self.inflight[sample.request_id] = (sample, queue)
         cost = len(journal.prompt_token_ids) + m.expected_output_tokens(journal.params.max_tokens)
         self.sent_load[route.node_id] = self.sent_load.get(route.node_id, 0) + cost
-        if not wire.send(self.links[route.node_id].socket, journal.submit_message()):
-            self.inflight.pop(sample.request_id, None)
-            return self.submit(sample, queue, (exclude or set()) | {route.node_id})
         return True
 
     def cancel(self, sample: Sample) -> None:

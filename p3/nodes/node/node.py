@@ -354,8 +354,8 @@ class Node(Actor):
                     tuple(submit.output_token_ids),
                 )
                 self.engine.add(request)
-            except ValueError as exc:
-                refusal = ("bad_request", str(exc))
+            except (ValueError, TypeError, OverflowError) as exc:  # a peer's numbers, not ours
+                refusal = ("bad_request", f"{type(exc).__name__}: {exc}"[:500])
         if refusal is not None:
             code, reason = refusal
             log.info("node.rejected", request_id=submit.request_id, code=code, reason=reason)
