@@ -8,9 +8,10 @@ turns a stream of token ids into text deltas; `StopStringMatcher` cuts that text
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -221,13 +222,20 @@ class IncrementalDetokenizer:
 
 
 class StopStringMatcher:
-    """Cuts streamed text at the first stop string, holding back what may be the start of one."""
+    """Cuts streamed text at the first stop string, holding back what may be the start of one.
+
+    The stop strings' Aho-Corasick automaton (`_stop_automaton`, shared by every matcher with
+    the same stops) does both at once: its state is the longest suffix of the text so far that
+    begins a stop string, which is what to hold back, and it reaches a stop string's end on
+    the character that completes it. A delta costs a step or two per character whatever the
+    stop strings' lengths, and the automaton's size is their total length.
+    """
 
     def __init__(self, stop: Iterable[str] = (), include_stop_str_in_output: bool = False):
         self.stops = [s for s in stop if s]
         self.include_stop_str_in_output = include_stop_str_in_output
-        self.prefixes = {s[:i] for s in self.stops for i in range(1, len(s))}
-        self.max_prefix_len = max((len(p) for p in self.prefixes), default=0)
+        self.automaton = _stop_automaton(tuple(self.stops)) if self.stops else None
+        self.state = 0
         self.pending = ""
         self.stopped: str | None = None
 
@@ -235,34 +243,82 @@ class StopStringMatcher:
         """(text safe to emit now, the stop string hit or None). After a hit, nothing more."""
         if self.stopped is not None:
             return "", self.stopped
+        if self.automaton is None:
+            return delta, None
         text = self.pending + delta
-        if (hit := self._first_stop(text)) is not None:
-            start, stop = hit
+        self.state, hit = self.automaton.scan(self.state, delta)
+        if hit is not None:
+            end, stop = len(self.pending) + hit[0], hit[1]
             self.pending, self.stopped = "", stop
-            end = start + len(stop) if self.include_stop_str_in_output else start
-            return text[:end], stop
-        held = self._held_back_len(text)
+            return text[: end if self.include_stop_str_in_output else end - len(stop)], stop
+        held = self.automaton.depth[self.state]
         self.pending = text[len(text) - held :]
         return text[: len(text) - held], None
 
     def flush(self) -> str:
         """The held-back tail, once the stream has ended without a stop string."""
-        text, self.pending = self.pending, ""
+        text, self.pending, self.state = self.pending, "", 0
         return text
 
-    def _first_stop(self, text: str) -> tuple[int, str] | None:
-        """The stop string that completes first in text (longest if several end together)."""
-        found = [(i + len(s), i, s) for s in self.stops if (i := text.find(s)) >= 0]
-        if not found:
-            return None
-        _, start, stop = min(found)
-        return start, stop
 
-    def _held_back_len(self, text: str) -> int:
-        for length in range(min(len(text), self.max_prefix_len), 0, -1):
-            if text[-length:] in self.prefixes:
-                return length
-        return 0
+_CODE_POINTS = 0x110000  # a transition's key: state * _CODE_POINTS + ord(character)
+
+
+class _StopAutomaton:
+    """Aho-Corasick over stop strings: a trie whose states are the stop strings' prefixes,
+    each with its failure link (the state of its longest proper suffix that is a prefix too)
+    and the longest stop string that ends it, if any."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.goto: dict[int, int] = {}
+        self.depth = [0]  # a state's prefix length
+        self.found: list[str | None] = [None]
+        children: list[list[tuple[int, int]]] = [[]]
+        for stop in stops:
+            state = 0
+            for char in stop:
+                key = state * _CODE_POINTS + ord(char)
+                if (child := self.goto.get(key)) is None:
+                    child = self.goto[key] = len(self.depth)
+                    children[state].append((ord(char), child))
+                    children.append([])
+                    self.depth.append(self.depth[state] + 1)
+                    self.found.append(None)
+                state = child
+            self.found[state] = stop
+        self.fail = [0] * len(self.depth)
+        self._link(children)
+
+    def _link(self, children: list[list[tuple[int, int]]]) -> None:
+        """Failure links breadth first, so a state's (shallower) is final before it is read."""
+        queue = deque(child for _, child in children[0])
+        while queue:
+            state = queue.popleft()
+            for code, child in children[state]:
+                self.fail[child] = self._step(self.fail[state], code)
+                if self.found[child] is None:
+                    self.found[child] = self.found[self.fail[child]]
+                queue.append(child)
+
+    def _step(self, state: int, code: int) -> int:
+        while (child := self.goto.get(state * _CODE_POINTS + code)) is None and state:
+            state = self.fail[state]
+        return child or 0
+
+    def scan(self, state: int, text: str) -> tuple[int, tuple[int, str] | None]:
+        """From state through text: the state after, and (where in text it ends, the stop
+        string) for the first stop string completed, the longest if several end together."""
+        for i, char in enumerate(text):
+            state = self._step(state, ord(char))
+            if (stop := self.found[state]) is not None:
+                return state, (i + 1, stop)
+        return state, None
+
+
+@lru_cache(maxsize=32)
+def _stop_automaton(stops: tuple[str, ...]) -> _StopAutomaton:
+    """One automaton for every sample of a request (and requests that repeat their stops)."""
+    return _StopAutomaton(stops)
 
 
 class OutputText:

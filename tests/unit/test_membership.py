@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from p3.nodes.coordinator.membership import JOINING_TIMEOUT_S, Membership
+from p3.nodes.coordinator.membership import (
+    FORGET_DEAD_AFTER_S,
+    JOINING_TIMEOUT_S,
+    Membership,
+    Verdict,
+)
 from p3.protocol import messages as m
 
 
@@ -34,6 +39,17 @@ def test_a_loading_node_gets_longer_before_it_is_dead():
     assert members.find_dead() == []
     clock.now += JOINING_TIMEOUT_S
     assert [mb.node_id for mb, _ in members.find_dead()] == ["n1"]
+
+
+def test_a_dead_member_is_fenced_for_a_while_then_forgotten():
+    members, clock = table()
+    member = members.register(b"n1", m.Hello(m.PROTOCOL_VERSION, "n1"))
+    members.declare_dead(member, "test")
+    clock.now += FORGET_DEAD_AFTER_S / 2
+    assert members.forget_dead() == [] and members.classify("n1", member.epoch)[0] is Verdict.FENCED
+    clock.now += FORGET_DEAD_AFTER_S
+    assert members.forget_dead() == ["n1"] and "n1" not in members.members
+    assert members.classify("n1", member.epoch)[0] is Verdict.UNKNOWN
 
 
 def test_tensor_parallel_nodes_form_replicas_in_join_order():

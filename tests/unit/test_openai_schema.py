@@ -164,3 +164,97 @@ def test_error_body_has_openai_shape():
     body = error.body()["error"]
     assert set(body) == {"message", "type", "param", "code"}
     assert body["type"] == "invalid_request_error" and "temperature" in body["message"]
+
+
+@pytest.mark.parametrize("value", [1 << 63, 1 << 64, 1 << 70])
+@pytest.mark.parametrize(
+    ("field", "wrap"),
+    [
+        ("top_k", lambda v: v),
+        ("seed", lambda v: v),
+        ("min_tokens", lambda v: v),
+        ("max_tokens", lambda v: v),
+        ("max_completion_tokens", lambda v: v),
+        ("n", lambda v: v),
+        ("stop_token_ids", lambda v: [5, v]),
+        ("logit_bias", lambda v: {str(v): 1}),
+    ],
+)
+def test_an_integer_beyond_its_range_is_named(field, wrap, value):
+    """Nothing wider than its use gets past the parse (an int64 on the wire, torch's ints)."""
+    for parse, body in ((parse_chat, CHAT), (parse_completion, COMPLETION)):
+        assert refusal(parse, {**body, field: wrap(value)}).param == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("top_k", 1 << 31), ("stop_token_ids", [1 << 31]), ("logit_bias", {str(1 << 31): 1})],
+)
+def test_token_ids_and_top_k_are_below_2_to_the_31(field, value):
+    assert refusal(parse_chat, {**CHAT, field: value}).param == field
+
+
+def test_integers_in_range_pass():
+    body = {
+        **COMPLETION,
+        "top_k": (1 << 31) - 1,
+        "seed": -(1 << 63),
+        "min_tokens": 100,
+        "max_tokens": 100,
+        "stop_token_ids": [(1 << 31) - 1],
+        "logit_bias": {str((1 << 31) - 1): 1},
+        "prompt": [0, (1 << 31) - 1],
+    }
+    params = parse_completion(body).sampling_params(100)
+    assert params.top_k == (1 << 31) - 1 and params.seed == -(1 << 63)
+
+
+def test_min_tokens_is_bounded_by_the_max_tokens_limit():
+    limits = Limits(max_tokens=100)
+    assert refusal(parse_chat, {**CHAT, "min_tokens": 101}, limits).param == "min_tokens"
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        "x" * 1025,
+        ["x" * 1025],
+        ["x" * 1000] * 5,  # 5,000 characters in all
+        ["x" * 100_000] * 16,  # the body that froze an edge for 45 s
+    ],
+)
+def test_stop_strings_are_bounded_in_size(stop):
+    assert refusal(parse_completion, {**COMPLETION, "stop": stop}).param == "stop"
+
+
+def test_the_largest_stop_strings_allowed_parse():
+    stops = ["x" * 1024] * 4
+    params = parse_completion({**COMPLETION, "stop": stops}).sampling_params(16)
+    assert params.stop == tuple(stops)
+
+
+def test_stop_token_ids_and_logit_bias_are_bounded_in_count():
+    ids = list(range(1025))
+    assert refusal(parse_chat, {**CHAT, "stop_token_ids": ids}).param == "stop_token_ids"
+    bias = {str(i): 1 for i in ids}
+    assert refusal(parse_chat, {**CHAT, "logit_bias": bias}).param == "logit_bias"
+
+
+@pytest.mark.parametrize("prompt", [[1 << 31], [[1], [1 << 64]]])
+def test_prompt_token_ids_beyond_any_vocabulary_are_refused(prompt):
+    assert refusal(parse_completion, {**COMPLETION, "prompt": prompt}).param == "prompt"
+
+
+def test_fan_out_is_bounded():
+    """1,000 prompts x n=16 in 6 KB made 16,000 samples; now prompts and prompts x n are capped."""
+    error = refusal(parse_completion, {**COMPLETION, "prompt": ["a"] * 1000, "n": 16})
+    assert error.param == "prompt" and "64" in error.message
+    error = refusal(parse_completion, {**COMPLETION, "prompt": ["a"] * 5, "n": 16})
+    assert error.param == "n" and "80 samples" in error.message and "64" in error.message
+    assert len(parse_completion({**COMPLETION, "prompt": ["a"] * 4, "n": 16}).prompts) == 4
+    assert len(parse_completion({**COMPLETION, "prompt": [[1]] * 64}).prompts) == 64
+    limits = Limits(max_n=16, max_samples=8)
+    assert refusal(parse_chat, {**CHAT, "n": 9}, limits).param == "n"
+    assert refusal(parse_completion, {**COMPLETION, "prompt": ["a"] * 9}, limits).param == (
+        "prompt"
+    )

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -193,6 +196,72 @@ def test_stream_without_stop_strings_passes_through():
     assert feed_all(StopStringMatcher(["zz"]), ["a z", "b z"]) == ("a zb z", None)
 
 
+def cut_at_stops(stops: list[str], text: str, include: bool) -> tuple[str, str | None]:
+    """What a matcher has emitted once it has seen text, from the definition: up to the stop
+    string that ends first (the longest if several end together), else all but the longest
+    suffix that begins a stop string."""
+    ends = [(text.find(s) + len(s), -len(s), s) for s in stops if s in text]
+    if ends:
+        end, _, stop = min(ends)
+        return text[: end if include else end - len(stop)], stop
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - held], None
+
+
+@pytest.mark.timeout(30)
+def test_stop_matcher_emits_what_the_definition_says():
+    rng = random.Random(7)
+    for trial in range(3000):
+        alphabet = "ab" if trial % 2 else "abc"
+        stops = [
+            "".join(rng.choices(alphabet, k=rng.randint(1, 6))) for _ in range(rng.randint(1, 4))
+        ]
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 40)))
+        include = rng.random() < 0.5
+        matcher, out, seen = StopStringMatcher(stops, include), "", ""
+        for delta in random_split(rng, text):
+            seen += delta
+            emitted, hit = matcher.feed(delta)
+            out += emitted
+            assert (out, hit) == cut_at_stops(stops, seen, include), (stops, seen)
+            if hit is not None:
+                break
+        else:
+            assert out + matcher.flush() == text
+
+
+def random_split(rng: random.Random, text: str) -> list[str]:
+    cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 8))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
+@pytest.mark.timeout(30)
+def test_stop_matcher_work_is_linear_in_the_text_and_the_stops():
+    """16 stop strings of 4,000 characters that the text nearly matches all along: the old
+    matcher held every prefix (16 x 4,000^2 / 2 characters) and rescanned them on every
+    delta; now memory follows the stops' length and each character costs a step or two."""
+    stops = [("ab" * 2000)[:3999] + "cdefghij"[i] for i in range(8)]
+    stops += ["a" * 3999 + "klmnopqr"[i] for i in range(8)]
+    tracemalloc.start()
+    matcher = StopStringMatcher(stops)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 32 << 20
+    started = time.perf_counter()
+    text, out, held = "ab" * 50_000 + "a" * 3999 + "k", "", 0
+    for i in range(0, len(text), 3):
+        emitted, hit = matcher.feed(text[i : i + 3])
+        out += emitted
+        held = max(held, len(matcher.pending))
+    assert hit == stops[8] and out == text[: -len(stops[8])]
+    assert held == 3999
+    assert time.perf_counter() - started < 2.0
+
+
+def test_stop_matchers_with_the_same_stops_share_one_automaton():
+    assert StopStringMatcher(["x", "yz"]).automaton is StopStringMatcher(["x", "yz"]).automaton
+
+
 # --- the real SmolLM2 tokenizer ---------------------------------------------------------------
 
 
@@ -240,6 +309,25 @@ def test_smollm2_encodes_like_transformers(smollm2, hf_smollm2):
     assert smollm2.encode(text) == hf_smollm2(text).input_ids
     assert smollm2.encode(text)[0] == 1  # <|im_start|> from the template, no BOS added
     assert smollm2.encode("Hello")[0] != smollm2.bos_token_id
+
+
+@pytest.mark.parametrize("tokenizer_name", ["smollm2", *sorted(TINY_TOKENIZERS)])
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_the_edges_off_loop_encoding_gives_the_same_ids(
+    request, tokenizer_name, add_special_tokens
+):
+    """The edge encodes big prompts in a thread through encode_batch (it releases the GIL)."""
+    from p3.nodes.edge.prompts import _encode
+
+    if tokenizer_name == "smollm2":
+        tokenizer = request.getfixturevalue("smollm2")
+    else:
+        tokenizer = TINY_TOKENIZERS[tokenizer_name]()
+    chat = tokenizer.apply_chat_template(CHATS[2]) if tokenizer.chat_template else ""
+    text = chat + TEXT * 50
+    expected = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    assert _encode(tokenizer, text, add_special_tokens, off_loop=True) == expected
+    assert _encode(tokenizer, text, add_special_tokens, off_loop=False) == expected
 
 
 def test_smollm2_streams_chat_output(smollm2):

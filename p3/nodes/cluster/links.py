@@ -43,6 +43,7 @@ LOAD_GRAIN = 256  # tokens of work left below which two replicas count as equall
 FIRST_HELLO_INTERVAL_S = 0.05
 LINK_PING_S = 0.2  # ZMTP heartbeat on every edge->node link
 LINK_TIMEOUT_S = 1.0  # no traffic (pongs included) this long: the link is down
+DEAD_LISTED_S = 300.0  # a node declared dead stays listed (/cluster) this long
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class Cluster:
         self.inflight: dict[str, tuple[Sample, asyncio.Queue[Event]]] = {}
         self.routes_version = -1
         self.routes_at = 0.0  # when the last table came (monotonic)
-        self.dead_nodes: set[str] = set()  # declared dead and not routed since
+        self.dead_nodes: dict[str, float] = {}  # declared dead and not routed since: when
         self._unlinkable: set[str] = set()  # routed nodes whose key this edge has not
         self.routes_changed = asyncio.Event()
         self.on_models = on_models
@@ -203,6 +204,7 @@ class Cluster:
 
     def on_routes(self, table: m.Routes) -> None:
         members = {(r.node_id, r.epoch) for r in table.routes}
+        members_ids = {node_id for node_id, _ in members}
         known = {(r.node_id, r.epoch) for r in [*self.routes.values(), *self.shards]}
         if members != known or table.dead:
             log.info("edge.routes", version=table.version, nodes=sorted(members), dead=table.dead)
@@ -212,7 +214,10 @@ class Cluster:
         previous = self.routes
         self.routes = {r.node_id: r for r in table.routes if r.replica_rank == 0}
         self.shards = [r for r in table.routes if r.replica_rank > 0]
-        self.dead_nodes -= {r.node_id for r in table.routes}
+        now = time.monotonic()
+        for node_id, dead_at in list(self.dead_nodes.items()):  # listed for a while, not forever
+            if node_id in members_ids or now - dead_at > DEAD_LISTED_S:
+                del self.dead_nodes[node_id]
         self.sent_load.clear()
         for route in list(self.routes.values()):
             old = previous.get(route.node_id)
@@ -253,7 +258,7 @@ class Cluster:
 
     def _node_dead(self, node_id: str) -> None:
         log.warning("edge.node_dead", node_id=node_id)
-        self.dead_nodes.add(node_id)
+        self.dead_nodes[node_id] = time.monotonic()
         self.epochs.pop(node_id, None)
         if (link := self.links.pop(node_id, None)) is not None:
             link.close()

@@ -277,6 +277,8 @@ class Coordinator(Actor):
             await asyncio.sleep(interval_s / 4)
             for member, cause in self.membership.find_dead():
                 self._declare_dead(member, cause)
+            for node_id in self.membership.forget_dead():
+                log.info("coordinator.dead_forgotten", node_id=node_id)
             self._forget_silent_edges()
             if time.monotonic() - self._last_publish_at >= interval_s:
                 self._publish()

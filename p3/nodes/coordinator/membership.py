@@ -56,6 +56,7 @@ class Member:
     replica_rank: int = 0  # its rank in its replica: stage rank // tp_size, tp rank % tp_size
     group_size: int = 1
     placed: bool = True  # False: waiting for a replica to be formed around it
+    dead_at: float = 0.0
 
     @property
     def is_live(self) -> bool:
@@ -81,6 +82,7 @@ class Member:
 
 
 JOINING_TIMEOUT_S = 10.0  # silence allowed between Welcome and Ready
+FORGET_DEAD_AFTER_S = 300.0  # a dead member's fence outlives any step it could still finish
 
 
 class Membership:
@@ -198,6 +200,20 @@ class Membership:
         member.status = NodeStatus.DEAD
         member.dead_epochs.add(member.epoch)
         member.cause = cause
+        member.dead_at = self.clock()
+
+    def forget_dead(self) -> list[str]:
+        """Drop members dead for FORGET_DEAD_AFTER_S (the table must not grow with every id
+        that ever registered); one that speaks again is asked to register anew."""
+        now = self.clock()
+        gone = [
+            mb.node_id
+            for mb in self.members.values()
+            if not mb.is_live and now - mb.dead_at > FORGET_DEAD_AFTER_S
+        ]
+        for node_id in gone:
+            del self.members[node_id]
+        return gone
 
     def remove(self, member: Member) -> None:
         del self.members[member.node_id]

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+MAX_JSON_DEPTH = 64  # arrays and objects in a body; msgspec itself stops near the stack's limit
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -71,6 +72,7 @@ class Api:
         self.cluster = edge.cluster
         self.metrics = edge.metrics
         self.num_pending = 0
+        self.num_samples = 0  # of the requests past prepare(), counted against max_pending too
         self.replays = ReplayStore(edge.config.resume_window_s)
         self._pumps: set[asyncio.Task] = set()
 
@@ -120,8 +122,9 @@ class Api:
         self.num_pending += 1
         self.metrics.edge_pending.inc()
         arrived_at = time.perf_counter()
+        num_samples = 0
         try:
-            prepared = await prepare(self.edge, await _read_json(request), chat)
+            prepared = await prepare(self.edge, await self.read_json(request), chat)
             samples = make_samples(
                 new_id("req"),
                 prepared.model,
@@ -129,6 +132,7 @@ class Api:
                 prepared.params,
                 prepared.tokenizer,
             )
+            num_samples = self._admit(len(samples))
             generation = Generation(self.cluster, samples, self.edge.config.token_timeout_s)
             try:
                 await generation.start()
@@ -142,7 +146,22 @@ class Api:
             return await self._whole(prepared, generation)
         finally:
             self.num_pending -= 1
+            self.num_samples -= num_samples
             self.metrics.edge_pending.dec()
+
+    def _admit(self, num_samples: int) -> int:
+        """A request's samples, counted against max_pending with the others' (n and a batch of
+        prompts make one request many sequences); a request alone always gets in."""
+        limit = self.edge.config.max_pending
+        if self.num_samples and self.num_samples + num_samples > limit:
+            raise ApiError(
+                429,
+                f"this edge holds at most {limit} samples at once and has {self.num_samples}; "
+                "retry later",
+                code="queue_full",
+            )
+        self.num_samples += num_samples
+        return num_samples
 
     async def _whole(self, prepared: Prepared, generation: Generation) -> web.Response:
         responder = prepared.responder(chat=prepared.chat)
@@ -219,6 +238,7 @@ class Api:
                     gone = replay.orphaned_at
                     if gone is not None and time.monotonic() - gone > grace_s:
                         log.info("edge.stream_abandoned", request_ids=generation.request_ids)
+                        self.metrics.request_failure.labels("abandoned").inc()
                         return  # leaving the iteration cancels the samples on their nodes
             if prepared.request.include_usage:
                 send(responder.usage_chunk(generation.samples))
@@ -252,6 +272,9 @@ class Api:
 
     # -- the rest --------------------------------------------------------------------------
 
+    async def read_json(self, request: web.Request) -> Any:
+        return await _read_json(request, self.edge.config.body_timeout_s)
+
     async def on_models(self, request: web.Request) -> web.Response:
         data = [
             {
@@ -267,13 +290,13 @@ class Api:
         return json_response({"object": "list", "data": data})
 
     async def on_tokenize(self, request: web.Request) -> web.Response:
-        prepared = await prepare(self.edge, await _read_json(request), chat=None)
+        prepared = await prepare(self.edge, await self.read_json(request), chat=None)
         ids = prepared.prompt_ids[0]
         max_len = self.edge.max_model_len(prepared.model)
         return json_response({"tokens": ids, "count": len(ids), "max_model_len": max_len})
 
     async def on_detokenize(self, request: web.Request) -> web.Response:
-        body = await _read_json(request)
+        body = await self.read_json(request)
         model, tokenizer = await self.edge.model_for(body)
         tokens = body.get("tokens")
         ok = isinstance(tokens, list) and all(
@@ -338,17 +361,49 @@ def _num_prompt_tokens(samples: list[Sample]) -> int:
     )
 
 
-async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
+async def _read_json(request: web.Request, timeout_s: float) -> Any:
     try:
-        return msgspec.json.decode(raw)
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        message = f"the body did not arrive within {timeout_s:g} s"
+        raise ApiError(408, message, code="timeout") from None
+    try:
+        body = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise bad_request(None, f"the body is not valid JSON: {exc}", "invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
+        raise _too_deep()
+    return body
+
+
+def _too_deep() -> ApiError:
+    message = f"the body nests arrays and objects more than {MAX_JSON_DEPTH} deep"
+    return bad_request(None, message, "invalid_json")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than limit deep in value; level by level, so a
+    deep value cannot exhaust the stack that measures it."""
+    level = [value] if isinstance(value, list | dict) else []
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, list | dict)
+        ]
+    return bool(level)
 
 
 def _key_ok(request: web.Request, keys: tuple[str, ...]) -> bool:
+    """Compared as bytes, with every key: a header that is not UTF-8 reaches us as surrogate
+    escapes, which surrogateescape turns back into its bytes (a plain encode() raised)."""
     header = request.headers.get("Authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys)
+    given = key.strip().encode("utf-8", "surrogateescape")
+    return any([hmac.compare_digest(given, k.encode()) for k in keys])

@@ -57,14 +57,19 @@ class EdgeConfig:
     resume_window_s: float = 60.0  # a finished stream's events stay this long for a resume
     drain_timeout_s: float = 30.0
     edge_id: str = ""
+    # a connection with no request under way (idle keep-alive, or headers that never end: a
+    # slowloris) is closed after this long
+    keepalive_timeout_s: float = 15.0
+    body_timeout_s: float = 30.0  # a request body that takes longer to arrive is a 408
 
     def __post_init__(self) -> None:
         if self.max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {self.max_pending}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
-        if self.token_timeout_s <= 0:
-            raise ValueError(f"token_timeout_s must be positive, got {self.token_timeout_s}")
+        for name in ("keepalive_timeout_s", "body_timeout_s", "token_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.model_name and not self.models:
             raise ValueError("model_name needs a model to name (--model)")
 
@@ -116,7 +121,12 @@ class Edge(Actor):
         from p3.nodes.edge.api import make_app
 
         self.cluster.open()
-        self._runner = web.AppRunner(make_app(self), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            make_app(self),
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=self.config.keepalive_timeout_s,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()
@@ -128,7 +138,22 @@ class Edge(Actor):
         return {"url": self.url, "edge_id": self.edge_id}
 
     def loops(self) -> list:
-        return self.cluster.loops()
+        return [*self.cluster.loops(), self.close_idle_connections()]
+
+    async def close_idle_connections(self) -> None:
+        """Close connections with no request under way for keepalive_timeout_s: idle
+        keep-alives and headers that never end (a slowloris). aiohttp's own keep-alive timer
+        misses a connection whose handler was not yet waiting when it fired."""
+        timeout_s = self.config.keepalive_timeout_s
+        idle_since: dict[Any, float] = {}
+        while True:
+            await asyncio.sleep(min(0.5, timeout_s / 4))
+            now = time.monotonic()
+            handlers = self._runner.server.connections if self._runner.server else []
+            idle_since = {h: idle_since.get(h, now) for h in handlers if _is_idle(h)}
+            for handler, since in idle_since.items():
+                if now - since > timeout_s:
+                    handler.force_close()
 
     async def drain(self) -> None:
         """Let in-flight requests finish, up to drain_timeout_s."""
@@ -140,6 +165,11 @@ class Edge(Actor):
         if self._runner is not None:
             await self._runner.cleanup()
         self.cluster.close()
+
+
+def _is_idle(handler: Any) -> bool:
+    """No request parsed and under way on this connection (aiohttp's RequestHandler)."""
+    return getattr(handler, "_current_request", None) is None
 
 
 def _url_host(host: str) -> str:
@@ -170,32 +200,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-pending",
         type=int,
         default=edge("max_pending"),
-        help="requests this edge holds at once; more get 429",
+        help="requests, and samples (prompts x n), this edge holds at once; more get 429",
     )
     parser.add_argument("--max-n", type=int, default=Limits.max_n)
     parser.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens)
     parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
-    parser.add_argument(
-        "--token-timeout",
-        type=float,
-        default=edge("token_timeout_s"),
-        dest="token_timeout_s",
-        help="move a request whose tokens stop this long to another replica",
-    )
-    parser.add_argument(
-        "--resume-grace",
-        type=float,
-        default=edge("resume_grace_s"),
-        dest="resume_grace_s",
-        help="seconds a stream whose client left goes on, awaiting a Last-Event-ID resume",
-    )
-    parser.add_argument(
-        "--resume-window",
-        type=float,
-        default=edge("resume_window_s"),
-        dest="resume_window_s",
-        help="seconds a finished stream stays resumable",
-    )
+    seconds = {  # flag -> (EdgeConfig field, help)
+        "--token-timeout": ("token_timeout_s", "move a request whose tokens stop this long to "
+                            "another replica (s)"),
+        "--resume-grace": ("resume_grace_s", "seconds a stream whose client left goes on, "
+                           "awaiting a Last-Event-ID resume"),
+        "--resume-window": ("resume_window_s", "seconds a finished stream stays resumable"),
+        "--keepalive-timeout": ("keepalive_timeout_s", "seconds a connection may sit with no "
+                                "request under way (idle, or slow headers)"),
+        "--body-timeout": ("body_timeout_s", "seconds a request body may take to arrive (408)"),
+    }  # fmt: skip
+    for flag, (name, text) in seconds.items():
+        parser.add_argument(flag, type=float, default=edge(name), dest=name, help=text)
     parser.add_argument(
         "--edge-id",
         default="",
@@ -220,6 +241,8 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         resume_grace_s=args.resume_grace_s,
         resume_window_s=args.resume_window_s,
         edge_id=args.edge_id,
+        keepalive_timeout_s=args.keepalive_timeout_s,
+        body_timeout_s=args.body_timeout_s,
     )
 
 

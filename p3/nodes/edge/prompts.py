@@ -5,14 +5,19 @@
    404 unknown, 503 no ready replica);
 3. render: the chat template and the encoding into prompt ids (here), each prompt checked
    against the context: prompt + max_tokens beyond max_model_len is a 400 naming
-   "messages"/"prompt" (the prompt alone is too long) or "max_tokens";
+   "messages"/"prompt" (the prompt alone is too long) or "max_tokens". A text of more than
+   CHARS_PER_TOKEN characters per token the prompt may have is refused before it is
+   rendered, and a big one is rendered and encoded in a thread, so the loop keeps serving;
 4. params: SamplingParams, with the effective max_tokens (CommonRequest.sampling_params).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from p3.nodes.edge.responses import Responder
 from p3.nodes.edge.schemas import (
@@ -29,6 +34,11 @@ from p3.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from p3.nodes.edge.edge import Edge
+
+CHARS_PER_TOKEN = 32  # far beyond any text's average (~4), so only hopeless prompts are refused
+OFF_LOOP_CHARS = 16 * 1024  # texts above this are rendered and encoded off the event loop
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -62,7 +72,7 @@ async def prepare(edge: Edge, body: Any, chat: bool | None) -> Prepared:
     model, tokenizer = await edge.model_for({"model": request.model})
     if not edge.cluster.replicas(model):
         raise ApiError(503, f"no ready replica of model {request.model!r}", code="no_replica")
-    prompt_ids = _render(tokenizer, request)
+    prompt_ids = await _render(tokenizer, request, _max_chars(edge, model))
     prepared = Prepared(request, chat, model, edge.models.api_name(model), tokenizer, prompt_ids)
     max_tokens = _check_context(edge, prepared)
     prepared.params = request.sampling_params(max_tokens)
@@ -71,39 +81,100 @@ async def prepare(edge: Edge, body: Any, chat: bool | None) -> Prepared:
 
 
 async def _prepare_tokenize(edge: Edge, body: Any) -> Prepared:
+    """Bounded by the edge's prompt limit alone: counting a text beyond the context is fair."""
     f = Fields(body)
     model, tokenizer = await edge.model_for(body)
     if "messages" in body:
         request = parse_chat({**body, "model": model})
-        ids = _chat_ids(tokenizer, request.messages, f.bool("add_generation_prompt", True))
+        param, text = "messages", request.messages
+        add_generation_prompt = f.bool("add_generation_prompt", True)
+        render = partial(_chat_ids, tokenizer, request.messages, add_generation_prompt)
     else:
-        prompt = f.str("prompt")
-        if prompt is None:
+        param, text = "prompt", f.str("prompt")
+        if text is None:
             raise bad_request("prompt", "give a prompt (string) or messages")
-        ids = tokenizer.encode(prompt, add_special_tokens=f.bool("add_special_tokens", True))
+        render = partial(_encode, tokenizer, text, f.bool("add_special_tokens", True))
+    ids = await _render_text(_check_chars(param, text, _max_chars(edge, None)), render)
     return Prepared(None, False, model, edge.models.api_name(model), tokenizer, [ids])
 
 
-def _render(tokenizer: Tokenizer, request: ChatRequest | CompletionRequest) -> list[list[int]]:
+def _max_chars(edge: Edge, model: str | None) -> int:
+    """CHARS_PER_TOKEN for every token a prompt may have: the edge's limit, and the model's
+    context when given."""
+    tokens = edge.limits.max_prompt_tokens
+    if model is not None and (max_len := edge.max_model_len(model)) > 0:
+        tokens = min(tokens, max_len)
+    return tokens * CHARS_PER_TOKEN
+
+
+def _check_chars(param: str, text: Any, max_chars: int) -> int:
+    """The characters of text (a prompt, or messages); a 400 if beyond max_chars."""
+    num_chars = _num_chars(text)
+    if num_chars > max_chars:
+        raise bad_request(
+            param,
+            f"the prompt has {num_chars} characters; this edge takes at most {max_chars} "
+            f"({CHARS_PER_TOKEN} for each of the {max_chars // CHARS_PER_TOKEN} tokens a "
+            "prompt may have here)",
+            "context_length_exceeded",
+        )
+    return num_chars
+
+
+def _num_chars(value: Any) -> int:
+    """Every string's characters in a JSON value: what a chat template may render of it."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(k) + _num_chars(v) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(map(_num_chars, value))
+    return 0
+
+
+async def _render(
+    tokenizer: Tokenizer, request: ChatRequest | CompletionRequest, max_chars: int
+) -> list[list[int]]:
     if isinstance(request, ChatRequest):
-        return [_chat_ids(tokenizer, request.messages, request.add_generation_prompt)]
-    return [_completion_ids(tokenizer, p) for p in request.prompts]
+        num_chars = _check_chars("messages", request.messages, max_chars)
+        render = partial(_chat_ids, tokenizer, request.messages, request.add_generation_prompt)
+        return [await _render_text(num_chars, render)]
+    num_chars = sum(_check_chars("prompt", p, max_chars) for p in request.prompts)
+    return await _render_text(num_chars, partial(_completion_ids, tokenizer, request.prompts))
 
 
-def _chat_ids(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+async def _render_text(num_chars: int, render: Callable[[bool], T]) -> T:
+    """render(off_loop) here, or in a thread when the text is big: the loop keeps serving
+    (the template's Python lets go of the GIL every few ms; the encoding releases it)."""
+    if num_chars <= OFF_LOOP_CHARS:
+        return render(False)
+    return await asyncio.to_thread(render, True)
+
+
+def _chat_ids(
+    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool, off_loop: bool
+) -> list[int]:
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt)
     except Exception as exc:  # the template's own raise_exception, or a bad message shape
         raise bad_request("messages", f"the chat template refused the messages: {exc}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return _encode(tokenizer, text, False, off_loop)
 
 
-def _completion_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
-    if any(t >= tokenizer.vocab_size for t in prompt):
+def _completion_ids(
+    tokenizer: Tokenizer, prompts: list[str | list[int]], off_loop: bool
+) -> list[list[int]]:
+    if any(t >= tokenizer.vocab_size for p in prompts if not isinstance(p, str) for t in p):
         raise bad_request("prompt", f"prompt token ids must be below {tokenizer.vocab_size}")
-    return prompt
+    return [_encode(tokenizer, p, True, off_loop) if isinstance(p, str) else p for p in prompts]
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool, off_loop: bool) -> list[int]:
+    """Off the loop through the backend's encode_batch, which releases the GIL while it works;
+    its encode, behind Tokenizer.encode, holds it (3.8 MB took 5 s with the loop frozen)."""
+    if not off_loop:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return tokenizer.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 def _check_context(edge: Edge, prepared: Prepared) -> int | None:

@@ -77,7 +77,9 @@ class ReplayStore:
         self._expire()
         response_id, _, number = last_event_id.strip().rpartition(".")
         replay = self._replays.get(response_id)
-        if replay is None or not number.isdigit() or int(number) > len(replay.events):
+        # ASCII digits only, and few: str.isdigit takes "²", and int() refuses 4300+ digits
+        well_formed = number.isascii() and number.isdigit() and len(number) <= 12
+        if replay is None or not well_formed or int(number) > len(replay.events):
             return None
         return replay, int(number)
 

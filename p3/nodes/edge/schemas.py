@@ -18,8 +18,13 @@ __all__ = ["ApiError", "bad_request", "parse_chat", "parse_completion", "Limits"
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # each; a stop string's cost is its length, in the matcher and in memory
+MAX_STOP_TOTAL_CHARS = 4096
+MAX_STOP_TOKEN_IDS = 1024  # looked up at every step of every sample
+MAX_LOGIT_BIAS = 1024  # entries, applied at every step of every sample
 MAX_TOP_LOGPROBS = 20
 INT64 = 1 << 63
+TOKEN_ID_LIMIT = 1 << 31  # above any vocabulary; bigger ids (and top_k) overflow int64 later
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class Limits:
     max_n: int = 16
     max_tokens: int = 1 << 20
     max_prompt_tokens: int = 1 << 20
+    max_prompts: int = 64  # in one completion request's batch
+    max_samples: int = 64  # prompts x n: what one request may fan out to
 
 
 @dataclass
@@ -106,6 +113,7 @@ class Fields:
 def parse_chat(body: Any, limits: Limits = Limits()) -> ChatRequest:
     f = Fields(body)
     request = ChatRequest(**_common(f, limits), messages=_messages(f.body.get("messages")))
+    _check_samples(1, request.n, limits)
     request.logprobs = f.bool("logprobs")
     request.top_logprobs = f.int("top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if request.top_logprobs is not None and not request.logprobs:
@@ -119,6 +127,7 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatRequest:
 def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionRequest:
     f = Fields(body)
     request = CompletionRequest(**_common(f, limits), prompts=_prompts(f.body.get("prompt")))
+    _check_samples(len(request.prompts), request.n, limits)
     request.echo = f.bool("echo")
     request.logprobs = f.int("logprobs", None, 0, MAX_TOP_LOGPROBS)
     if request.logprobs is not None:
@@ -148,33 +157,54 @@ def _common(f: Fields, limits: Limits) -> dict[str, Any]:
         "include_usage": include_usage,
         "n": f.int("n", 1, 1, limits.max_n),
         "max_tokens": max_tokens,
-        "params": _sampling_fields(f),
+        "params": _sampling_fields(f, limits),
         "user": f.str("user"),
     }
 
 
-def _sampling_fields(f: Fields) -> dict[str, Any]:
+def _check_samples(num_prompts: int, n: int, limits: Limits) -> None:
+    """Every prompt gets n samples, each a sequence on a node: bound the fan-out."""
+    if num_prompts > limits.max_prompts:
+        raise bad_request(
+            "prompt", f"prompt allows at most {limits.max_prompts} prompts, got {num_prompts}"
+        )
+    if num_prompts * n > limits.max_samples:
+        raise bad_request(
+            "n" if n > 1 else "prompt",
+            f"{num_prompts} prompts x n={n} is {num_prompts * n} samples; this edge takes at "
+            f"most {limits.max_samples} in one request",
+        )
+
+
+def _sampling_fields(f: Fields, limits: Limits) -> dict[str, Any]:
     params: dict[str, Any] = {
         "temperature": f.float("temperature", 1.0, 0.0),
         "top_p": f.float("top_p", 1.0),
-        "top_k": f.int("top_k", 0, -1),
+        "top_k": f.int("top_k", 0, -1, TOKEN_ID_LIMIT - 1),
         "min_p": f.float("min_p", 0.0),
         "presence_penalty": f.float("presence_penalty", 0.0),
         "frequency_penalty": f.float("frequency_penalty", 0.0),
         "repetition_penalty": f.float("repetition_penalty", 1.0),
         "ignore_eos": f.bool("ignore_eos"),
-        "min_tokens": f.int("min_tokens", 0, 0),
+        "min_tokens": f.int("min_tokens", 0, 0, limits.max_tokens),
         "seed": f.int("seed", None, -INT64, INT64 - 1),
         "stop": _stop(f.body.get("stop")),
         "logit_bias": _logit_bias(f.get("logit_bias", dict, {})),
         "include_stop_str_in_output": f.bool("include_stop_str_in_output"),
         "skip_special_tokens": f.bool("skip_special_tokens", True),
     }
-    stop_ids = f.get("stop_token_ids", list, [])
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
-        raise bad_request("stop_token_ids", "stop_token_ids must be a list of token ids")
-    params["stop_token_ids"] = tuple(stop_ids)
+    params["stop_token_ids"] = _stop_token_ids(f.get("stop_token_ids", list, []))
     return params
+
+
+def _stop_token_ids(value: list[Any]) -> tuple[int, ...]:
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise bad_request("stop_token_ids", f"stop_token_ids allows at most {MAX_STOP_TOKEN_IDS}")
+    if not all(map(_is_token_id, value)):
+        raise bad_request(
+            "stop_token_ids", f"stop_token_ids must be a list of token ids below {TOKEN_ID_LIMIT}"
+        )
+    return tuple(value)
 
 
 def _stop(value: Any) -> tuple[str, ...]:
@@ -187,23 +217,34 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise bad_request("stop", f"stop allows at most {MAX_STOP_STRINGS} strings")
     if not all(stops):
         raise bad_request("stop", "stop strings must not be empty")
+    if max(map(len, stops), default=0) > MAX_STOP_CHARS:
+        raise bad_request("stop", f"stop strings are at most {MAX_STOP_CHARS} characters each")
+    if sum(map(len, stops)) > MAX_STOP_TOTAL_CHARS:
+        raise bad_request("stop", f"stop strings total at most {MAX_STOP_TOTAL_CHARS} characters")
     return tuple(stops)
 
 
 def _logit_bias(value: dict[str, Any]) -> dict[int, float]:
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad_request("logit_bias", f"logit_bias allows at most {MAX_LOGIT_BIAS} tokens")
     bias: dict[int, float] = {}
     for key, weight in value.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise bad_request(
-                "logit_bias", f"logit_bias keys must be token ids, got {key!r}"
-            ) from None
+        token = _bias_token(key)
         ok_number = isinstance(weight, int | float) and not isinstance(weight, bool)
-        if token < 0 or not ok_number or not -100 <= weight <= 100:
+        if not ok_number or not -100 <= weight <= 100:
             raise bad_request("logit_bias", f"logit_bias[{key!r}] must be in [-100, 100]")
         bias[token] = float(weight)
     return bias
+
+
+def _bias_token(key: str) -> int:
+    try:
+        token = int(key)
+    except ValueError:
+        token = -1
+    if not 0 <= token < TOKEN_ID_LIMIT:
+        raise bad_request("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+    return token
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -259,7 +300,7 @@ def _prompts(value: Any) -> list[str | list[int]]:
 
 
 def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < TOKEN_ID_LIMIT
 
 
 def _check_range(name: str, value: float, lo: float | None, hi: float | None) -> None:

@@ -1,6 +1,7 @@
-"""A bug in the edge's SSE pump (here: the responder raising mid-stream) reaches the client as
-an error event and [DONE], is counted, and leaves the edge serving: a real coordinator, node
-and edge in this loop, over real sockets and HTTP."""
+"""The edge's HTTP side, with a real coordinator, node and edge in this loop over real sockets:
+a bug in the SSE pump (the responder raising mid-stream) reaches the client as an error event
+and [DONE], is counted, and leaves the edge serving; connections that never finish their
+headers (slowloris) are closed while /health answers."""
 
 from __future__ import annotations
 
@@ -83,3 +84,57 @@ async def test_a_failing_stream_ends_with_an_error_event_and_done(
             assert r.status == 200
             assert (await r.json())["usage"]["completion_tokens"] > 0
     assert not edge.cluster.inflight
+
+
+async def drip_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """One more byte of a header that never ends; whether the edge has closed the connection
+    (EOF, or a reset for writing to it)."""
+    try:
+        writer.write(b"a")
+        await writer.drain()
+        async with asyncio.timeout(0.1):  # the drip of a slowloris, not a readiness wait
+            return await reader.read(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def test_slow_headers_are_cut_off_and_health_answers_meanwhile(running, coordinator):
+    edge = await running.start(
+        Edge(EdgeConfig(coordinator=coordinator.address, port=0, keepalive_timeout_s=1.0))
+    )
+    host, port = edge.url.removeprefix("http://").split(":")
+    slow = []
+    for _ in range(50):  # headers that never end, a byte now and then
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        slow.append((reader, writer))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{edge.url}/health") as r:
+            assert r.status == 200
+        async with asyncio.timeout(10):
+            for reader, writer in slow:
+                while not await drip_closed(reader, writer):
+                    pass
+        async with http.get(f"{edge.url}/health") as r:
+            assert r.status == 200
+    for _, writer in slow:
+        writer.close()
+
+
+async def test_a_body_that_never_arrives_is_a_408(running, coordinator):
+    edge = await running.start(
+        Edge(EdgeConfig(coordinator=coordinator.address, port=0, body_timeout_s=0.5))
+    )
+    host, port = edge.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: 100\r\n\r\n{\"model\":")  # fmt: skip
+    async with asyncio.timeout(5):
+        status_line = await reader.readline()
+        while await reader.readline() not in (b"\r\n", b""):
+            pass
+        body = json.loads(await reader.read(1000))
+    assert b" 408 " in status_line and body["error"]["code"] == "timeout"
+    writer.close()
