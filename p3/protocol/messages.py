@@ -117,6 +117,9 @@ class Heartbeat(Msg, tag="heartbeat"):
     busy: bool = False  # requests are in flight, so num_steps should be moving
     draining: bool = False  # stopping: finishing in-flight requests, accepting no new ones
     load: Load = Load()
+    # how long the step under way may take, by the node's own measured speed and its token
+    # budget (0: no measure yet): a step slower than hung_after_s is not a hang below this
+    step_allowance_s: float = 0.0
 
 
 def expected_output_tokens(max_tokens: int | None) -> int:

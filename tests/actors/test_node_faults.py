@@ -118,3 +118,42 @@ async def test_an_error_inside_a_step_sends_fatal_and_fails_the_node(
         async with asyncio.timeout(5):
             await running.tasks.pop(node)
     assert node.status is Status.FAILED
+
+
+async def test_a_node_fenced_mid_step_rejoins_once_the_step_is_over_not_in_a_loop(
+    make_node, edge, coordinator
+):
+    """The death loop: a step longer than hung_after_s got the node declared dead, it
+    registered again at once with the step still running, and died again every interval."""
+    faults = StepFaults()
+    node = await make_node(faults=faults)
+    route = await routed(edge, node)
+    faults.hang()  # the next step takes as long as this test says
+    edge.node(route.address).send(submit("r", route.epoch))
+    await edge.routes_until(lambda r: node.name in r.dead, timeout_s=5)
+    async with asyncio.timeout(5):
+        while node.registered:  # its next heartbeat is answered with Fence
+            await asyncio.sleep(0.01)
+    member = coordinator.membership.members[node.name]
+    deadline = asyncio.get_running_loop().time() + 1.5  # 5x hung_after_s of a stuck step
+    while asyncio.get_running_loop().time() < deadline:
+        assert member.epoch == route.epoch and not node.registered  # waits, does not re-join
+        await asyncio.sleep(0.05)
+    faults.release()
+    again = await edge.routes_until(lambda r: node.name in node_ids(r), timeout_s=10)
+    assert route_of(again, node.name).epoch == route.epoch + 1  # one death, one new epoch
+
+
+async def test_a_step_slow_by_the_nodes_own_measure_is_not_a_hang():
+    """hung_after_s is a floor: a heartbeat whose step allowance covers its step's age is alive."""
+    from p3.nodes.coordinator.membership import Membership
+
+    members = Membership(0.1, 3, hung_after_s=0.5)
+    member = members.register(b"n", m.Hello(m.PROTOCOL_VERSION, "n"))
+    members.mark_ready(member, m.Ready("n", member.epoch))
+    slow = m.Heartbeat("n", member.epoch, busy=True, last_step_age_s=4.0, step_allowance_s=5.0)
+    members.record_heartbeat(member, slow)
+    assert members.find_dead() == []
+    stuck = m.Heartbeat("n", member.epoch, busy=True, last_step_age_s=6.0, step_allowance_s=5.0)
+    members.record_heartbeat(member, stuck)
+    assert [mb.node_id for mb, _ in members.find_dead()] == ["n"]

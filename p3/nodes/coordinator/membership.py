@@ -82,6 +82,7 @@ class Member:
 
 
 JOINING_TIMEOUT_S = 10.0  # silence allowed between Welcome and Ready
+MAX_STEP_ALLOWANCE_S = 600.0  # what a node may claim its step needs, at most
 FORGET_DEAD_AFTER_S = 300.0  # a dead member's fence outlives any step it could still finish
 
 
@@ -243,9 +244,14 @@ class Membership:
             hb = member.heartbeat
             if silence_s > self._silence_allowed_s(member):
                 found.append((member, f"heartbeat-timeout ({silence_s:.3f}s silent)"))
-            elif hb is not None and hb.busy and hb.last_step_age_s > self.hung_after_s:
+            elif hb is not None and hb.busy and hb.last_step_age_s > self._step_allowed_s(hb):
                 found.append((member, f"no-progress ({hb.last_step_age_s:.3f}s without a step)"))
         return found
+
+    def _step_allowed_s(self, hb: m.Heartbeat) -> float:
+        """hung_after_s, or longer if the node's own speed says its step needs it (capped):
+        slow is not dead."""
+        return max(self.hung_after_s, min(hb.step_allowance_s, MAX_STEP_ALLOWANCE_S))
 
     def _silence_allowed_s(self, member: Member) -> float:
         """A node still loading its model serves no one, so waiting for it costs no client

@@ -46,6 +46,10 @@ from p3.protocol.security import COORDINATOR, Door, Gate, Keyring, Member, routi
 log = get_logger(__name__)
 
 
+FENCE_WINDOW_S = 120.0  # fences this close together count as in a row
+REJOIN_BASE_S, REJOIN_MAX_S = 0.5, 30.0  # the 2nd fence in a row waits 1 s, the 3rd 2 s...
+
+
 class NodeFailed(RuntimeError):
     pass
 
@@ -86,6 +90,9 @@ class Node(Actor):
         self._placed = asyncio.Event()
         self._kick = asyncio.Event()
         self._idle = asyncio.Event()
+        self._fences: list[float] = []  # when we were fenced in our live epoch, lately
+        self._rejoin_at = 0.0
+        self._fenced_in_step = False
         self._failure: BaseException | None = None  # set with state FAILED
         self._failed = asyncio.Event()
 
@@ -165,15 +172,20 @@ class Node(Actor):
     # -- the coordinator ------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Hello with backoff until welcomed, then a Heartbeat every interval."""
+        """Hello with backoff until welcomed, then a Heartbeat every interval. Fenced, the node
+        says Hello again only once the step it was fenced in has ended, and after a delay that
+        doubles with each fence in a row: a node too slow for the cluster's patience must not
+        loop through deaths."""
         backoff_s = 0.05
         while True:
             if self.registered:
                 wire.send(self._coordinator, reports.heartbeat(self))
                 delay_s, backoff_s = self.heartbeat_interval_s, 0.05
-            else:
+            elif self._may_rejoin():
                 wire.send(self._coordinator, reports.hello(self))
                 delay_s, backoff_s = backoff_s, min(backoff_s * 2, self.config.hello_backoff_max_s)
+            else:
+                delay_s = 0.05
             started = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay_s):
@@ -223,15 +235,31 @@ class Node(Actor):
         self.state = NodeState.LOADING
         self._placed.set()
 
+    def _may_rejoin(self) -> bool:
+        if time.monotonic() < self._rejoin_at:
+            return False
+        if self._fenced_in_step and self.stepper is not None and self.stepper.in_step:
+            return False  # the fenced epoch's step still runs: registering now is dying again
+        self._fenced_in_step = False
+        return True
+
     def on_fence(self, fence: m.Fence) -> None:
+        live = fence.epoch >= self.epoch and self.registered  # fenced in our live epoch
+        delay_s = 0.0
+        if live:
+            now = time.monotonic()
+            self._fences = [t for t in self._fences if now - t < FENCE_WINDOW_S] + [now]
+            if len(self._fences) > 1:
+                delay_s = min(REJOIN_MAX_S, REJOIN_BASE_S * 2 ** (len(self._fences) - 1))
+            self._rejoin_at, self._fenced_in_step = now + delay_s, True
         self.fenced_epoch = max(self.fenced_epoch, fence.epoch)
         aborted = self.inflight.remove_where(lambda e: e.epoch <= fence.epoch)
         self._cancel_in_engine(aborted)
         log.warning(
             "node.fenced", node_id=self.name, epoch=fence.epoch, reason=fence.reason,
-            num_aborted=len(aborted),
+            num_aborted=len(aborted), rejoin_after_s=delay_s,
         )  # fmt: skip
-        if fence.epoch >= self.epoch and self.registered:
+        if live:
             self.registered = False
             self._kick.set()
 

@@ -73,6 +73,7 @@ def heartbeat(node: Node) -> m.Heartbeat:
         last_step_age_s=time.monotonic() - progress_at,
         busy=bool(len(node.inflight)) or stepper.in_step,
         draining=node.draining,
+        step_allowance_s=stepper.speed.allowance_s(engine.config.max_num_batched_tokens),
         load=m.Load(
             num_free_blocks=engine.num_free_blocks,
             num_waiting=engine.num_waiting,

@@ -70,6 +70,32 @@ class StepFaults:
             raise RuntimeError(f"injected fault at step {step}")
 
 
+ALLOWANCE_FACTOR = 4.0  # a step may take this many times what its tokens should
+MAX_ALLOWANCE_S = 600.0
+
+
+class StepSpeed:
+    """Seconds per token this node's steps take (a moving average of the steps that ran
+    tokens), and so how long a step of a given token budget may take before it is a hang."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight = weight
+        self.seconds_per_token: float | None = None
+
+    def record(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens <= 0:
+            return
+        rate = seconds / num_tokens
+        old = self.seconds_per_token
+        self.seconds_per_token = rate if old is None else old + self.weight * (rate - old)
+
+    def allowance_s(self, budget_tokens: int) -> float:
+        """0 until measured; then ALLOWANCE_FACTOR x the budget at the measured rate."""
+        if self.seconds_per_token is None:
+            return 0.0
+        return min(MAX_ALLOWANCE_S, ALLOWANCE_FACTOR * budget_tokens * self.seconds_per_token)
+
+
 class StepThread:
     def __init__(
         self,
@@ -88,6 +114,7 @@ class StepThread:
         self.faults = faults or StepFaults()
         self.in_step = False
         self.last_step_at = time.monotonic()
+        self.speed = StepSpeed()
         self._loop = loop
         self._on_outputs = on_outputs
         self._on_fatal = on_fatal
@@ -150,12 +177,14 @@ class StepThread:
 
     def _step_once(self) -> None:
         self.in_step = True
+        started, before = time.monotonic(), self.engine.num_tokens_processed
         try:
             self.faults.before_step(self.engine.num_steps)
             outputs = self.engine.step()
         finally:
             self.in_step = False
         self.last_step_at = time.monotonic()
+        self.speed.record(self.engine.num_tokens_processed - before, self.last_step_at - started)
         if outputs and not self._stopping:
             self._hand_to_loop(self._on_outputs, self.engine.num_steps, outputs)
 
