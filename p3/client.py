@@ -55,7 +55,7 @@ class Client:
         runs as its edge member `name` (`p3 serve` makes a key named client-0)."""
         keyring = Keyring(keys, "edge", name) if keys else None
         edge_id = name if keys else new_edge_id("client")
-        self.models = Models()
+        self.models = Models(fetch=lambda route: self.cluster.fetch_tokenizer(route))
         self.cluster = Cluster(coordinator, edge_id, keyring, on_models=self.models.learn)
         self.model = model
         self.timeout_s = timeout_s

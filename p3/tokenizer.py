@@ -7,6 +7,7 @@ turns a stream of token ids into text deltas; `StopStringMatcher` cuts that text
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -54,11 +55,23 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Tokenizer:
-        model_dir = Path(model_dir)
-        backend = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        config = _read_json(model_dir / "tokenizer_config.json")
-        eos = _as_list(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
-        return cls(backend, config, _chat_template(model_dir, config), eos)
+        return cls.from_files(read_tokenizer_files(model_dir))
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> Tokenizer:
+        """From the bytes of TOKENIZER_FILES (as a node sends them; tokenizer.json needed)."""
+        if "tokenizer.json" not in files:
+            raise ValueError("no tokenizer.json among the tokenizer files")
+        try:
+            backend = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode())
+            config = _json_object(files.get("tokenizer_config.json"))
+            generation = _json_object(files.get("generation_config.json"))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ValueError(f"unreadable tokenizer files: {exc}") from None
+        jinja = files.get("chat_template.jinja")
+        template = jinja.decode(errors="replace") if jinja is not None else None
+        eos = _as_list(generation.get("eos_token_id"))
+        return cls(backend, config, template or _config_template(config), eos)
 
     @property
     def vocab_size(self) -> int:
@@ -122,15 +135,35 @@ def _token_content(token: str | dict | None) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-def _chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
-    """chat_template.jinja (transformers 5 saves it there) wins over tokenizer_config.json."""
-    jinja_file = model_dir / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text()
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",  # transformers 5 saves the template there; it wins over the config's
+)
+
+
+def read_tokenizer_files(model_dir: Path) -> dict[str, bytes]:
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+    return {n: (model_dir / n).read_bytes() for n in TOKENIZER_FILES if (model_dir / n).is_file()}
+
+
+def tokenizer_files_hash(files: dict[str, bytes]) -> str:
+    """sha256 over the files' names and bytes: what a node announces and an edge checks."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(b"%d:%s:%d:" % (len(name), name.encode(), len(files[name])))
+        digest.update(files[name])
+    return digest.hexdigest()
+
+
+def _config_template(config: dict[str, Any]) -> str | None:
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template
+    return template if isinstance(template, str) else None
 
 
 def _compile_template(source: str) -> Any:
@@ -160,8 +193,11 @@ def _compile_template(source: str) -> Any:
     return env.from_string(source)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _json_object(data: bytes | None) -> dict[str, Any]:
+    value = json.loads(data) if data else {}
+    if not isinstance(value, dict):
+        raise ValueError("a tokenizer config file is not a JSON object")
+    return value
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

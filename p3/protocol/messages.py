@@ -14,7 +14,7 @@ from msgspec import Meta
 
 from p3.outputs import FinishReason
 
-PROTOCOL_VERSION = 2  # 2: the load figures as one nested Load
+PROTOCOL_VERSION = 3  # 2: the load figures as one nested Load; 3: tokenizers over the wire
 
 # Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
 # bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
@@ -94,6 +94,7 @@ class Ready(Msg, tag="ready"):
     replica_rank: int = 0  # this node's rank in its replica (only rank 0 is routed)
     replica_size: int = 1  # tp x pp nodes
     kv_cache_dtype: str = ""  # what its KV cache holds: "auto" (the model dtype) or "int8"
+    tokenizer_hash: str = ""  # of its tokenizer files (edges fetch them with GetTokenizer)
 
 
 class Load(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -224,6 +225,7 @@ class Route(Msg, tag="route"):
     pid: int = 0
     replica_rank: int = 0  # > 0: a shard of rank 0's replica, listed but never routed to
     load: Load = Load()  # as its latest heartbeat said
+    tokenizer_hash: str = ""  # as its Ready said
 
 
 class Routes(Msg, tag="routes"):
@@ -257,7 +259,14 @@ class Ping(Msg, tag="ping"):
     nonce: int = 0
 
 
-ToNodeFromEdge = Submit | Cancel | Ping
+class GetTokenizer(Msg, tag="get_tokenizer"):
+    """The files of the tokenizer whose hash the node's route announced: an edge reads no
+    path a peer names, and needs no copy of the model."""
+
+    tokenizer_hash: str
+
+
+ToNodeFromEdge = Submit | Cancel | Ping | GetTokenizer
 
 
 # -- node -> edge ------------------------------------------------------------------------------
@@ -299,4 +308,12 @@ class Pong(Msg, tag="pong"):
     epoch: int = 0
 
 
-ToEdgeFromNode = Tokens | Rejected | Pong
+class TokenizerFiles(Msg, tag="tokenizer_files"):
+    """tokenizer.json and its companions (p3.tokenizer.TOKENIZER_FILES) by name; empty if the
+    node has no tokenizer of that hash. The edge checks the bytes against the hash."""
+
+    tokenizer_hash: str
+    files: dict[str, bytes] = {}
+
+
+ToEdgeFromNode = Tokens | Rejected | Pong | TokenizerFiles

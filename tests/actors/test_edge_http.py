@@ -138,3 +138,26 @@ async def test_a_body_that_never_arrives_is_a_408(running, coordinator):
         body = json.loads(await reader.read(1000))
     assert b" 408 " in status_line and body["error"]["code"] == "timeout"
     writer.close()
+
+
+async def test_the_edge_takes_the_tokenizer_from_the_node_never_from_its_path(
+    running, coordinator, make_node, chat_model, tmp_path
+):
+    """The route names a directory on the node's host; an edge elsewhere has no such path.
+    Here the directory is gone once the node has loaded: the edge still serves the model,
+    with the tokenizer files the node sent (checked against their hash)."""
+    import shutil
+
+    model = tmp_path / "node-host-only"
+    shutil.copytree(chat_model, model)
+    node = await make_node(model=str(model))
+    shutil.rmtree(model)
+    edge = await running.start(Edge(EdgeConfig(coordinator=coordinator.address, port=0)))
+    async with aiohttp.ClientSession() as http:
+        name = await wait_model_listed(http, edge.url)
+        body = {"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        async with http.post(f"{edge.url}/v1/chat/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["usage"]["prompt_tokens"] > 3  # the template was applied
+    assert edge.models.tokenizers[str(model)].chat_template is not None
+    assert node._tokenizer[0] == edge.cluster.routes[node.name].tokenizer_hash

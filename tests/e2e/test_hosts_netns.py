@@ -26,10 +26,13 @@ pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
 NUM_NEW = 12
 CLIENT = """
-import json, sys
+import json, sys, time
 from openai import OpenAI
 url, model, prompt, n = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+deadline = time.monotonic() + 60  # until the edge has the tokenizer the node sent it
+while not any(m.id.endswith(model) for m in client.models.list()) and time.monotonic() < deadline:
+    time.sleep(0.05)
 out = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0)
 print(json.dumps({"text": out.choices[0].text, "models": [m.id for m in client.models.list()]}))
 """
@@ -150,8 +153,8 @@ def test_a_tp2_replica_across_two_hosts_serves_an_edge_on_a_third(
             assert openai_cluster._wait_ready(node)["address"].startswith(f"tcp://{hosts.ip(i)}:")
         edge = p3(
             hosts, 0, "edge", "--coordinator", address, "--host", hosts.ip(0), "--port", "0",
-            "--model", str(model), "--keys", keys,
-        )  # fmt: skip
+            "--keys", keys,
+        )  # fmt: skip  (no --model: the edge gets the tokenizer from the node, over the wire)
         procs.append(edge)
         edge_info = openai_cluster._wait_ready(edge)
         prompt = [400, 500, 600, 700, 800]

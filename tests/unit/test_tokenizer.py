@@ -355,3 +355,24 @@ def test_from_dir_reads_eos_ids_from_generation_config(tmp_path, default_model_d
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     tokenizer = Tokenizer.from_dir(tmp_path)
     assert tokenizer.eos_token_id == 2 and tokenizer.eos_token_ids == {0, 2}
+
+
+def test_tokenizer_files_travel_as_bytes_with_a_hash_that_names_them(default_model_dir):
+    from p3.tokenizer import read_tokenizer_files, tokenizer_files_hash
+
+    files = read_tokenizer_files(default_model_dir)
+    assert "tokenizer.json" in files
+    shipped, local = Tokenizer.from_files(files), Tokenizer.from_dir(default_model_dir)
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    assert shipped.apply_chat_template(chat) == local.apply_chat_template(chat)
+    assert shipped.encode("héllo wörld") == local.encode("héllo wörld")
+    assert shipped.eos_token_ids == local.eos_token_ids
+    digest = tokenizer_files_hash(files)
+    tampered = {**files, "tokenizer.json": files["tokenizer.json"].replace(b"{", b"{ ", 1)}
+    assert tokenizer_files_hash(tampered) != digest
+    renamed = {("x" + name): data for name, data in files.items()}
+    assert tokenizer_files_hash(renamed) != digest
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer.from_files({k: v for k, v in files.items() if k != "tokenizer.json"})
+    with pytest.raises(ValueError, match="unreadable"):
+        Tokenizer.from_files({**files, "tokenizer.json": b"not json"})

@@ -97,7 +97,8 @@ class Cluster:
         coordinator: str,
         edge_id: str,
         keyring: Keyring | None = None,
-        on_models: Callable[[set[str]], Any] | None = None,  # called with the routed models
+        # called with each table's routed models (model -> a route of it)
+        on_models: Callable[[dict[str, m.Route]], Any] | None = None,
     ):
         self.coordinator = coordinator
         self.edge_id = edge_id
@@ -114,6 +115,7 @@ class Cluster:
         self.routes_at = 0.0  # when the last table came (monotonic)
         self.dead_nodes: dict[str, float] = {}  # declared dead and not routed since: when
         self._unlinkable: set[str] = set()  # routed nodes whose key this edge has not
+        self._tokenizer_waiters: dict[tuple[str, str], asyncio.Future[dict[str, bytes]]] = {}
         self.routes_changed = asyncio.Event()
         self.on_models = on_models
         self.on_tokens: Callable[[m.Tokens], Any] | None = None
@@ -171,6 +173,10 @@ class Cluster:
                     self.on_node_tokens(link.node_id, tokens)
                 case m.Rejected() as rejected:
                     self._deliver(rejected.request_id, rejected, link.node_id)
+                case m.TokenizerFiles() as files:
+                    waiter = self._tokenizer_waiters.pop((link.node_id, files.tokenizer_hash), None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(files.files)
 
     async def watch_link(self, link: NodeLink) -> None:
         while True:
@@ -228,7 +234,30 @@ class Cluster:
         self.routes_changed.set()
         self.routes_changed = asyncio.Event()
         if self.on_models is not None:
-            self.on_models({r.model for r in self.routes.values()})
+            self.on_models({r.model: r for r in self.routes.values()})
+
+    async def fetch_tokenizer(self, route: m.Route, timeout_s: float = 60.0) -> dict[str, bytes]:
+        """The tokenizer files route's node announced, from the node itself (over the link,
+        authenticated with keys), checked against the announced hash."""
+        from p3.tokenizer import tokenizer_files_hash
+
+        link = self.links.get(route.node_id)
+        if link is None or not route.tokenizer_hash:
+            raise ValueError(f"node {route.node_id!r} announced no tokenizer")
+        key = (route.node_id, route.tokenizer_hash)
+        waiter = self._tokenizer_waiters.get(key)
+        if waiter is None:
+            waiter = self._tokenizer_waiters[key] = asyncio.get_running_loop().create_future()
+            wire.send(link.socket, m.GetTokenizer(route.tokenizer_hash))
+        try:
+            async with asyncio.timeout(timeout_s):
+                files = await asyncio.shield(waiter)
+        finally:
+            if self._tokenizer_waiters.get(key) is waiter and not waiter.done():
+                del self._tokenizer_waiters[key]
+        if not files or tokenizer_files_hash(files) != route.tokenizer_hash:
+            raise ValueError(f"node {route.node_id!r} sent tokenizer files that fail their hash")
+        return files
 
     def _link(self, route: m.Route) -> bool:
         """Link route's node (again, if it moved); False if it cannot be (no key for it)."""

@@ -78,6 +78,7 @@ class Member:
             pid=self.hello.pid,
             replica_rank=self.replica_rank,
             load=load,
+            tokenizer_hash=ready.tokenizer_hash,
         )
 
 

@@ -88,7 +88,7 @@ class Edge(Actor):
         self.limits = config.limits
         self.started = int(time.time())
         aliases = {config.model_name: config.models[0]} if config.model_name else {}
-        self.models = Models(aliases)
+        self.models = Models(aliases, fetch=lambda route: self.cluster.fetch_tokenizer(route))
         self.metrics = EdgeMetrics()
         keyring = Keyring(config.keys, "edge", self.edge_id) if config.keys else None
         self.cluster = Cluster(config.coordinator, self.edge_id, keyring, self.models.learn)
@@ -108,7 +108,11 @@ class Edge(Actor):
         model = self.models.resolve(name)
         if model is None:
             raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
-        return model, await self.models.tokenizer(model)
+        try:
+            return model, await self.models.tokenizer(model)
+        except (ValueError, TimeoutError) as exc:  # its node's files did not arrive, or fail
+            message = f"the tokenizer of model {name!r} is not available: {exc}"
+            raise ApiError(503, message, code="no_replica") from None
 
     def max_model_len(self, model: str | None) -> int:
         """The smallest context among the model's ready replicas (0 with none ready)."""

@@ -1,21 +1,29 @@
 """The models an edge serves: API names -> the routed model string, and each one's tokenizer.
 
 A model is named in the API by its route's `model` string (e.g. "SmolLM2-135M-Instruct"),
-by the last part of that string when it is a path, or by an alias given at start. Tokenizers
-load once, off the event loop: at start for models named on the command line, and as soon
-as a new model shows up in the routing table.
+by the last part of that string when it is a path, or by an alias given at start. An edge
+reads no path a peer names: a routed model's tokenizer comes from one of its nodes, as the
+bytes whose hash the node's route announced (`fetch`, p3.nodes.cluster.links), so an edge on
+another host needs no copy of the model. Only models named on the edge's own command line
+load from this host's disk. Tokenizers load once, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from p3.log import get_logger
+from p3.protocol import messages as m
 from p3.tokenizer import Tokenizer
 from p3.weights.files import resolve_model
 
 log = get_logger(__name__)
+
+RETRY_AFTER_S = 5.0  # a tokenizer that failed to arrive is asked for again after this long
+
+Fetch = Callable[[m.Route], Awaitable[dict[str, bytes]]]
 
 
 def load_tokenizer(model: str) -> Tokenizer:
@@ -23,13 +31,15 @@ def load_tokenizer(model: str) -> Tokenizer:
 
 
 class Models:
-    def __init__(self, aliases: dict[str, str] | None = None):
+    def __init__(self, aliases: dict[str, str] | None = None, fetch: Fetch | None = None):
         self.aliases = dict(aliases or {})  # alias -> routed model string
+        self.fetch = fetch  # a routed model's tokenizer files, from its node
         self.tokenizers: dict[str, Tokenizer] = {}
         self._loading: dict[str, asyncio.Task[Tokenizer]] = {}
+        self._failed_at: dict[str, float] = {}
 
     def preload(self, model: str) -> None:
-        """Load now, blocking: for the entry point, before the event loop serves."""
+        """Load now from this host's disk, blocking: for the entry point's own --model."""
         self.tokenizers[model] = load_tokenizer(model)
 
     def resolve(self, name: str) -> str | None:
@@ -50,12 +60,22 @@ class Models:
     def names(self) -> list[str]:
         return sorted({self.api_name(model) for model in self.tokenizers})
 
-    def learn(self, models: set[str]) -> None:
-        """Start loading the tokenizer of every routed model not seen before."""
-        for model in models - self.tokenizers.keys() - self._loading.keys():
-            task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model))
+    def learn(self, routed: dict[str, m.Route]) -> None:
+        """Start fetching the tokenizer of every routed model not seen before (or that
+        failed to arrive a while ago)."""
+        now = asyncio.get_running_loop().time()
+        for model, route in routed.items():
+            if model in self.tokenizers or model in self._loading or self.fetch is None:
+                continue
+            if now - self._failed_at.get(model, -RETRY_AFTER_S) < RETRY_AFTER_S:
+                continue
+            task = asyncio.create_task(self._fetch(route))
             self._loading[model] = task
             task.add_done_callback(lambda t, model=model: self._loaded(model, t))
+
+    async def _fetch(self, route: m.Route) -> Tokenizer:
+        files = await self.fetch(route)
+        return await asyncio.to_thread(Tokenizer.from_files, files)
 
     async def tokenizer(self, model: str) -> Tokenizer:
         if model in self.tokenizers:
@@ -67,6 +87,7 @@ class Models:
         if task.cancelled():
             return
         if (exc := task.exception()) is not None:
+            self._failed_at[model] = asyncio.get_running_loop().time()
             log.error("edge.tokenizer_failed", model=model, error=str(exc))
             return
         self.tokenizers[model] = task.result()

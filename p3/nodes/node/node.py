@@ -42,6 +42,7 @@ from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.sampling import from_wire
 from p3.protocol.security import COORDINATOR, Door, Gate, Keyring, Member, routing_name
+from p3.tokenizer import read_tokenizer_files, tokenizer_files_hash
 
 log = get_logger(__name__)
 
@@ -90,6 +91,7 @@ class Node(Actor):
         self._placed = asyncio.Event()
         self._kick = asyncio.Event()
         self._idle = asyncio.Event()
+        self._tokenizer: tuple[str, dict[str, bytes]] | None = None  # (hash, files) once loaded
         self._fences: list[float] = []  # when we were fenced in our live epoch, lately
         self._rejoin_at = 0.0
         self._fenced_in_step = False
@@ -271,7 +273,9 @@ class Node(Actor):
         self._kick.set()
 
     def _send_ready(self) -> None:
-        wire.send(self._coordinator, reports.ready(self.name, self.epoch, self.config, self.engine))
+        hashed = self._tokenizer[0] if self._tokenizer else ""
+        ready = reports.ready(self.name, self.epoch, self.config, self.engine, hashed)
+        wire.send(self._coordinator, ready)
 
     # -- the engine -------------------------------------------------------------------------
 
@@ -323,6 +327,7 @@ class Node(Actor):
 
     def on_loaded(self, engine: Engine) -> None:
         self.engine = engine
+        self._tokenizer = _tokenizer_files(engine.model_dir)
         if self.state is NodeState.LOADING:
             self.state = NodeState.SERVING
         if self.registered:
@@ -368,6 +373,10 @@ class Node(Actor):
                     self.on_cancel(edge, request_id)
                 case m.Ping(nonce=nonce):
                     self._send_edge(edge, m.Pong(nonce, self.name, self.epoch))
+                case m.GetTokenizer(tokenizer_hash=wanted):
+                    ours = self._tokenizer is not None and self._tokenizer[0] == wanted
+                    files = self._tokenizer[1] if ours else {}
+                    self._send_edge(edge, m.TokenizerFiles(wanted, files))
 
     def on_submit(self, edge: bytes, submit: m.Submit) -> None:
         refusal = self._refusal(submit)
@@ -458,3 +467,13 @@ class Node(Actor):
     def _note_if_idle(self) -> None:
         if not len(self.inflight):
             self._idle.set()
+
+
+def _tokenizer_files(model_dir) -> tuple[str, dict[str, bytes]] | None:
+    """(hash, files) of the model's tokenizer, for edges to fetch; None without one."""
+    try:
+        files = read_tokenizer_files(model_dir)
+    except OSError as exc:
+        log.warning("node.no_tokenizer", model_dir=str(model_dir), error=str(exc))
+        return None
+    return tokenizer_files_hash(files), files

@@ -46,7 +46,9 @@ def hello(node: Node) -> m.Hello:
     )
 
 
-def ready(node_id: str, epoch: int, config: NodeConfig, engine: Engine) -> m.Ready:
+def ready(
+    node_id: str, epoch: int, config: NodeConfig, engine: Engine, tokenizer_hash: str = ""
+) -> m.Ready:
     return m.Ready(
         node_id=node_id,
         epoch=epoch,
@@ -58,6 +60,7 @@ def ready(node_id: str, epoch: int, config: NodeConfig, engine: Engine) -> m.Rea
         replica_rank=engine.shard.replica_rank,
         replica_size=engine.shard.world_size,
         kv_cache_dtype=engine.config.kv_cache_dtype,
+        tokenizer_hash=tokenizer_hash,
     )
 
 
