@@ -4,11 +4,12 @@ Every member gets its own CurveZMQ key (made for the run unless --keys names a d
 --insecure), so no other process on the host can join, submit or listen in.
 
 Starts them in order (coordinator on an ephemeral port, then the nodes, then the edge),
-waiting for each to be ready; prints the URL; then supervises them: a node or the
-coordinator that exits is started again (the coordinator on the very address it had, which
-the nodes and the edge keep dialling, so they reconnect and register again by themselves);
-a dead edge ends the cluster. On Ctrl-C or SIGTERM stops the edge, the nodes, then the
-coordinator (each drains, then is killed after a timeout).
+waiting for each to be ready; prints the URL; then supervises them: a node, the coordinator
+or the edge that exits is started again (the coordinator on the very address it had, which
+the nodes and the edge keep dialling, so they reconnect and register again by themselves;
+the edge on the same port, where clients resume their streams with Last-Event-ID). On Ctrl-C
+or SIGTERM stops the edge, the nodes, then the coordinator (each drains, then is killed after
+a timeout).
 """
 
 from __future__ import annotations
@@ -215,8 +216,9 @@ def _supervise(children: list[Child], stop: threading.Event) -> int:
     that lost a member is formed anew; a node that keeps exiting stays down. The coordinator
     is off the token path: streams go on while it is away, and the restarted one binds the
     same address, where nodes and the edge reconnect, register again and rebuild its
-    membership and routing table. A coordinator that keeps exiting, or a dead edge, ends the
-    cluster."""
+    membership and routing table. The edge comes back on its port; streams it was serving go
+    on in the nodes for their grace period, for clients to resume there. A coordinator or an
+    edge that keeps exiting ends the cluster."""
     restarts: dict[str, list[float]] = {}
     given_up: set[str] = set()
     while not stop.wait(0.2):
@@ -231,7 +233,7 @@ def _supervise(children: list[Child], stop: threading.Event) -> int:
             recent = [t for t in restarts.get(child.name, []) if now - t < RESTART_WINDOW_S]
             if len(recent) >= RESTARTS_PER_WINDOW:
                 print(f"p3 serve: {child.describe_failure('keeps exiting')}", file=sys.stderr)
-                if child.name == "coordinator":
+                if child.name in ("coordinator", "edge"):
                     return 1
                 given_up.add(child.name)
                 continue
@@ -242,4 +244,4 @@ def _supervise(children: list[Child], stop: threading.Event) -> int:
 
 
 def _restartable(child: Child) -> bool:
-    return child.name == "coordinator" or child.name.startswith("node-")
+    return child.name in ("coordinator", "edge") or child.name.startswith("node-")

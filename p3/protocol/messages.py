@@ -249,6 +249,11 @@ class Submit(Msg, tag="submit"):
     seed: int = 0  # the effective seed (the edge draws one when the client gave none)
     epoch: int = 0  # the node's epoch as the edge's routing table knows it
     output_token_ids: list[TokenId] = []  # generated elsewhere already: continue after them
+    # a resumable stream (p3.nodes.edge.adoption): if its edge goes away, the node keeps it
+    # going for a grace period, for another edge to Adopt by stream_id and rebuild from
+    # `resume` (the edge's own context, opaque here) and the deltas the node sent
+    stream_id: str = ""
+    resume: bytes = b""
 
 
 class Cancel(Msg, tag="cancel"):
@@ -266,7 +271,14 @@ class GetTokenizer(Msg, tag="get_tokenizer"):
     tokenizer_hash: str
 
 
-ToNodeFromEdge = Submit | Cancel | Ping | GetTokenizer
+class Adopt(Msg, tag="adopt"):
+    """An edge takes over the samples of a stream whose edge went away (a client resumed it
+    there with Last-Event-ID): the node answers Adopted and streams them to this edge."""
+
+    stream_id: str
+
+
+ToNodeFromEdge = Submit | Cancel | Ping | GetTokenizer | Adopt
 
 
 # -- node -> edge ------------------------------------------------------------------------------
@@ -316,4 +328,15 @@ class TokenizerFiles(Msg, tag="tokenizer_files"):
     files: dict[str, bytes] = {}
 
 
-ToEdgeFromNode = Tokens | Rejected | Pong | TokenizerFiles
+class AdoptedSample(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    submit: Submit  # as the node got it (epoch, seed, params, prefix tokens, resume context)
+    history: list[TokenDelta] = []  # every delta the node produced for it, in order
+    finished: bool = False
+
+
+class Adopted(Msg, tag="adopted"):
+    stream_id: str
+    samples: list[AdoptedSample] = []  # empty: no orphaned stream of that id here
+
+
+ToEdgeFromNode = Tokens | Rejected | Pong | TokenizerFiles | Adopted

@@ -254,7 +254,7 @@ ACCEPTS: dict[str, dict[str, tuple[str, ...]]] = {
         "node": ("Hello", "Ready", "Heartbeat", "Fatal", "Goodbye", "Rendezvous"),
         "edge": ("EdgeHello",),
     },
-    "node": {"edge": ("Submit", "Cancel", "Ping", "GetTokenizer")},
+    "node": {"edge": ("Submit", "Cancel", "Ping", "GetTokenizer", "Adopt")},
 }
 
 

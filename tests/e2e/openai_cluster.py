@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 READY_PREFIX = "P3_READY "
@@ -90,6 +91,23 @@ def serve(*args: str) -> Cluster:
         cluster.stop()
         raise
     return cluster
+
+
+def children(pid: int) -> list[tuple[int, list[str]]]:
+    """(pid, command line) of each child process of pid (p3 serve's coordinator, nodes, edge)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if proc.name.isdigit() and parent == pid:
+                found.append((int(proc.name), (proc / "cmdline").read_bytes().decode().split("\0")))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
 
 
 def wait_routed(url: str, timeout_s: float = 60.0) -> None:

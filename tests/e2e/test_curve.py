@@ -48,19 +48,6 @@ async def cluster_ids(url: str) -> set[str]:
         return {n["id"] for n in (await r.json())["nodes"]}
 
 
-def children_of(pid: int) -> list[list[str]]:
-    """The command lines of pid's child processes."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if proc.name.isdigit() and parent == pid:
-                found.append((proc / "cmdline").read_bytes().decode().split("\0"))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
 def test_pieces_refuse_to_start_open_unless_told():
     for args in (["coordinator", "--bind", "tcp://127.0.0.1:0"],
                  ["edge", "--coordinator", "tcp://127.0.0.1:9", "--port", "0"]):  # fmt: skip
@@ -73,7 +60,7 @@ def test_p3_serve_keys_its_members_privately_and_cleans_up(tmp_path, default_mod
     model = make_tiny_chat_model(tmp_path, default_model_dir)
     cluster = openai_cluster.serve("--model", str(model))
     try:
-        commands = children_of(cluster.procs[0].pid)
+        commands = [argv for _, argv in openai_cluster.children(cluster.procs[0].pid)]
         assert len(commands) == 3  # coordinator, node, edge
         dirs = {c[c.index("--keys") + 1] for c in commands}
         assert len(dirs) == 1 and not any("--insecure" in c for c in commands)

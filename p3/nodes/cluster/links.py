@@ -116,6 +116,7 @@ class Cluster:
         self.dead_nodes: dict[str, float] = {}  # declared dead and not routed since: when
         self._unlinkable: set[str] = set()  # routed nodes whose key this edge has not
         self._tokenizer_waiters: dict[tuple[str, str], asyncio.Future[dict[str, bytes]]] = {}
+        self._adopt_waiters: dict[str, asyncio.Future[tuple[str, list[m.AdoptedSample]]]] = {}
         self.routes_changed = asyncio.Event()
         self.on_models = on_models
         self.on_tokens: Callable[[m.Tokens], Any] | None = None
@@ -173,6 +174,10 @@ class Cluster:
                     self.on_node_tokens(link.node_id, tokens)
                 case m.Rejected() as rejected:
                     self._deliver(rejected.request_id, rejected, link.node_id)
+                case m.Adopted() as adopted:
+                    waiter = self._adopt_waiters.get(adopted.stream_id)
+                    if waiter is not None and adopted.samples and not waiter.done():
+                        waiter.set_result((link.node_id, adopted.samples))
                 case m.TokenizerFiles() as files:
                     waiter = self._tokenizer_waiters.pop((link.node_id, files.tokenizer_hash), None)
                     if waiter is not None and not waiter.done():
@@ -258,6 +263,31 @@ class Cluster:
         if not files or tokenizer_files_hash(files) != route.tokenizer_hash:
             raise ValueError(f"node {route.node_id!r} sent tokenizer files that fail their hash")
         return files
+
+    async def adopt(
+        self, stream_id: str, timeout_s: float = 2.0
+    ) -> tuple[str, list[m.AdoptedSample]] | None:
+        """Ask every linked node for the orphaned samples of stream_id: (node id, samples)
+        from the one that holds them, or None if none answers so within timeout_s."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._adopt_waiters[stream_id] = waiter
+        try:
+            for link in self.links.values():
+                wire.send(link.socket, m.Adopt(stream_id))
+            async with asyncio.timeout(timeout_s):
+                return await waiter
+        except TimeoutError:
+            return None
+        finally:
+            self._adopt_waiters.pop(stream_id, None)
+
+    def attach(self, sample: Sample, queue: asyncio.Queue[Event], node_id: str, epoch: int):
+        """An adopted sample, already running on node_id under epoch: its tokens come here."""
+        journal = sample.journal
+        journal.node_id, journal.epoch = node_id, epoch
+        journal.tried_nodes.add(node_id)
+        self.epochs.setdefault(node_id, set()).add(epoch)
+        self.inflight[sample.request_id] = (sample, queue)
 
     def _link(self, route: m.Route) -> bool:
         """Link route's node (again, if it moved); False if it cannot be (no key for it)."""

@@ -9,6 +9,7 @@ finish reason), the same way p3.llm does in-process. Shared by the edge and p3.c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from p3.outputs import FinishReason
@@ -56,6 +57,9 @@ class Journal:
     num_idle_moves: int = 0  # moves in a row with no new token between them
     tokens_at_move: int = -1  # how many tokens it had at its latest move
     stuck_nodes: set[str] = field(default_factory=set)  # left after a token timeout: not again
+    stream_id: str = ""  # a resumable stream's id (its response id), "" if not resumable
+    resume: Callable[[list[int]], bytes] | None = None  # its context, given the delta sizes
+    delta_sizes: list[int] = field(default_factory=list)  # tokens of each delta applied
 
     def submit_message(self) -> m.Submit:
         """Submit, or resubmit after a move: the outputs so far travel along, so the new node
@@ -67,6 +71,8 @@ class Journal:
             self.seed,
             self.epoch,
             list(self.token_ids),
+            self.stream_id,
+            self.resume(self.delta_sizes) if self.resume is not None else b"",
         )
 
 
@@ -109,6 +115,7 @@ class Sample:
         skip = max(0, self.num_output_tokens - delta.index)  # overlap already seen
         token_ids = delta.token_ids[skip:]
         self.journal.token_ids += token_ids
+        self.journal.delta_sizes.append(len(token_ids))
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         out = Delta(self.index, "", token_ids, _logprobs(delta, skip))
         if delta.prompt_logprobs is not None and self.prompt_logprobs is None:  # once, moved or not

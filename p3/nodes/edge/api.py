@@ -20,10 +20,11 @@ from aiohttp import web
 from p3.log import get_logger, log_exception
 from p3.nodes.cluster.generation import Generation, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
+from p3.nodes.edge.adoption import adopt, emit, resume_context
 from p3.nodes.edge.metrics import kv_usage
 from p3.nodes.edge.prompts import Prepared, prepare
 from p3.nodes.edge.replay import Replay, ReplayStore
-from p3.nodes.edge.responses import Choice, new_id
+from p3.nodes.edge.responses import Choice, Responder, new_id
 from p3.nodes.edge.schemas import ApiError, bad_request
 
 if TYPE_CHECKING:
@@ -124,7 +125,8 @@ class Api:
         arrived_at = time.perf_counter()
         num_samples = 0
         try:
-            prepared = await prepare(self.edge, await self.read_json(request), chat)
+            body = await self.read_json(request)
+            prepared = await prepare(self.edge, body, chat)
             samples = make_samples(
                 new_id("req"),
                 prepared.model,
@@ -133,6 +135,10 @@ class Api:
                 prepared.tokenizer,
             )
             num_samples = self._admit(len(samples))
+            responder = prepared.responder(chat=prepared.chat)
+            if prepared.request.stream and len(samples) == 1:  # resumable on any edge
+                samples[0].journal.stream_id = responder.id
+                samples[0].journal.resume = resume_context(body, chat, responder)
             generation = Generation(self.cluster, samples, self.edge.config.token_timeout_s)
             try:
                 await generation.start()
@@ -142,8 +148,8 @@ class Api:
                 self.metrics.edge_overhead.labels("ingress").observe(
                     generation.submitted_at - arrived_at
                 )
-                return await self._stream(request, prepared, generation)
-            return await self._whole(prepared, generation)
+                return await self._stream(request, prepared, responder, generation)
+            return await self._whole(prepared, responder, generation)
         finally:
             self.num_pending -= 1
             self.num_samples -= num_samples
@@ -163,8 +169,9 @@ class Api:
         self.num_samples += num_samples
         return num_samples
 
-    async def _whole(self, prepared: Prepared, generation: Generation) -> web.Response:
-        responder = prepared.responder(chat=prepared.chat)
+    async def _whole(
+        self, prepared: Prepared, responder: Responder, generation: Generation
+    ) -> web.Response:
         choices = [Choice(s.index) for s in generation.samples]
         try:
             async with contextlib.aclosing(generation.stream()) as deltas:
@@ -177,17 +184,28 @@ class Api:
         return json_response(responder.response(choices, generation.samples))
 
     async def _stream(
-        self, request: web.Request, prepared: Prepared, generation: Generation
+        self, request: web.Request, prepared: Prepared, responder: Responder, generation
     ) -> web.StreamResponse:
-        responder = prepared.responder(chat=prepared.chat)
         replay = self.replays.open(responder.id)
-        pump = asyncio.create_task(self._pump(prepared, responder, generation, replay))
+        self.start_pump(prepared, responder, generation, replay)
+        return await self._serve(request, replay, 0)
+
+    def start_pump(
+        self, prepared: Prepared, responder: Responder, generation: Generation, replay: Replay,
+        first_chunks: bool = True,
+    ) -> None:  # fmt: skip
+        pump = asyncio.create_task(
+            self._pump(prepared, responder, generation, replay, first_chunks)
+        )
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
-        return await self._serve(request, replay, 0)
 
     async def _resume(self, request: web.Request, last_event_id: str) -> web.StreamResponse:
         found = self.replays.find(last_event_id)
+        if found is None:  # another edge's stream (it went away): adopt it from its node
+            response_id = last_event_id.strip().rpartition(".")[0]
+            if response_id and await adopt(self, response_id) is not None:
+                found = self.replays.find(last_event_id)
         if found is None:
             raise ApiError(
                 404,
@@ -214,23 +232,26 @@ class Api:
         return response
 
     async def _pump(
-        self, prepared: Prepared, responder, generation: Generation, replay: Replay
+        self,
+        prepared: Prepared,
+        responder: Responder,
+        generation: Generation,
+        replay: Replay,
+        first_chunks: bool = True,
     ) -> None:
         """The generation, into the replay; cancelled once no client has read it for the
-        grace period."""
+        grace period. first_chunks: False for an adopted stream (its replay has them)."""
         first_text, grace_s = True, self.edge.config.resume_grace_s
 
         def send(body: dict[str, Any]) -> None:
             replay.append(msgspec.json.encode(body))
 
         try:
-            for chunk in responder.first_chunks(len(generation.samples)):
+            for chunk in responder.first_chunks(len(generation.samples)) if first_chunks else []:
                 send(chunk)
             async with contextlib.aclosing(generation.stream()) as deltas:
                 async for delta in deltas:
-                    if delta.text or delta.finish_reason or delta.logprobs:
-                        for chunk in responder.chunks(delta):
-                            send(chunk)
+                    emit(responder, delta, send)
                     if first_text and delta.text:
                         first_text = False
                         egress_s = time.perf_counter() - generation.received_at

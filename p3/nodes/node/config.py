@@ -27,6 +27,7 @@ class NodeConfig:
     max_in_flight: int = 1024  # Submits beyond this are Rejected "overloaded"
     drain_timeout_s: float = 30.0
     hello_backoff_max_s: float = 2.0
+    orphan_grace_s: float = 30.0  # a resumable stream whose edge went away goes on this long
     keys: str | None = None  # a `p3 keys generate` directory: CurveZMQ on every socket
 
     @property

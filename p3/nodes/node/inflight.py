@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from p3.engine.sequence import StepOutput
 from p3.protocol import messages as m
@@ -24,6 +24,14 @@ class InFlight:
     num_prompt_tokens: int
     num_output_tokens: int = 0
     max_tokens: int | None = None
+    submit: m.Submit | None = None  # a resumable stream's Submit (its stream_id set)
+    history: list[m.TokenDelta] = field(default_factory=list)  # its deltas, for an adopter
+    orphaned_at: float | None = None  # when its edge went away
+    finished: bool = False
+
+    @property
+    def stream_id(self) -> str:
+        return self.submit.stream_id if self.submit is not None else ""
 
     @property
     def num_tokens_to_do(self) -> int:
@@ -34,8 +42,12 @@ class InFlight:
 
 
 class InFlightTable:
+    """Requests whose edge is there, and orphans: resumable streams whose edge went away,
+    still generating (or finished) for a grace period, until an edge adopts them."""
+
     def __init__(self) -> None:
         self._requests: dict[str, InFlight] = {}
+        self.orphans: dict[str, InFlight] = {}
         self.busy_since = time.monotonic()  # when the table last went from empty to not
 
     def __len__(self) -> int:
@@ -71,16 +83,50 @@ class InFlightTable:
         return sum(e.num_tokens_to_do for e in self._requests.values())
 
     def batch(self, outputs: list[StepOutput]) -> dict[tuple[bytes, int], list[m.TokenDelta]]:
-        """Deltas grouped by (edge, epoch); outputs of requests no longer here are dropped."""
+        """Deltas grouped by (edge, epoch); outputs of requests no longer here are dropped,
+        orphans' are kept in their history."""
         batches: dict[tuple[bytes, int], list[m.TokenDelta]] = {}
         for out in outputs:
-            entry = self._requests.get(out.request_id)
+            entry = self._requests.get(out.request_id) or self.orphans.get(out.request_id)
             if entry is None:  # cancelled, fenced or aborted: its edge no longer wants it
                 continue
-            batches.setdefault((entry.edge, entry.epoch), []).append(self._delta(entry, out))
+            delta = self._delta(entry, out)
+            if entry.submit is not None:
+                entry.history.append(delta)
+            if entry.orphaned_at is not None:
+                entry.finished = entry.finished or out.finished
+                continue
+            batches.setdefault((entry.edge, entry.epoch), []).append(delta)
             if out.finished:
                 del self._requests[out.request_id]
         return batches
+
+    def orphan(self, edge: bytes, now: float) -> tuple[list[InFlight], list[InFlight]]:
+        """Edge went away: its resumable streams become orphans, the rest are removed.
+        (orphaned, removed)"""
+        gone = self.remove_where(lambda e: e.edge == edge)
+        kept = [e for e in gone if e.submit is not None]
+        for entry in kept:
+            entry.orphaned_at = now
+            self.orphans[entry.request_id] = entry
+        return kept, [e for e in gone if e.submit is None]
+
+    def adopt(self, stream_id: str, edge: bytes) -> list[InFlight]:
+        """The orphans of stream_id, now edge's: unfinished ones stream to it from here on."""
+        found = [e for e in self.orphans.values() if e.stream_id == stream_id]
+        for entry in found:
+            del self.orphans[entry.request_id]
+            entry.edge, entry.orphaned_at = edge, None
+            if not entry.finished:
+                self.add(entry)
+        return found
+
+    def expire_orphans(self, older_than: float) -> list[InFlight]:
+        """Orphans no edge adopted since older_than: removed (the caller cancels them)."""
+        gone = [e for e in self.orphans.values() if e.orphaned_at < older_than]
+        for entry in gone:
+            del self.orphans[entry.request_id]
+        return gone
 
     def _delta(self, entry: InFlight, out: StepOutput) -> m.TokenDelta:
         index = entry.num_output_tokens

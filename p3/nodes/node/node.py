@@ -180,6 +180,7 @@ class Node(Actor):
         loop through deaths."""
         backoff_s = 0.05
         while True:
+            self._expire_orphans()
             if self.registered:
                 wire.send(self._coordinator, reports.heartbeat(self))
                 delay_s, backoff_s = self.heartbeat_interval_s, 0.05
@@ -256,6 +257,7 @@ class Node(Actor):
             self._rejoin_at, self._fenced_in_step = now + delay_s, True
         self.fenced_epoch = max(self.fenced_epoch, fence.epoch)
         aborted = self.inflight.remove_where(lambda e: e.epoch <= fence.epoch)
+        aborted += self.inflight.expire_orphans(float("inf"))  # their epoch is over too
         self._cancel_in_engine(aborted)
         log.warning(
             "node.fenced", node_id=self.name, epoch=fence.epoch, reason=fence.reason,
@@ -373,6 +375,8 @@ class Node(Actor):
                     self.on_cancel(edge, request_id)
                 case m.Ping(nonce=nonce):
                     self._send_edge(edge, m.Pong(nonce, self.name, self.epoch))
+                case m.Adopt(stream_id=stream_id):
+                    self.on_adopt(edge, stream_id)
                 case m.GetTokenizer(tokenizer_hash=wanted):
                     ours = self._tokenizer is not None and self._tokenizer[0] == wanted
                     files = self._tokenizer[1] if ours else {}
@@ -406,6 +410,7 @@ class Node(Actor):
             num_prompt,
             len(submit.output_token_ids),  # delta indices continue after them
             submit.params.max_tokens,
+            submit if submit.stream_id else None,
         )
         self.inflight.add(entry)
         self.stepper.wake()
@@ -441,12 +446,31 @@ class Node(Actor):
         return wire.send(self._edges, msg, edge)
 
     def _forget_edge(self, edge: bytes) -> None:
-        gone = self.inflight.remove_where(lambda e: e.edge == edge)
-        log.warning("node.edge_unreachable", edge=edge.decode(errors="replace"), num=len(gone))
+        """Its resumable streams go on as orphans (for another edge to adopt within
+        orphan_grace_s); the rest stop."""
+        kept, gone = self.inflight.orphan(edge, time.monotonic())
+        log.warning(
+            "node.edge_unreachable", edge=routing_name(edge), num_stopped=len(gone),
+            num_orphaned=len(kept),
+        )  # fmt: skip
         self._cancel_in_engine(gone)
+
+    def on_adopt(self, edge: bytes, stream_id: str) -> None:
+        adopted = self.inflight.adopt(stream_id, edge)
+        samples = [m.AdoptedSample(e.submit, list(e.history), e.finished) for e in adopted]
+        if adopted:
+            log.info("node.adopted", stream_id=stream_id, edge=routing_name(edge))
+        self._send_edge(edge, m.Adopted(stream_id, samples))
+
+    def _expire_orphans(self) -> None:
+        expired = self.inflight.expire_orphans(time.monotonic() - self.config.orphan_grace_s)
+        if expired:
+            log.info("node.orphans_expired", num=len(expired))
+            self._cancel_in_engine([e for e in expired if not e.finished])
 
     def _abort_all(self, cause: str) -> None:
         """End every in-flight request with finish_reason "abort", telling its edge."""
+        self._cancel_in_engine(self.inflight.expire_orphans(float("inf")))
         batches = self.inflight.abort_deltas()
         step = self.engine.num_steps if self.engine is not None else 0
         for (edge, epoch), deltas in batches.items():

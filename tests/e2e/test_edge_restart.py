@@ -1,0 +1,127 @@
+"""An edge that can die: kill -9 of `p3 serve`'s edge mid-stream; the node keeps the stream
+going, p3 serve starts the edge again on its port, and the client's re-POST with
+Last-Event-ID gets the rest: together exactly the fault-free text, no event lost or repeated.
+Then the same with two edges, resuming on the other one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from . import openai_cluster
+
+pytestmark = pytest.mark.timeout(240)
+
+MODEL = "SmolLM2-135M-Instruct"
+BODY = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0,
+        "ignore_eos": True}  # fmt: skip
+EVENTS_BEFORE_KILL = 10
+
+
+@pytest.fixture(scope="module")
+def served(default_model_dir):
+    cluster = openai_cluster.serve()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(served) -> str:
+    async def whole() -> str:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(served.url + "/v1/completions", json=BODY) as r,
+        ):
+            return (await r.json())["choices"][0]["text"]
+
+    return asyncio.run(whole())
+
+
+def edge_of(served) -> tuple[int, list[str]]:
+    return next(c for c in openai_cluster.children(served.procs[0].pid) if "edge" in c[1])
+
+
+async def read_stream(response, limit: int | None = None) -> tuple[str, list[str]]:
+    """(text, event ids) of an SSE response, the first `limit` text events or all of it."""
+    text, ids, num = "", [], 0
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("id: "):
+            ids.append(line[4:])
+        elif line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            text += chunk["choices"][0]["text"]
+            num += 1
+            if num == limit:
+                break
+    return text, ids
+
+
+async def wait_serving(session: aiohttp.ClientSession, url: str, timeout_s: float = 60) -> None:
+    """Until the edge at url lists the model (a restarted one has its tokenizer again)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                async with session.get(url + "/v1/models") as r:
+                    if r.status == 200 and MODEL in {m["id"] for m in (await r.json())["data"]}:
+                        return
+            except aiohttp.ClientError:
+                pass  # the port has no edge behind it yet
+            await asyncio.sleep(0.05)
+
+
+async def stream_kill_resume(first_url: str, resume_url: str, kill) -> tuple[str, list[str]]:
+    async with aiohttp.ClientSession() as session:
+        stream = {**BODY, "stream": True}
+        async with session.post(first_url + "/v1/completions", json=stream) as r:
+            before, ids = await read_stream(r, EVENTS_BEFORE_KILL)
+        kill()
+        await wait_serving(session, resume_url)
+        headers = {"Last-Event-ID": ids[-1]}
+        async with session.post(resume_url + "/v1/completions", json=stream, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            after, more_ids = await read_stream(r)
+    return before + after, ids + more_ids
+
+
+def numbers(ids: list[str]) -> list[int]:
+    return [int(i.rpartition(".")[2]) for i in ids]
+
+
+async def test_a_killed_edge_restarts_and_the_stream_resumes_exactly(served, reference):
+    pid, _ = edge_of(served)
+    text, ids = await stream_kill_resume(
+        served.url, served.url, lambda: os.kill(pid, signal.SIGKILL)
+    )
+    assert text == reference
+    assert numbers(ids) == list(range(1, len(ids) + 1))  # none lost, none repeated
+    assert edge_of(served)[0] != pid  # it was started again
+
+
+async def test_a_stream_resumes_on_another_edge_of_the_cluster(served, reference):
+    _, argv = edge_of(served)
+    other = subprocess.Popen(
+        [sys.executable, "-m", "p3", "edge", "--coordinator", openai_cluster.flag(argv,
+         "--coordinator"), "--port", "0", "--keys", openai_cluster.flag(argv, "--keys"),
+         "--edge-id", "client-0"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        other_url = openai_cluster._wait_ready(other)["url"]
+        pid, _ = edge_of(served)
+        text, ids = await stream_kill_resume(
+            served.url, other_url, lambda: os.kill(pid, signal.SIGKILL)
+        )
+        assert text == reference
+        assert numbers(ids) == list(range(1, len(ids) + 1))
+    finally:
+        other.terminate()
+        other.wait(timeout=30)
