@@ -122,6 +122,8 @@ async def test_a_stream_resumes_on_another_edge_of_the_cluster(served, reference
         )
         assert text == reference
         assert numbers(ids) == list(range(1, len(ids) + 1))
+        async with aiohttp.ClientSession() as session, session.get(other_url + "/metrics") as r:
+            assert "p3:streams_adopted_total 1.0" in await r.text()
     finally:
         other.terminate()
         other.wait(timeout=30)

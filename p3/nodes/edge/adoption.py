@@ -97,6 +97,7 @@ async def adopt(api: Api, response_id: str) -> tuple[Replay, Generation | None] 
         out = sample.apply(delta)
         if out is not None:
             emit(responder, out, send)
+    api.metrics.streams_adopted.inc()
     log.info("edge.stream_adopted", response_id=response_id, node_id=node_id,
              num_tokens=sample.num_output_tokens, finished=sample.finished)  # fmt: skip
     if sample.finished:

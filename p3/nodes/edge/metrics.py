@@ -52,6 +52,11 @@ class EdgeMetrics:
             registry=r,
         )
         self.edge_pending = Gauge("p3:edge_requests_pending", "Requests in this edge", registry=r)
+        self.streams_adopted = Counter(
+            "p3:streams_adopted",
+            "Streams another edge (or this one before a restart) started, resumed here",
+            registry=r,
+        )
 
     def observe_routes(self, routes: list[m.Route]) -> None:
         for gauge in (self.running, self.waiting, self.kv_usage):
