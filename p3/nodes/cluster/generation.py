@@ -5,7 +5,9 @@ resubmitted to another replica (definite: nothing was generated) unless the requ
 is bad. A sample whose node is declared dead, or whose tokens stop for `timeout_s`, moves:
 its prompt and the tokens already streamed go to another ready replica, which continues at
 the same positions with the same seed, so the client sees the stream it would have seen (the
-journal drops anything repeated; tokens from the node it left are ignored). The request
+journal drops anything repeated; tokens from the node it left are ignored). Moved streams
+are spread over the replicas left by the work of the moves before them (the cluster's
+`MovesUnderWay`), since a node prefills them ahead of fresh prompts. The request
 fails (RequestFailed) only when no replica can take it, or after MAX_IDLE_MOVES moves in a row
 with no token in between (a request that kills every node it lands on). Leaving the
 iteration early (client gone) cancels every sample still running on its node.
@@ -14,6 +16,7 @@ iteration early (client gone) cancels every sample still running on its node.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 from enum import StrEnum
@@ -79,6 +82,7 @@ class Generation:
         self.submitted_at: float | None = None  # when the last sample's Submit left
         self.received_at = 0.0  # when the frame of the latest Delta arrived from its node
         self._quiet: dict[int, int] = {}  # sample index -> token timeouts in a row on its node
+        self._moves = cluster.moves
 
     @property
     def request_ids(self) -> list[str]:
@@ -115,6 +119,7 @@ class Generation:
                 sample.finish_reason = "abort"
                 self.cluster.cancel(sample)
             self.cluster.forget(sample)
+            self._moves.drop(sample.request_id)
 
     async def _next_event(self) -> Event:
         while True:
@@ -153,6 +158,8 @@ class Generation:
                 self._leave_live_node(sample, gap)
             case m.TokenDelta():
                 delta = sample.apply(msg)
+                if delta is not None:
+                    self._moves.drop(sample.request_id)  # prefilled (or never moved)
                 if sample.finished:
                     self._finished(sample, msg)
                 return delta
@@ -191,7 +198,8 @@ class Generation:
         self._quiet.pop(sample.index, None)
         dead = set(self.cluster.dead_nodes) | journal.stuck_nodes  # stuck: may still hold it
         exclude = {left} | dead if left else dead
-        if not self.cluster.submit(sample, self.queue, exclude) and not (
+        self._moves.drop(sample.request_id)
+        if not self._submit_moved(sample, exclude) and not (
             may_stay and left not in dead and self.cluster.submit(sample, self.queue, dead)
         ):
             definite = sample.num_output_tokens == 0
@@ -205,6 +213,25 @@ class Generation:
             to=journal.node_id,
             num_tokens=sample.num_output_tokens,
         )
+        if sample.num_output_tokens:
+            num_tokens = len(journal.prompt_token_ids) + sample.num_output_tokens
+            self._moves.add(journal.node_id or "", sample.request_id, num_tokens)
+
+    def _submit_moved(self, sample: Sample, exclude: set[str]) -> bool:
+        """A stream under way goes to the replica not excluded with the least moved work
+        under way (MovesUnderWay), then the least loaded; one with no token yet, like a
+        fresh request (the cluster's pick). False if no replica took it."""
+        if sample.num_output_tokens:
+            model = sample.journal.model
+            candidates = [r for r in self.cluster.replicas(model) if r.node_id not in exclude]
+            if candidates:
+                target = min(candidates, key=lambda r: (
+                    self._moves.tokens(r.node_id), self.cluster.load(r), random.random()
+                ))  # fmt: skip
+                others = {r.node_id for r in candidates} - {target.node_id}
+                if self.cluster.submit(sample, self.queue, exclude | others):
+                    return True
+        return self.cluster.submit(sample, self.queue, exclude)
 
     def _finished(self, sample: Sample, delta: m.TokenDelta) -> None:
         if delta.finish_reason is None:  # a stop string ended it: free the node's KV now
@@ -220,6 +247,7 @@ class Generation:
             code=rejected.code,
             reason=rejected.reason,
         )
+        self._moves.drop(sample.request_id)
         if rejected.code == "bad_request":
             raise RequestFailed(rejected.reason, FailureCode.BAD_REQUEST, True)
         if not self.cluster.submit(sample, self.queue):
