@@ -43,6 +43,7 @@ LOAD_GRAIN = 256  # tokens of work left below which two replicas count as equall
 FIRST_HELLO_INTERVAL_S = 0.05
 LINK_PING_S = 0.2  # ZMTP heartbeat on every edge->node link
 LINK_TIMEOUT_S = 1.0  # no traffic (pongs included) this long: the link is down
+ADOPT_RETRY_S = 0.1  # how often an edge asks again for a stream to adopt
 DEAD_LISTED_S = 300.0  # a node declared dead stays listed (/cluster) this long
 
 
@@ -296,14 +297,19 @@ class Cluster:
         self, stream_id: str, timeout_s: float = 2.0
     ) -> tuple[str, list[m.AdoptedSample]] | None:
         """Ask every linked node for the orphaned samples of stream_id: (node id, samples)
-        from the one that holds them, or None if none answers so within timeout_s."""
+        from the one that holds them, or None if none answers so within timeout_s. Asked
+        again every ADOPT_RETRY_S: a node orphans a stream only once a send to its dead edge
+        fails, which a client quick to resume elsewhere can beat."""
         waiter = asyncio.get_running_loop().create_future()
         self._adopt_waiters[stream_id] = waiter
         try:
-            for link in self.links.values():
-                wire.send(link.socket, m.Adopt(stream_id))
             async with asyncio.timeout(timeout_s):
-                return await waiter
+                while True:
+                    for link in self.links.values():
+                        wire.send(link.socket, m.Adopt(stream_id))
+                    done, _ = await asyncio.wait([waiter], timeout=ADOPT_RETRY_S)
+                    if done:
+                        return waiter.result()
         except TimeoutError:
             return None
         finally:
