@@ -80,12 +80,12 @@ async def adopt(api: Api, response_id: str) -> tuple[Replay, Generation | None] 
         return None
     adopted = samples[0]
     context = msgspec.msgpack.decode(adopted.submit.resume, type=ResumeContext)
-    prepared = await prepare(api.edge, msgspec.json.decode(context.body), context.chat)
+    body = msgspec.json.decode(context.body)
+    prepared = await prepare(api.edge, body, context.chat)
     responder = prepared.responder(chat=prepared.chat)
     responder.id, responder.created = context.response_id, context.created
     sample = _sample(adopted.submit, prepared)
-    sample.journal.resume = resume_context(msgspec.json.decode(context.body), context.chat,
-                                           responder)  # fmt: skip
+    sample.journal.resume = resume_context(body, context.chat, responder)
     replay = api.replays.open(response_id)
 
     def send(body: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from p3.nodes.cluster.samples import Sample, make_samples
 from p3.nodes.edge.adoption import adopt, emit, resume_context
 from p3.nodes.edge.metrics import kv_usage
 from p3.nodes.edge.prompts import Prepared, prepare
-from p3.nodes.edge.replay import Replay, ReplayStore
+from p3.nodes.edge.replay import Replay, ReplayStore, split_event_id
 from p3.nodes.edge.responses import Choice, Responder, new_id
 from p3.nodes.edge.schemas import ApiError, bad_request
 
@@ -203,7 +203,7 @@ class Api:
     async def _resume(self, request: web.Request, last_event_id: str) -> web.StreamResponse:
         found = self.replays.find(last_event_id)
         if found is None:  # another edge's stream (it went away): adopt it from its node
-            response_id = last_event_id.strip().rpartition(".")[0]
+            response_id, _ = split_event_id(last_event_id)
             if response_id and await adopt(self, response_id) is not None:
                 found = self.replays.find(last_event_id)
         if found is None:

@@ -75,7 +75,7 @@ class ReplayStore:
     def find(self, last_event_id: str) -> tuple[Replay, int] | None:
         """The replay a Last-Event-ID belongs to and the event number in it, or None."""
         self._expire()
-        response_id, _, number = last_event_id.strip().rpartition(".")
+        response_id, number = split_event_id(last_event_id)
         replay = self._replays.get(response_id)
         # ASCII digits only, and few: str.isdigit takes "²", and int() refuses 4300+ digits
         well_formed = number.isascii() and number.isdigit() and len(number) <= 12
@@ -89,3 +89,9 @@ class ReplayStore:
             expired = replay.done and now - replay.done_at > self.window_s
             if expired or (len(self._replays) > self.max_streams and replay.done):
                 del self._replays[response_id]
+
+
+def split_event_id(last_event_id: str) -> tuple[str, str]:
+    """`<response id>.<n>` -> (response id, n as sent)."""
+    response_id, _, number = last_event_id.strip().rpartition(".")
+    return response_id, number
