@@ -93,7 +93,7 @@ async def stream_kill_resume(first_url: str, resume_url: str, kill) -> tuple[str
 
 
 def numbers(ids: list[str]) -> list[int]:
-    return [int(i.rpartition(".")[2]) for i in ids]
+    return [int(i.split(".")[1]) for i in ids]
 
 
 async def test_a_killed_edge_restarts_and_the_stream_resumes_exactly(served, reference):
@@ -127,3 +127,42 @@ async def test_a_stream_resumes_on_another_edge_of_the_cluster(served, reference
     finally:
         other.terminate()
         other.wait(timeout=30)
+
+
+async def test_a_stream_of_two_choices_resumes_after_an_edge_kill(served):
+    """Two samples' events interleave as they come; the ids count each choice's, so the
+    restarted edge knows where each one's client is."""
+    body = {**BODY, "max_tokens": 120, "temperature": 0.8, "seed": 11, "n": 2}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(served.url + "/v1/completions", json=body) as r:
+            want = [c["text"] for c in sorted((await r.json())["choices"],
+                                              key=lambda c: c["index"])]  # fmt: skip
+        stream = {**body, "stream": True}
+        texts, ids = ["", ""], []
+
+        async def read(response, limit=None):
+            num = 0
+            async for raw in response.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("id: "):
+                    ids.append(line[4:])
+                elif line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    texts[choice["index"]] += choice["text"]
+                    num += 1
+                    if num == limit:
+                        return
+
+        async with session.post(served.url + "/v1/completions", json=stream) as r:
+            await read(r, EVENTS_BEFORE_KILL)
+        pid, _ = edge_of(served)
+        os.kill(pid, signal.SIGKILL)
+        await wait_serving(session, served.url)
+        headers = {"Last-Event-ID": ids[-1]}
+        async with session.post(served.url + "/v1/completions", json=stream,
+                                headers=headers) as r:  # fmt: skip
+            assert r.status == 200, await r.text()
+            await read(r)
+    assert texts == want
+    assert numbers(ids) == list(range(1, len(ids) + 1))
+    assert sum(map(int, ids[-1].split(".")[2].split("-"))) == len(ids) - 1  # all but [DONE]

@@ -19,6 +19,7 @@ epochs stay accepted until the node is listed dead. A node routed from another p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -145,7 +146,7 @@ class Cluster:
         self.dead_nodes: dict[str, float] = {}  # declared dead and not routed since: when
         self._unlinkable: set[str] = set()  # routed nodes whose key this edge has not
         self._tokenizer_waiters: dict[tuple[str, str], asyncio.Future[dict[str, bytes]]] = {}
-        self._adopt_waiters: dict[str, asyncio.Future[tuple[str, list[m.AdoptedSample]]]] = {}
+        self._adopting: dict[str, _Adopting] = {}  # stream id -> what its nodes sent so far
         self.routes_changed = asyncio.Event()
         self.on_models = on_models
         self.on_tokens: Callable[[m.Tokens], Any] | None = None
@@ -204,9 +205,9 @@ class Cluster:
                 case m.Rejected() as rejected:
                     self._deliver(rejected.request_id, rejected, link.node_id)
                 case m.Adopted() as adopted:
-                    waiter = self._adopt_waiters.get(adopted.stream_id)
-                    if waiter is not None and adopted.samples and not waiter.done():
-                        waiter.set_result((link.node_id, adopted.samples))
+                    adopting = self._adopting.get(adopted.stream_id)
+                    if adopting is not None:
+                        adopting.add(link.node_id, adopted.samples)
                 case m.TokenizerFiles() as files:
                     waiter = self._tokenizer_waiters.pop((link.node_id, files.tokenizer_hash), None)
                     if waiter is not None and not waiter.done():
@@ -294,26 +295,33 @@ class Cluster:
         return files
 
     async def adopt(
-        self, stream_id: str, timeout_s: float = 2.0
-    ) -> tuple[str, list[m.AdoptedSample]] | None:
-        """Ask every linked node for the orphaned samples of stream_id: (node id, samples)
-        from the one that holds them, or None if none answers so within timeout_s. Asked
+        self,
+        stream_id: str,
+        complete: Callable[[list[AdoptedAt]], bool] = bool,
+        timeout_s: float = 2.0,
+    ) -> list[AdoptedAt] | None:
+        """Ask every linked node for the orphaned samples of stream_id until what they sent
+        is complete(found) (a stream's samples may be on several nodes): (node id, sample)
+        of each; None if not so within timeout_s, after cancelling what did come. Asked
         again every ADOPT_RETRY_S: a node orphans a stream only once a send to its dead edge
         fails, which a client quick to resume elsewhere can beat."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._adopt_waiters[stream_id] = waiter
+        adopting = _Adopting(complete)
+        self._adopting[stream_id] = adopting
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
                     for link in self.links.values():
                         wire.send(link.socket, m.Adopt(stream_id))
-                    done, _ = await asyncio.wait([waiter], timeout=ADOPT_RETRY_S)
-                    if done:
-                        return waiter.result()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(adopting.complete.wait(), ADOPT_RETRY_S)
+                        return list(adopting.found.values())
         except TimeoutError:
+            for node_id, sample in adopting.found.values():  # they stream here: stop them
+                if not sample.finished and (link := self.links.get(node_id)) is not None:
+                    wire.send(link.socket, m.Cancel(sample.submit.request_id))
             return None
         finally:
-            self._adopt_waiters.pop(stream_id, None)
+            self._adopting.pop(stream_id, None)
 
     def attach(self, sample: Sample, queue: asyncio.Queue[Event], node_id: str, epoch: int):
         """An adopted sample, already running on node_id under epoch: its tokens come here."""
@@ -462,3 +470,21 @@ class Cluster:
         if epoch is not None and epoch != sample.journal.epoch:
             return  # from an older submission to this node (it moved away and came back)
         queue.put_nowait((sample, msg, received_at or time.perf_counter()))
+
+
+AdoptedAt = tuple[str, m.AdoptedSample]  # (the node holding it, the sample)
+
+
+class _Adopting:
+    """One stream's samples as its nodes hand them over, until they are complete."""
+
+    def __init__(self, complete: Callable[[list[AdoptedAt]], bool]):
+        self.is_complete = complete
+        self.found: dict[str, AdoptedAt] = {}  # request id -> (node id, sample)
+        self.complete = asyncio.Event()
+
+    def add(self, node_id: str, samples: list[m.AdoptedSample]) -> None:
+        for sample in samples:
+            self.found[sample.submit.request_id] = (node_id, sample)
+        if self.found and self.is_complete(list(self.found.values())):
+            self.complete.set()

@@ -1,18 +1,20 @@
 """Streams that outlive their edge: resumed on another edge (or the same one, restarted).
 
-A streamed request of one sample is resumable anywhere: its Submit carries a stream id (its
-response id) and a resume context (`ResumeContext`: the request body, the response's id and
-creation time, and how many tokens each delta the edge applied carried). When its edge goes
-away, the node keeps the sample going for its grace period, keeping every delta it made.
+A streamed request is resumable anywhere: each of its samples' Submits carries a stream id
+(its response id) and a resume context (`ResumeContext`: the request body, the response's id
+and creation time, the sample's index and how many the stream has, and how many tokens each
+delta the edge applied carried). When its edge goes away, the node keeps the sample going for
+its grace period, keeping every delta it made (and the stream's samples that had finished).
 
-A client that POSTs again with `Last-Event-ID: <response id>.<n>` to an edge that never saw
-the stream makes that edge Adopt it: the node holding it answers with its Submit and deltas.
-The edge prepares the body again (same model, tokenizer, parameters), replays the tokens
-through a fresh sample and responder in the very delta sizes the first edge applied them in
-(the prefix from before any move, then the node's own deltas), which rebuilds the first
-edge's events one for one, and serves events n+1.. from there, the rest live. So nothing is
-lost or repeated. Streams of several samples resume only on their own edge (their samples
-interleave in arrival order, which no one can replay).
+A client that POSTs again with `Last-Event-ID` to an edge that never saw the stream makes
+that edge Adopt it: the nodes holding its samples answer with their Submits and deltas. The
+edge prepares the body again (same model, tokenizer, parameters) and replays each sample's
+tokens through a fresh sample and responder in the very delta sizes the first edge applied
+them in (the prefix from before any move, then the node's own deltas). That rebuilds each
+choice's events as the first edge made them; the event id says how many of each choice the
+client has (one choice: all the events but a final usage chunk), so the rest of each choice
+goes out first, as events n+1.., then whatever the nodes make from there on. Nothing is lost
+or repeated.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import msgspec
 
 from p3.log import get_logger
 from p3.nodes.cluster.generation import Generation
+from p3.nodes.cluster.links import AdoptedAt
 from p3.nodes.cluster.samples import Journal, Sample
 from p3.nodes.edge.prompts import prepare
+from p3.nodes.edge.replay import EventId, Replay
 from p3.protocol import messages as m
 
 if TYPE_CHECKING:
     from p3.nodes.edge.api import Api
-    from p3.nodes.edge.replay import Replay
     from p3.nodes.edge.responses import Responder
 
 log = get_logger(__name__)
@@ -44,10 +47,12 @@ class ResumeContext(msgspec.Struct, array_like=True, frozen=True, gc=False):
     response_id: str
     created: int
     delta_sizes: list[int] = []  # tokens of each delta applied before this Submit
+    index: int = 0  # the sample's choice index
+    num_samples: int = 1  # in the stream
 
 
 def resume_context(
-    body: Any, chat: bool, responder: Responder
+    body: Any, chat: bool, responder: Responder, index: int = 0, num_samples: int = 1
 ) -> Callable[[list[int]], bytes] | None:
     """The context a Submit carries (given its delta sizes so far); None if not resumable."""
     raw = msgspec.json.encode(body)
@@ -55,7 +60,9 @@ def resume_context(
         return None
 
     def encode(delta_sizes: list[int]) -> bytes:
-        context = ResumeContext(raw, chat, responder.id, responder.created, list(delta_sizes))
+        context = ResumeContext(
+            raw, chat, responder.id, responder.created, list(delta_sizes), index, num_samples
+        )
         return msgspec.msgpack.encode(context)
 
     return encode
@@ -68,51 +75,88 @@ def emit(responder: Responder, delta, send: Callable[[dict[str, Any]], None]) ->
             send(chunk)
 
 
-async def adopt(api: Api, response_id: str) -> tuple[Replay, Generation | None] | None:
-    """Rebuild a stream another edge served from the node that holds it: its Replay, with
-    every event the first edge made, and (unless it finished) its live Generation."""
-    found = await api.cluster.adopt(response_id)
+def append_chunk(replay: Replay, chunk: dict[str, Any]) -> None:
+    """A chunk into a replay as an event of the choice it carries (none: the stream's)."""
+    choices = chunk.get("choices")
+    replay.append(msgspec.json.encode(chunk), choices[0]["index"] if choices else None)
+
+
+async def adopt(api: Api, last: EventId) -> Replay | None:
+    """Rebuild a stream another edge served, from the nodes that hold its samples: a Replay
+    of the events after `last` (and, unless they all finished, a live Generation)."""
+    found = await api.cluster.adopt(last.response_id, _all_samples)
     if found is None:
         return None
-    node_id, samples = found
-    if len(samples) != 1:
-        log.warning("edge.adopt_refused", response_id=response_id, num_samples=len(samples))
-        return None
-    adopted = samples[0]
-    context = msgspec.msgpack.decode(adopted.submit.resume, type=ResumeContext)
-    body = msgspec.json.decode(context.body)
-    prepared = await prepare(api.edge, body, context.chat)
+    found.sort(key=lambda item: _context(item[1]).index)
+    contexts = [_context(adopted) for _, adopted in found]
+    body = msgspec.json.decode(contexts[0].body)
+    prepared = await prepare(api.edge, body, contexts[0].chat)
     responder = prepared.responder(chat=prepared.chat)
-    responder.id, responder.created = context.response_id, context.created
-    sample = _sample(adopted.submit, prepared)
-    sample.journal.resume = resume_context(body, context.chat, responder)
-    replay = api.replays.open(response_id)
-
-    def send(body: dict[str, Any]) -> None:
-        replay.append(msgspec.json.encode(body))
-
-    for chunk in responder.first_chunks(1):
-        send(chunk)
-    for delta in _deltas(adopted, context.delta_sizes):
-        out = sample.apply(delta)
-        if out is not None:
-            emit(responder, out, send)
+    responder.id, responder.created = contexts[0].response_id, contexts[0].created
+    num = len(found)
+    samples, events = [], [[] for _ in range(num)]
+    for chunk in responder.first_chunks(num):
+        events[chunk["choices"][0]["index"]].append(chunk)
+    for (_, adopted), context in zip(found, contexts, strict=True):
+        sample = _sample(adopted.submit, prepared, context.index)
+        sample.journal.resume = resume_context(body, context.chat, responder, context.index, num)
+        samples.append(sample)
+        for delta in _deltas(adopted, context.delta_sizes):
+            out = sample.apply(delta)
+            if out is not None:
+                emit(responder, out, events[sample.index].append)
+    seen = last.seen if last.seen is not None else (min(last.number, len(events[0])),)
+    if len(seen) != num or any(s > len(e) for s, e in zip(seen, events, strict=True)):
+        log.warning("edge.adopt_refused", response_id=last.response_id, last=last.number,
+                    num_samples=num)  # fmt: skip
+        _release(api, samples, found)
+        return None
+    replay = Replay(last.response_id, num, base=last.number, seen=seen)
+    for index, chunks in enumerate(events):
+        for chunk in chunks[seen[index] :]:
+            append_chunk(replay, chunk)
     api.metrics.streams_adopted.inc()
-    log.info("edge.stream_adopted", response_id=response_id, node_id=node_id,
-             num_tokens=sample.num_output_tokens, finished=sample.finished)  # fmt: skip
-    if sample.finished:
-        if prepared.request.include_usage:
-            send(responder.usage_chunk([sample]))
+    log.info("edge.stream_adopted", response_id=last.response_id, num_samples=num,
+             nodes=sorted({node_id for node_id, _ in found}),
+             num_tokens=sum(s.num_output_tokens for s in samples))  # fmt: skip
+    api.replays.add(replay)
+    if all(s.finished for s in samples):
+        if prepared.request.include_usage and last.number == sum(seen):  # not seen yet
+            append_chunk(replay, responder.usage_chunk(samples))
         replay.append(b"[DONE]")
         replay.finish()
-        return replay, None
-    generation = Generation(api.cluster, [sample], api.edge.config.token_timeout_s)
-    api.cluster.attach(sample, generation.queue, node_id, adopted.submit.epoch)
+        return replay
+    generation = Generation(api.cluster, samples, api.edge.config.token_timeout_s)
+    for sample, (node_id, adopted) in zip(samples, found, strict=True):
+        if not sample.finished:
+            api.cluster.attach(sample, generation.queue, node_id, adopted.submit.epoch)
     api.start_pump(prepared, responder, generation, replay, first_chunks=False)
-    return replay, generation
+    return replay
 
 
-def _sample(submit: m.Submit, prepared) -> Sample:
+def _context(adopted: m.AdoptedSample) -> ResumeContext:
+    return msgspec.msgpack.decode(adopted.submit.resume, type=ResumeContext)
+
+
+def _all_samples(found: list[AdoptedAt]) -> bool:
+    """Every sample of the stream is here (each one's context says how many there are)."""
+    try:
+        contexts = [_context(adopted) for _, adopted in found]
+    except msgspec.DecodeError:
+        return False
+    indexes = {c.index for c in contexts}
+    return all(c.num_samples == len(found) for c in contexts) and indexes == set(range(len(found)))
+
+
+def _release(api: Api, samples: list[Sample], found: list[AdoptedAt]) -> None:
+    """Adopted samples this edge will not serve: stopped on their nodes."""
+    for sample, (node_id, _) in zip(samples, found, strict=True):
+        if not sample.finished:
+            sample.journal.node_id = node_id
+            api.cluster.cancel(sample)
+
+
+def _sample(submit: m.Submit, prepared, index: int) -> Sample:
     journal = Journal(
         submit.request_id,
         prepared.model,
@@ -121,7 +165,7 @@ def _sample(submit: m.Submit, prepared) -> Sample:
         submit.seed,
         stream_id=submit.stream_id,
     )
-    return Sample(0, journal, prepared.tokenizer, prepared.params)
+    return Sample(index, journal, prepared.tokenizer, prepared.params)
 
 
 def _deltas(adopted: m.AdoptedSample, prefix_sizes: list[int]) -> list[m.TokenDelta]:

@@ -20,10 +20,10 @@ from aiohttp import web
 from p3.log import get_logger, log_exception
 from p3.nodes.cluster.generation import Generation, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
-from p3.nodes.edge.adoption import adopt, emit, resume_context
+from p3.nodes.edge.adoption import adopt, append_chunk, emit, resume_context
 from p3.nodes.edge.metrics import kv_usage
 from p3.nodes.edge.prompts import Prepared, prepare
-from p3.nodes.edge.replay import Replay, ReplayStore, split_event_id
+from p3.nodes.edge.replay import Replay, ReplayStore, parse_event_id
 from p3.nodes.edge.responses import Choice, Responder, new_id
 from p3.nodes.edge.schemas import ApiError, bad_request
 
@@ -136,9 +136,12 @@ class Api:
             )
             num_samples = self._admit(len(samples))
             responder = prepared.responder(chat=prepared.chat)
-            if prepared.request.stream and len(samples) == 1:  # resumable on any edge
-                samples[0].journal.stream_id = responder.id
-                samples[0].journal.resume = resume_context(body, chat, responder)
+            if prepared.request.stream:  # resumable on any edge
+                for sample in samples:
+                    sample.journal.stream_id = responder.id
+                    sample.journal.resume = resume_context(
+                        body, chat, responder, sample.index, len(samples)
+                    )
             generation = Generation(self.cluster, samples, self.edge.config.token_timeout_s)
             try:
                 await generation.start()
@@ -186,7 +189,7 @@ class Api:
     async def _stream(
         self, request: web.Request, prepared: Prepared, responder: Responder, generation
     ) -> web.StreamResponse:
-        replay = self.replays.open(responder.id)
+        replay = self.replays.open(responder.id, len(generation.samples))
         self.start_pump(prepared, responder, generation, replay)
         return await self._serve(request, replay, 0)
 
@@ -202,10 +205,10 @@ class Api:
 
     async def _resume(self, request: web.Request, last_event_id: str) -> web.StreamResponse:
         found = self.replays.find(last_event_id)
-        if found is None:  # another edge's stream (it went away): adopt it from its node
-            response_id, _ = split_event_id(last_event_id)
-            if response_id and await adopt(self, response_id) is not None:
-                found = self.replays.find(last_event_id)
+        last = parse_event_id(last_event_id)
+        unknown = found is None and last is not None and last.response_id not in self.replays
+        if unknown and await adopt(self, last) is not None:  # another edge's: from its nodes
+            found = self.replays.find(last_event_id)
         if found is None:
             raise ApiError(
                 404,
@@ -244,7 +247,7 @@ class Api:
         first_text, grace_s = True, self.edge.config.resume_grace_s
 
         def send(body: dict[str, Any]) -> None:
-            replay.append(msgspec.json.encode(body))
+            append_chunk(replay, body)
 
         try:
             for chunk in responder.first_chunks(len(generation.samples)) if first_chunks else []:

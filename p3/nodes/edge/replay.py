@@ -1,13 +1,18 @@
 """Resumable SSE: every streamed response's events, kept so that a client can reconnect.
 
-Each event goes out as `id: <response id>.<n>` with n counting from 1. A client that lost
-its connection POSTs again with `Last-Event-ID: <response id>.<n>` (the last id it got) and
-receives events n+1.. (then the rest as they come), nothing lost or repeated.
+Each event goes out as `id: <response id>.<n>` with n counting from 1; a stream of several
+choices adds how many events of each choice it has sent so far: `<response id>.<n>.<e0>-<e1>..`
+(an edge that rebuilds the stream from its nodes needs that, since the choices' events
+interleave in the order they happened to arrive). A client that lost its connection POSTs
+again with `Last-Event-ID: <the last id it got>` and receives events n+1.. (then the rest as
+they come), nothing lost or repeated.
 
 The generation does not live in the HTTP handler that started it: it runs as a task writing
 into a Replay, and handlers (the first, and any resumed one) only read. With no reader left,
 the generation goes on for `grace_s` (time to reconnect) and is then cancelled, so a client
-that left for good still frees its node's KV. A finished Replay stays for `window_s`.
+that left for good still frees its node's KV. A finished Replay stays for `window_s`. A
+Replay an edge rebuilt for a stream another edge began holds the events after the one the
+client resumed from, only (`base`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+
+MAX_NUMBER_DIGITS = 12  # int() refuses 4300+ digits; no stream has 10^12 events
+MAX_CHOICES = 4096  # in one event id's per-choice counts
+
+
+@dataclass(frozen=True)
+class EventId:
+    response_id: str
+    number: int  # the n-th event of the stream
+    seen: tuple[int, ...] | None  # events of each choice up to it (streams of several choices)
 
 
 class Replay:
-    def __init__(self, response_id: str):
+    def __init__(
+        self, response_id: str, num_choices: int = 1, base: int = 0,
+        seen: tuple[int, ...] | None = None,
+    ):  # fmt: skip
         self.response_id = response_id
+        self.base = base  # events 1..base are not here (a stream rebuilt from event base on)
+        self.seen = list(seen) if seen is not None else [0] * num_choices
         self.events: list[bytes] = []
         self.done = False
         self.done_at = 0.0
@@ -27,10 +48,19 @@ class Replay:
         self.orphaned_at: float | None = None  # when the last reader left
         self._changed = asyncio.Event()
 
-    def append(self, data: bytes) -> None:
-        """One SSE event (the bytes after `data: `, without the blank line)."""
-        n = len(self.events) + 1
-        self.events.append(b"id: %s.%d\ndata: %s\n\n" % (self.response_id.encode(), n, data))
+    @property
+    def last(self) -> int:
+        """The number of the latest event."""
+        return self.base + len(self.events)
+
+    def append(self, data: bytes, choice: int | None = None) -> None:
+        """One SSE event (the bytes after `data: `, without the blank line); choice: the
+        index of the choice it belongs to (None: the stream's, as usage or [DONE])."""
+        if choice is not None:
+            self.seen[choice] += 1
+        seen = tuple(self.seen) if len(self.seen) > 1 else None
+        eid = event_id(self.response_id, self.last + 1, seen)
+        self.events.append(b"id: %s\ndata: %s\n\n" % (eid.encode(), data))
         self._wake()
 
     def finish(self) -> None:
@@ -42,7 +72,7 @@ class Replay:
         self.readers += 1
         self.orphaned_at = None
         try:
-            sent = after
+            sent = max(0, after - self.base)
             while True:
                 while sent < len(self.events):
                     sent += 1
@@ -67,21 +97,26 @@ class ReplayStore:
         self.max_streams = max_streams
         self._replays: OrderedDict[str, Replay] = OrderedDict()
 
-    def open(self, response_id: str) -> Replay:
+    def open(self, response_id: str, num_choices: int = 1) -> Replay:
+        return self.add(Replay(response_id, num_choices))
+
+    def add(self, replay: Replay) -> Replay:
         self._expire()
-        replay = self._replays[response_id] = Replay(response_id)
+        self._replays[replay.response_id] = replay
         return replay
 
+    def __contains__(self, response_id: str) -> bool:
+        return response_id in self._replays
+
     def find(self, last_event_id: str) -> tuple[Replay, int] | None:
-        """The replay a Last-Event-ID belongs to and the event number in it, or None."""
+        """The replay a Last-Event-ID belongs to and the event number in it, or None (unknown,
+        malformed, or not an event this replay holds)."""
         self._expire()
-        response_id, number = split_event_id(last_event_id)
-        replay = self._replays.get(response_id)
-        # ASCII digits only, and few: str.isdigit takes "²", and int() refuses 4300+ digits
-        well_formed = number.isascii() and number.isdigit() and len(number) <= 12
-        if replay is None or not well_formed or int(number) > len(replay.events):
+        eid = parse_event_id(last_event_id)
+        replay = self._replays.get(eid.response_id) if eid is not None else None
+        if replay is None or not replay.base <= eid.number <= replay.last:
             return None
-        return replay, int(number)
+        return replay, eid.number
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -91,7 +126,30 @@ class ReplayStore:
                 del self._replays[response_id]
 
 
-def split_event_id(last_event_id: str) -> tuple[str, str]:
-    """`<response id>.<n>` -> (response id, n as sent)."""
-    response_id, _, number = last_event_id.strip().rpartition(".")
-    return response_id, number
+def event_id(response_id: str, number: int, seen: tuple[int, ...] | None = None) -> str:
+    if seen is None:
+        return f"{response_id}.{number}"
+    return f"{response_id}.{number}.{'-'.join(map(str, seen))}"
+
+
+def parse_event_id(value: str) -> EventId | None:
+    """`<response id>.<n>[.<e0>-<e1>..]` -> EventId; None unless well formed."""
+    parts = value.strip().split(".")
+    if len(parts) not in (2, 3) or not parts[0]:
+        return None
+    number = _count(parts[1])
+    if number is None:
+        return None
+    if len(parts) == 2:
+        return EventId(parts[0], number, None)
+    fields = parts[2].split("-", MAX_CHOICES)
+    seen = tuple(_count(f) for f in fields)
+    if len(fields) > MAX_CHOICES or None in seen or sum(seen) > number:
+        return None
+    return EventId(parts[0], number, seen)
+
+
+def _count(text: str) -> int | None:
+    # ASCII digits only, and few: str.isdigit takes "²"
+    ok = text.isascii() and text.isdigit() and len(text) <= MAX_NUMBER_DIGITS
+    return int(text) if ok else None

@@ -28,6 +28,7 @@ class InFlight:
     history: list[m.TokenDelta] = field(default_factory=list)  # its deltas, for an adopter
     orphaned_at: float | None = None  # when its edge went away
     finished: bool = False
+    finished_at: float = 0.0
 
     @property
     def stream_id(self) -> str:
@@ -41,13 +42,19 @@ class InFlight:
         return prompt + max(1, m.expected_output_tokens(self.max_tokens) - self.num_output_tokens)
 
 
+MAX_ENDED = 10_000  # finished samples of resumable streams kept for an adopter, at most
+
+
 class InFlightTable:
     """Requests whose edge is there, and orphans: resumable streams whose edge went away,
-    still generating (or finished) for a grace period, until an edge adopts them."""
+    still generating (or finished) for a grace period, until an edge adopts them. A
+    resumable stream's samples that finished while their edge was there are kept as long
+    (`ended`): a stream of several samples resumes elsewhere only with all of them."""
 
     def __init__(self) -> None:
         self._requests: dict[str, InFlight] = {}
         self.orphans: dict[str, InFlight] = {}
+        self.ended: dict[str, InFlight] = {}
         self.busy_since = time.monotonic()  # when the table last went from empty to not
 
     def __len__(self) -> int:
@@ -99,7 +106,15 @@ class InFlightTable:
             batches.setdefault((entry.edge, entry.epoch), []).append(delta)
             if out.finished:
                 del self._requests[out.request_id]
+                if entry.submit is not None:
+                    self._ended(entry)
         return batches
+
+    def _ended(self, entry: InFlight) -> None:
+        entry.finished, entry.finished_at = True, time.monotonic()
+        self.ended[entry.request_id] = entry
+        if len(self.ended) > MAX_ENDED:
+            del self.ended[next(iter(self.ended))]
 
     def orphan(self, edge: bytes, now: float) -> tuple[list[InFlight], list[InFlight]]:
         """Edge went away: its resumable streams become orphans, the rest are removed.
@@ -112,20 +127,25 @@ class InFlightTable:
         return kept, [e for e in gone if e.submit is None]
 
     def adopt(self, stream_id: str, edge: bytes) -> list[InFlight]:
-        """The orphans of stream_id, now edge's: unfinished ones stream to it from here on."""
+        """The orphans of stream_id, now edge's: unfinished ones stream to it from here on.
+        Its samples that had ended come along (kept, for another adopter too): only
+        reading them, so whether their edge is there does not matter."""
         found = [e for e in self.orphans.values() if e.stream_id == stream_id]
         for entry in found:
             del self.orphans[entry.request_id]
             entry.edge, entry.orphaned_at = edge, None
             if not entry.finished:
                 self.add(entry)
-        return found
+        return found + [e for e in self.ended.values() if e.stream_id == stream_id]
 
     def expire_orphans(self, older_than: float) -> list[InFlight]:
-        """Orphans no edge adopted since older_than: removed (the caller cancels them)."""
+        """Orphans no edge adopted since older_than: removed (the caller cancels them); ended
+        samples finished before it are forgotten."""
         gone = [e for e in self.orphans.values() if e.orphaned_at < older_than]
         for entry in gone:
             del self.orphans[entry.request_id]
+        for entry in [e for e in self.ended.values() if e.finished_at < older_than]:
+            del self.ended[entry.request_id]
         return gone
 
     def _delta(self, entry: InFlight, out: StepOutput) -> m.TokenDelta:
