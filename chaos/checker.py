@@ -1,7 +1,9 @@
 """Check a chaos run's history against the promises, and measure it.
 
 Checked, per request (a violation is a line in `Report.violations`):
-- it ends exactly once (one `ok` or `gave_up`), and each attempt once (`done` or `fail`);
+- it ends exactly once (one `ok` or `gave_up`), and each attempt once (`done` or `fail`); an
+  attempt whose stream broke and was resumed with Last-Event-ID (its edge died) is one
+  attempt: the resumed events continue it, from the very event id it was resumed from;
 - nothing after its end: no token in a choice after its finish, nothing after [DONE];
 - contiguity: every event's text offset is where the choice's text so far ends, and the SSE
   ids count up by one (no event lost or repeated across moves);
@@ -39,6 +41,7 @@ class Attempt:
     errors: list = field(default_factory=list)
     extra: int = 0
     problems: list[str] = field(default_factory=list)
+    resumes: int = 0  # times its stream broke and was resumed from its last event id
 
     @property
     def num_tokens(self) -> int:
@@ -118,6 +121,12 @@ def attempts_of(history: list[dict]) -> dict[str, list[Attempt]]:
 
 def _apply(a: Attempt, rec: dict) -> None:
     kind = rec["type"]
+    if kind == "invoke" and rec.get("resume") is not None:  # the same attempt goes on
+        if a.ends != ["fail"] or not a.sids or a.sids[-1] != rec["resume"]:
+            a.problems.append(f"resumed from {rec['resume']} after {a.ends}, ids {a.sids[-1:]}")
+        a.resumes += 1
+        a.ends, a.errors, a.num_tokens_at_failure = [], [], None
+        return
     if rec.get("sid") is not None and (not a.sids or a.sids[-1] != rec["sid"]):
         a.sids.append(rec["sid"])
     if a.ends and kind != "extra":
@@ -261,7 +270,7 @@ def _contiguous(sids: list[str]) -> bool:
     numbers = []
     for sid in sids:
         try:
-            numbers.append(int(sid.rsplit(".", 1)[1]))
+            numbers.append(int(sid.split(".")[1]))  # <id>.<n>[.<per-choice counts>]
         except (IndexError, ValueError):
             return False
     return all(b == a + 1 for a, b in zip(numbers, numbers[1:], strict=False))

@@ -1,6 +1,9 @@
 """The cluster a chaos run attacks: a coordinator, N nodes and an edge as real processes
 (`python -m p3 coordinator|node|edge`), with a fault proxy on every cluster link.
 
+The edge is reached directly (its clients are the workload's); `restart_edge` kills it and
+starts it again on the same port.
+
 Links (each a `FaultProxy` in this process, on loopback):
 - `coord<-node-i`: node i dials the coordinator through it (heartbeats, placement);
 - `node-i<-edge`: the edge dials node i through it (Submit/Cancel out, Tokens back): node i
@@ -71,6 +74,7 @@ class ChaosCluster:
         self.coordinator: Child | None = None
         self.nodes: list[Child | None] = [None] * settings.num_nodes
         self.edge: Child | None = None
+        self.edge_port = 0
         self.url = ""
         self._logs: dict[str, TextIO] = {}
         self.pids_seen: set[int] = set()
@@ -93,12 +97,17 @@ class ChaosCluster:
             self.start_node(i)
         nodes = [n for n in self.nodes if n is not None]
         await asyncio.to_thread(wait_ready, nodes, s.ready_timeout_s)
-        edge_port = free_port(LOCALHOST)
-        self.url = f"http://{LOCALHOST}:{edge_port}"
+        self.edge_port = free_port(LOCALHOST)
+        self.url = f"http://{LOCALHOST}:{self.edge_port}"
+        await self.start_edge()
+
+    async def start_edge(self) -> None:
+        """The edge, on its port (the same one when it starts again), until it is ready."""
+        s = self.settings
         self.edge = self._child(
             "edge",
             COMMON + ["edge", "--coordinator", self._via("coord<-edge"), "--port",
-             str(edge_port), "--token-timeout", str(s.token_timeout_s), *self._model(),
+             str(self.edge_port), "--token-timeout", str(s.token_timeout_s), *self._model(),
              *self._keys()],
             ready_url=self.url + "/ready",
         )  # fmt: skip
@@ -176,6 +185,17 @@ class ChaosCluster:
             await asyncio.to_thread(node.proc.wait)
         node = self.start_node(i)
         await asyncio.to_thread(wait_ready, [node], self.settings.ready_timeout_s)
+
+    def edge_alive(self) -> bool:
+        return self.edge is not None and self.edge.proc.poll() is None
+
+    async def restart_edge(self) -> None:
+        """kill -9 the edge and start it again on its port, as `p3 serve` does: its streams
+        go on on their nodes until clients resume them there."""
+        if self.edge_alive():
+            self.edge.signal(signal.SIGKILL)
+            await asyncio.to_thread(self.edge.proc.wait)
+        await self.start_edge()
 
     async def restart_coordinator(self) -> None:
         """kill -9 the coordinator and start it again on its address."""

@@ -15,7 +15,9 @@ history; the run waits until every node is routed again before the next fault):
              the frames it held: they are lost, and ZeroMQ reconnects;
 - latency:   every link: 20 ms + up to 30 ms of jitter for 2-4 s;
 - loss:      every link: 5 % of chunks held 200 ms (a retransmission) for 2-4 s;
-- coordinator: kill -9 the coordinator and start it again on its address.
+- coordinator: kill -9 the coordinator and start it again on its address;
+- edge:      kill -9 the edge and start it again on its port: its streams go on on their
+             nodes, and the clients resume them there with Last-Event-ID.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from chaos.cluster import ChaosCluster
 
 KINDS = (
     "kill", "term", "pause", "raise", "hang", "partition", "isolate", "reset", "latency", "loss",
-    "coordinator",
+    "coordinator", "edge",
 )  # fmt: skip
 DEATHS = {"kill", "pause", "raise", "hang", "partition"}  # the coordinator must declare these
 WHOLE_TIMEOUT_S = 90.0
@@ -60,7 +62,8 @@ class Nemesis:
 
     async def inject(self, kind: str) -> None:
         target = await self._busiest()
-        fault = {"t": time.time(), "type": "fault", "kind": kind, "node": f"node-{target}"}
+        node = "edge-0" if kind == "edge" else f"node-{target}"
+        fault = {"t": time.time(), "type": "fault", "kind": kind, "node": node}
         self.faults.append(fault)
         self.record(fault)
         self.acting = (kind, target)
@@ -70,7 +73,7 @@ class Nemesis:
             self.record({"t": time.time(), "type": "cut", "kind": kind, "fault_t": fault["t"]})
             raise
         self.acting = None
-        self.record({"t": time.time(), "type": "heal", "kind": kind, "node": f"node-{target}"})
+        self.record({"t": time.time(), "type": "heal", "kind": kind, "node": node})
         whole = await self.wait_whole()
         self.record({"t": time.time(), "type": "whole" if whole else "stuck", "kind": kind})
 
@@ -148,6 +151,9 @@ class Nemesis:
 
     async def _coordinator(self, i: int) -> None:
         await self.cluster.restart_coordinator()
+
+    async def _edge(self, i: int) -> None:
+        await self.cluster.restart_edge()
 
     # -- watching the cluster -----------------------------------------------------------------
 

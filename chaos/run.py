@@ -11,7 +11,7 @@ Scenarios: `smoke` (CI: 8 streams, one kill -9 mid-stream), `reset-once` and `ha
 (CI: the same with one reset of the edge's link to the busiest node, or one hung engine
 step there), one per fault kind (`kill`,
 `term`, `pause`, `raise`, `hang`, `partition`, `isolate`, `reset`, `latency`, `loss`,
-`coordinator`: faults of that kind, one after another, for the duration), and `mixed` (a
+`coordinator`, `edge`: faults of that kind, one after another, for the duration), and `mixed` (a
 seeded draw of every kind).
 """
 
@@ -119,6 +119,8 @@ async def _repair(cluster: ChaosCluster, nemesis: Nemesis) -> None:
         proxy.heal()
     for i in range(cluster.settings.num_nodes):
         cluster.signal_node(i, signal.SIGCONT)
+    if not cluster.edge_alive():  # killed, and the end came before it was started again
+        await cluster.start_edge()
     if nemesis.acting is not None and nemesis.acting[0] in PROCESS_FAULTS:
         await cluster.restart_node(nemesis.acting[1])  # hung, or half-way through a restart
     if not await nemesis.wait_whole(15.0):

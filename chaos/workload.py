@@ -8,7 +8,8 @@ the SDK hides: the SSE `id:` of every event and the exact event order. The edge 
 loopback.
 
 History: one JSON object per line, `t` wall-clock seconds, `req` "c<client>.<k>", `attempt`:
-- `invoke`: the request (its body) goes out;
+- `invoke`: the request (its body) goes out; with `resume` (an SSE id), the same attempt
+  resumed after a broken stream (its edge died): POSTed again with that Last-Event-ID;
 - `event`: one SSE event: `sid` (its id), `choices` [{index, text, tokens, offset, finish}];
 - `usage`: the final usage chunk;
 - `error`: an error event inside the stream (`after_tokens`: how many came before it);
@@ -16,6 +17,8 @@ History: one JSON object per line, `t` wall-clock seconds, `req` "c<client>.<k>"
   with an `error` event fails, [DONE] or not);
 - `fail`: the attempt ended without [DONE] (HTTP status, error, tokens so far);
 - `ok` / `gave_up`: the request's end (a failed attempt with no token is retried: definite).
+A stream that breaks after events came (no [DONE], no error event) is resumed from its last
+event id, again every RESUME_PAUSE_S while the edge is not there, for up to RESUME_FOR_S.
 The nemesis writes `fault` and `heal` lines into the same history.
 """
 
@@ -39,6 +42,19 @@ WORDS = [
 ]  # fmt: skip
 RETRIES = 3  # a definite failure (no token yet) is retried, as any client would
 RETRY_PAUSE_S = 0.5
+RETRY_FOR_S = 20.0  # ... and while the edge does not answer (restarting), for this long
+RESUME_PAUSE_S = 0.2  # a broken stream is resumed from its last event id, every this often
+RESUME_FOR_S = 20.0  # for this long (a node keeps an orphaned stream for 30 s)
+
+
+@dataclass
+class Outcome:
+    """What one POST of an attempt ended with."""
+
+    num_tokens: int = 0  # tokens it delivered
+    done: bool = False  # [DONE] came and no error event did
+    last_sid: str | None = None  # the id of the last event it delivered
+    broken: bool = False  # the connection failed or closed early (not an answer)
 
 
 @dataclass(frozen=True)
@@ -127,46 +143,67 @@ class Workload:
             await self.request(session, queue.pop())
 
     async def request(self, session: aiohttp.ClientSession, spec: Spec) -> None:
-        for attempt in range(RETRIES + 1):
-            num_tokens = await self._attempt(session, spec, attempt)
-            if num_tokens is None:
+        started, attempt = time.monotonic(), -1
+        while True:
+            attempt += 1
+            got = await self._attempt(session, spec, attempt)
+            resumed_at = time.monotonic()
+            while not got.done and got.broken and got.last_sid is not None:
+                if time.monotonic() - resumed_at > RESUME_FOR_S:
+                    break
+                await asyncio.sleep(RESUME_PAUSE_S)
+                more = await self._attempt(session, spec, attempt, resume=got.last_sid)
+                got = Outcome(got.num_tokens + more.num_tokens, more.done,
+                              more.last_sid or got.last_sid, more.broken)  # fmt: skip
+            if got.done:
                 self.record({"t": time.time(), "req": spec.req, "type": "ok"})
                 return
-            if num_tokens > 0 or attempt == RETRIES:
+            if got.num_tokens > 0:
                 break  # indefinite (tokens were sent): a retry would start the text again
+            edge_away = got.broken and time.monotonic() - started < RETRY_FOR_S
+            if attempt >= RETRIES and not edge_away:
+                break
             await asyncio.sleep(RETRY_PAUSE_S)
         self.record({"t": time.time(), "req": spec.req, "type": "gave_up"})
 
-    async def _attempt(self, session, spec: Spec, attempt: int) -> int | None:
-        """None when the stream ended with [DONE]; else the number of tokens it had."""
+    async def _attempt(
+        self, session, spec: Spec, attempt: int, resume: str | None = None
+    ) -> Outcome:
         base = {"req": spec.req, "attempt": attempt}
-        self.record({"t": time.time(), **base, "type": "invoke", "body": spec.body(self.model)})
-        num_tokens, done, errored = 0, False, False
+        invoke = {"t": time.time(), **base, "type": "invoke", "body": spec.body(self.model)}
+        self.record({**invoke, "resume": resume} if resume is not None else invoke)
+        got, errored = Outcome(), False
+        headers = {"Last-Event-ID": resume} if resume is not None else None
+        url = self.url + "/v1/completions"
         try:
-            async with session.post(self.url + "/v1/completions", json=spec.body(self.model)) as r:
+            async with session.post(url, json=spec.body(self.model), headers=headers) as r:
                 if r.status != 200:
                     error = (await r.text())[:300]
-                    self._fail(base, num_tokens, status=r.status, error=error)
-                    return num_tokens
+                    self._fail(base, got.num_tokens, status=r.status, error=error)
+                    return got
                 async for sid, data in sse_events(r):
                     now = time.time()
-                    if done:
+                    if got.done:
                         self.record({"t": now, **base, "type": "extra", "data": data[:200]})
                         continue
+                    got.last_sid = sid or got.last_sid
                     if data == "[DONE]":
-                        done = True
+                        got.done = True
                         self.record({"t": now, **base, "type": "done", "sid": sid})
                         continue
                     chunk = json.loads(data)
                     errored = errored or "error" in chunk
-                    num_tokens += self._chunk(base, now, sid, chunk)
+                    got.num_tokens += self._chunk(base, now, sid, chunk)
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
-            self._fail(base, num_tokens, error=repr(exc)[:300])
-            return num_tokens
-        if not done:
-            self._fail(base, num_tokens, error="stream ended without [DONE]")
-            return num_tokens
-        return num_tokens if errored else None  # an error event: the attempt failed
+            self._fail(base, got.num_tokens, error=repr(exc)[:300])
+            got.broken = not isinstance(exc, json.JSONDecodeError)
+            return got
+        if not got.done:
+            self._fail(base, got.num_tokens, error="stream ended without [DONE]")
+            got.broken = True
+            return got
+        got.done = not errored  # an error event: the attempt failed
+        return got
 
     def _chunk(self, base: dict, now: float, sid: str | None, chunk: dict) -> int:
         if "error" in chunk:

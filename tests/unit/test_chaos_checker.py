@@ -114,3 +114,34 @@ def test_the_pause_a_fault_causes_is_measured():
     history.append({"t": 100.25, "type": "fault", "kind": "kill", "node": "node-0"})
     report = verdict(history)
     assert report.fault_gaps_s == [0.1] or abs(report.fault_gaps_s[0] - 0.1) < 1e-9
+
+
+def broken_at(history: list[dict], k: int, resume_from: str | None = None) -> list[dict]:
+    """The stream breaks after its k-th event (its edge died) and the client resumes it from
+    the last id it got (or resume_from)."""
+    events = [i for i, r in enumerate(history) if r["type"] == "event"]
+    cut = events[k - 1] + 1
+    last = history[cut - 1]
+    fail = {"t": last["t"], "req": last["req"], "attempt": 0, "type": "fail", "tokens": k,
+            "error": "ServerDisconnectedError()"}
+    resume = {"t": last["t"] + 1, "req": last["req"], "attempt": 0, "type": "invoke",
+              "body": {}, "resume": resume_from or last["sid"]}
+    return history[:cut] + [fail, resume] + history[cut:]
+
+
+def test_a_stream_resumed_after_its_edge_died_is_one_whole_attempt():
+    report = verdict(broken_at(stream(), 3))
+    assert report.passed, report.violations
+    assert (report.ok, report.tokens, report.failed) == (1, 7, 0)
+
+
+def test_a_resume_from_another_event_than_the_last_one_seen_is_caught():
+    report = verdict(broken_at(stream(), 3, resume_from="cmpl-x.2"))
+    assert any("resumed from cmpl-x.2" in v for v in report.violations)
+
+
+def test_ids_of_a_stream_of_several_choices_count_by_their_event_number():
+    history = stream()
+    for k, rec in enumerate(r for r in history if "sid" in r):
+        rec["sid"] = f"cmpl-x.{k + 1}.{k}-1"
+    assert verdict(history).passed

@@ -33,3 +33,13 @@ def test_a_stream_adopted_after_its_edge_died_brings_its_finished_samples():
     ]
     assert table.get("r-1").edge == b"edge-1/b"  # it streams to its adopter from now on
     assert table.expire_orphans(time.monotonic() + 1) == [] and not table.ended
+
+
+def test_a_sample_that_finished_as_an_orphan_is_there_for_a_second_adopter():
+    table = InFlightTable()
+    table.add(entry("r-0"))
+    table.orphan(b"edge-0/a", time.monotonic())
+    table.batch([StepOutput("r-0", [5], finish_reason="length")])
+    assert [e.request_id for e in table.adopt("cmpl-1", b"edge-1/b")] == ["r-0"]
+    again = table.adopt("cmpl-1", b"edge-2/c")  # edge-1 died as well
+    assert [(e.request_id, e.finished) for e in again] == [("r-0", True)]

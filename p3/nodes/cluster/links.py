@@ -45,6 +45,7 @@ FIRST_HELLO_INTERVAL_S = 0.05
 LINK_PING_S = 0.2  # ZMTP heartbeat on every edge->node link
 LINK_TIMEOUT_S = 1.0  # no traffic (pongs included) this long: the link is down
 ADOPT_RETRY_S = 0.1  # how often an edge asks again for a stream to adopt
+MAX_HELD_DELTAS = 4096  # of a sample being adopted, before it is attached
 DEAD_LISTED_S = 300.0  # a node declared dead stays listed (/cluster) this long
 
 
@@ -147,6 +148,8 @@ class Cluster:
         self._unlinkable: set[str] = set()  # routed nodes whose key this edge has not
         self._tokenizer_waiters: dict[tuple[str, str], asyncio.Future[dict[str, bytes]]] = {}
         self._adopting: dict[str, _Adopting] = {}  # stream id -> what its nodes sent so far
+        # adopted samples' deltas that came before the sample was attached here
+        self._held: dict[str, list[tuple[m.TokenDelta, str, float, int]]] = {}
         self.routes_changed = asyncio.Event()
         self.on_models = on_models
         self.on_tokens: Callable[[m.Tokens], Any] | None = None
@@ -208,6 +211,8 @@ class Cluster:
                     adopting = self._adopting.get(adopted.stream_id)
                     if adopting is not None:
                         adopting.add(link.node_id, adopted.samples)
+                        for sample in adopted.samples:  # they stream here from now on
+                            self._held.setdefault(sample.submit.request_id, [])
                 case m.TokenizerFiles() as files:
                     waiter = self._tokenizer_waiters.pop((link.node_id, files.tokenizer_hash), None)
                     if waiter is not None and not waiter.done():
@@ -316,12 +321,17 @@ class Cluster:
                         await asyncio.wait_for(adopting.complete.wait(), ADOPT_RETRY_S)
                         return list(adopting.found.values())
         except TimeoutError:
-            for node_id, sample in adopting.found.values():  # they stream here: stop them
-                if not sample.finished and (link := self.links.get(node_id)) is not None:
-                    wire.send(link.socket, m.Cancel(sample.submit.request_id))
+            self.release(list(adopting.found.values()))
             return None
         finally:
             self._adopting.pop(stream_id, None)
+
+    def release(self, found: list[AdoptedAt]) -> None:
+        """Adopted samples this edge will not serve after all: stopped on their nodes."""
+        for node_id, sample in found:
+            self._held.pop(sample.submit.request_id, None)
+            if not sample.finished and (link := self.links.get(node_id)) is not None:
+                wire.send(link.socket, m.Cancel(sample.submit.request_id))
 
     def attach(self, sample: Sample, queue: asyncio.Queue[Event], node_id: str, epoch: int):
         """An adopted sample, already running on node_id under epoch: its tokens come here."""
@@ -330,6 +340,8 @@ class Cluster:
         journal.tried_nodes.add(node_id)
         self.epochs.setdefault(node_id, set()).add(epoch)
         self.inflight[sample.request_id] = (sample, queue)
+        for delta, node, received_at, delta_epoch in self._held.pop(sample.request_id, []):
+            self._deliver(sample.request_id, delta, node, received_at, delta_epoch)
 
     def _link(self, route: m.Route) -> bool:
         """Link route's node (again, if it moved); False if it cannot be (no key for it)."""
@@ -462,6 +474,11 @@ class Cluster:
         epoch: int | None = None,
     ) -> None:
         entry = self.inflight.get(request_id)
+        held = self._held.get(request_id)
+        if entry is None and held is not None and isinstance(msg, m.TokenDelta):
+            if len(held) < MAX_HELD_DELTAS:  # being adopted: attach() delivers them
+                held.append((msg, node_id, received_at or time.perf_counter(), epoch or 0))
+            return
         if entry is None:
             return  # cancelled, finished, or never ours: nothing waits for it
         sample, queue = entry

@@ -90,7 +90,11 @@ async def adopt(api: Api, last: EventId) -> Replay | None:
     found.sort(key=lambda item: _context(item[1]).index)
     contexts = [_context(adopted) for _, adopted in found]
     body = msgspec.json.decode(contexts[0].body)
-    prepared = await prepare(api.edge, body, contexts[0].chat)
+    try:
+        prepared = await prepare(api.edge, body, contexts[0].chat)
+    except Exception:  # its model is no longer served here, say: the samples stop
+        api.cluster.release(found)
+        raise
     responder = prepared.responder(chat=prepared.chat)
     responder.id, responder.created = contexts[0].response_id, contexts[0].created
     num = len(found)
@@ -109,7 +113,7 @@ async def adopt(api: Api, last: EventId) -> Replay | None:
     if len(seen) != num or any(s > len(e) for s, e in zip(seen, events, strict=True)):
         log.warning("edge.adopt_refused", response_id=last.response_id, last=last.number,
                     num_samples=num)  # fmt: skip
-        _release(api, samples, found)
+        api.cluster.release(found)
         return None
     replay = Replay(last.response_id, num, base=last.number, seen=seen)
     for index, chunks in enumerate(events):
@@ -146,14 +150,6 @@ def _all_samples(found: list[AdoptedAt]) -> bool:
         return False
     indexes = {c.index for c in contexts}
     return all(c.num_samples == len(found) for c in contexts) and indexes == set(range(len(found)))
-
-
-def _release(api: Api, samples: list[Sample], found: list[AdoptedAt]) -> None:
-    """Adopted samples this edge will not serve: stopped on their nodes."""
-    for sample, (node_id, _) in zip(samples, found, strict=True):
-        if not sample.finished:
-            sample.journal.node_id = node_id
-            api.cluster.cancel(sample)
 
 
 def _sample(submit: m.Submit, prepared, index: int) -> Sample:

@@ -130,13 +130,16 @@ class InFlightTable:
         """The orphans of stream_id, now edge's: unfinished ones stream to it from here on.
         Its samples that had ended come along (kept, for another adopter too): only
         reading them, so whether their edge is there does not matter."""
+        ended = [e for e in self.ended.values() if e.stream_id == stream_id]
         found = [e for e in self.orphans.values() if e.stream_id == stream_id]
         for entry in found:
             del self.orphans[entry.request_id]
             entry.edge, entry.orphaned_at = edge, None
-            if not entry.finished:
+            if entry.finished:  # while an orphan: kept for the next adopter too
+                self._ended(entry)
+            else:
                 self.add(entry)
-        return found + [e for e in self.ended.values() if e.stream_id == stream_id]
+        return found + ended
 
     def expire_orphans(self, older_than: float) -> list[InFlight]:
         """Orphans no edge adopted since older_than: removed (the caller cancels them); ended
