@@ -1,5 +1,3 @@
-import sys
+from p3.cli import run
 
-from p3.cli import main
-
-sys.exit(main())
+run()

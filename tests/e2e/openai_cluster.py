@@ -106,6 +106,14 @@ def children(pid: int) -> list[tuple[int, list[str]]]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """A process that is there and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import aiohttp
 import pytest
@@ -166,3 +167,16 @@ async def test_a_stream_of_two_choices_resumes_after_an_edge_kill(served):
     assert texts == want
     assert numbers(ids) == list(range(1, len(ids) + 1))
     assert sum(map(int, ids[-1].split(".")[2].split("-"))) == len(ids) - 1  # all but [DONE]
+
+
+def test_sigterm_with_nothing_in_flight_stops_every_process_within_2_s(served):
+    """Last in this module: it stops the cluster the tests above shared."""
+    proc = served.procs[0]
+    members = [pid for pid, _ in openai_cluster.children(proc.pid)]
+    assert len(members) >= 3  # coordinator, node, edge
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=2.0) == 0
+    while any(openai_cluster.alive(pid) for pid in members):
+        assert time.monotonic() - started < 2.0, [p for p in members if openai_cluster.alive(p)]
+        time.sleep(0.01)  # polling the process table, bounded by the 2 s deadline

@@ -168,17 +168,30 @@ def wait_ready(
 
 
 def stop_all(children: list[Child], timeout_s: float = 30.0) -> None:
-    """SIGTERM (drain) in order, wait up to timeout_s in all, then SIGKILL what is left."""
+    """SIGTERM (drain) in order, wait up to timeout_s in all, then SIGKILL what is left.
+    Nodes next to each other in the order stop together (each drains its own work)."""
     deadline = time.monotonic() + timeout_s
-    for child in children:
-        child.signal(signal.SIGCONT)  # a stopped child cannot act on SIGTERM
-        child.signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for stage in _stages(children):
+        for child in stage:
+            child.signal(signal.SIGCONT)  # a stopped child cannot act on SIGTERM
+            child.signal(signal.SIGTERM)
+        for child in stage:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     for child in children:
         if child.proc.poll() is None:
             child.signal(signal.SIGKILL)
             child.proc.wait()
+
+
+def _stages(children: list[Child]) -> list[list[Child]]:
+    stages: list[list[Child]] = []
+    for child in children:
+        if stages and child.name.startswith("node-") and stages[-1][-1].name.startswith("node-"):
+            stages[-1].append(child)
+        else:
+            stages.append([child])
+    return stages
 
 
 def python_m_p3(*args: str) -> list[str]:
