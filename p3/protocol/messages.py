@@ -14,7 +14,8 @@ from msgspec import Meta
 
 from p3.outputs import FinishReason
 
-PROTOCOL_VERSION = 3  # 2: the load figures as one nested Load; 3: tokenizers over the wire
+PROTOCOL_VERSION = 4  # 2: the load figures as one nested Load; 3: tokenizers over the wire;
+# 4: streams taken over from a live edge (TakenOver)
 
 # Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
 # bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
@@ -272,8 +273,9 @@ class GetTokenizer(Msg, tag="get_tokenizer"):
 
 
 class Adopt(Msg, tag="adopt"):
-    """An edge takes over the samples of a stream whose edge went away (a client resumed it
-    there with Last-Event-ID): the node answers Adopted and streams them to this edge."""
+    """An edge takes over the samples of a stream (a client resumed it there with
+    Last-Event-ID: its edge went away, or the client lost its way to it): the node answers
+    Adopted and streams them to this edge; an edge that still had them hears TakenOver."""
 
     stream_id: str
 
@@ -339,4 +341,13 @@ class Adopted(Msg, tag="adopted"):
     samples: list[AdoptedSample] = []  # empty: no orphaned stream of that id here
 
 
-ToEdgeFromNode = Tokens | Rejected | Pong | TokenizerFiles | Adopted
+class TakenOver(Msg, tag="taken_over"):
+    """To the edge a stream's samples streamed to until another edge adopted them: they are
+    that edge's now (its client resumed there), so this one stops serving them, and must
+    neither cancel nor move them."""
+
+    stream_id: str
+    request_ids: list[str] = []
+
+
+ToEdgeFromNode = Tokens | Rejected | Pong | TokenizerFiles | Adopted | TakenOver

@@ -6,6 +6,7 @@ Then the same with two edges, resuming on the other one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -107,7 +108,9 @@ async def test_a_killed_edge_restarts_and_the_stream_resumes_exactly(served, ref
     assert edge_of(served)[0] != pid  # it was started again
 
 
-async def test_a_stream_resumes_on_another_edge_of_the_cluster(served, reference):
+@contextlib.contextmanager
+def another_edge(served):
+    """A second `p3 edge` on the served cluster (its url), stopped after."""
     _, argv = edge_of(served)
     other = subprocess.Popen(
         [sys.executable, "-m", "p3", "edge", "--coordinator", openai_cluster.flag(argv,
@@ -116,18 +119,44 @@ async def test_a_stream_resumes_on_another_edge_of_the_cluster(served, reference
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        other_url = openai_cluster._wait_ready(other)["url"]
+        yield openai_cluster._wait_ready(other)["url"]
+    finally:
+        other.terminate()
+        other.wait(timeout=30)
+
+
+async def metric(url: str, name: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as r:
+        return next((line for line in (await r.text()).splitlines() if line.startswith(name)), "")
+
+
+async def test_a_stream_resumes_on_another_edge_of_the_cluster(served, reference):
+    with another_edge(served) as other_url:
         pid, _ = edge_of(served)
         text, ids = await stream_kill_resume(
             served.url, other_url, lambda: os.kill(pid, signal.SIGKILL)
         )
         assert text == reference
         assert numbers(ids) == list(range(1, len(ids) + 1))
-        async with aiohttp.ClientSession() as session, session.get(other_url + "/metrics") as r:
-            assert "p3:streams_adopted_total 1.0" in await r.text()
-    finally:
-        other.terminate()
-        other.wait(timeout=30)
+        assert await metric(other_url, "p3:streams_adopted_total") == "p3:streams_adopted_total 1.0"
+
+
+async def test_a_stream_whose_edge_lives_resumes_on_another_edge(served, reference):
+    """The client lost its way to its edge, not the edge: the other edge takes the stream
+    over, and the first stops serving it (it neither cancels nor moves it)."""
+    await wait_serving_session(served.url)
+    with another_edge(served) as other_url:
+        text, ids = await stream_kill_resume(served.url, other_url, lambda: None)
+        assert text == reference
+        assert numbers(ids) == list(range(1, len(ids) + 1))
+        handed = "p3:streams_handed_over_total 1.0"
+        assert await metric(served.url, "p3:streams_handed_over_total") == handed
+        assert await metric(other_url, "p3:streams_adopted_total") == "p3:streams_adopted_total 1.0"
+
+
+async def wait_serving_session(url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        await wait_serving(session, url)
 
 
 async def test_a_stream_of_two_choices_resumes_after_an_edge_kill(served):

@@ -25,7 +25,9 @@ def test_a_stream_adopted_after_its_edge_died_brings_its_finished_samples():
     kept, stopped = table.orphan(b"edge-0/a", time.monotonic())
     assert [e.request_id for e in kept] == ["r-1"] and [e.request_id for e in stopped] == ["other"]
     table.batch([StepOutput("r-1", [9])])  # an orphan goes on, into its history
-    adopted = {e.request_id: e for e in table.adopt("cmpl-1", b"edge-1/b")}
+    found, taken = table.adopt("cmpl-1", b"edge-1/b")
+    adopted = {e.request_id: e for e in found}
+    assert taken == {}  # nothing of it streamed to a live edge
     assert sorted(adopted) == ["r-0", "r-1"]
     assert adopted["r-0"].finished and [d.token_ids for d in adopted["r-0"].history] == [[7]]
     assert not adopted["r-1"].finished and [d.token_ids for d in adopted["r-1"].history] == [
@@ -40,6 +42,16 @@ def test_a_sample_that_finished_as_an_orphan_is_there_for_a_second_adopter():
     table.add(entry("r-0"))
     table.orphan(b"edge-0/a", time.monotonic())
     table.batch([StepOutput("r-0", [5], finish_reason="length")])
-    assert [e.request_id for e in table.adopt("cmpl-1", b"edge-1/b")] == ["r-0"]
-    again = table.adopt("cmpl-1", b"edge-2/c")  # edge-1 died as well
+    assert [e.request_id for e in table.adopt("cmpl-1", b"edge-1/b")[0]] == ["r-0"]
+    again, _ = table.adopt("cmpl-1", b"edge-2/c")  # edge-1 died as well
     assert [(e.request_id, e.finished) for e in again] == [("r-0", True)]
+
+
+def test_a_stream_adopted_from_a_live_edge_is_taken_from_it():
+    table = InFlightTable()
+    table.add(entry("r-0"))
+    table.add(entry("r-1", stream_id="cmpl-2"))
+    found, taken = table.adopt("cmpl-1", b"edge-1/b")
+    assert [e.request_id for e in found] == ["r-0"] and taken == {b"edge-0/a": ["r-0"]}
+    assert table.get("r-0").edge == b"edge-1/b" and table.get("r-1").edge == b"edge-0/a"
+    assert table.adopt("cmpl-1", b"edge-1/b") == ([], {})  # asked again: it has it already

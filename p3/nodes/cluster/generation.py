@@ -67,6 +67,11 @@ class RequestFailed(Exception):
         return FAILURE_HTTP_STATUS.get(self.code, 503 if self.definite else 500)
 
 
+class HandedOver(Exception):
+    """Another edge adopted the request's stream (its client resumed there): this edge stops
+    serving it, and leaves its samples alone on their nodes."""
+
+
 class Generation:
     def __init__(
         self, cluster: Cluster, samples: list[Sample], timeout_s: float = DEFAULT_TIMEOUT_S
@@ -82,6 +87,7 @@ class Generation:
         self.submitted_at: float | None = None  # when the last sample's Submit left
         self.received_at = 0.0  # when the frame of the latest Delta arrived from its node
         self._quiet: dict[int, int] = {}  # sample index -> token timeouts in a row on its node
+        self.handed_over = False  # another edge adopted the stream
         self._moves = cluster.moves
 
     @property
@@ -113,9 +119,9 @@ class Generation:
             self.close()
 
     def close(self) -> None:
-        """Cancel every sample that has not finished on its node."""
+        """Cancel every sample that has not finished on its node (none, once handed over)."""
         for sample in self.samples:
-            if not sample.finished:
+            if not sample.finished and not self.handed_over:
                 sample.finish_reason = "abort"
                 self.cluster.cancel(sample)
             self.cluster.forget(sample)
@@ -150,7 +156,9 @@ class Generation:
         recent = self.cluster.progressed_within(sample.journal.node_id or "", self.timeout_s)
         return recent and self._quiet.get(sample.index, 0) < QUEUED_ROUNDS
 
-    def _handle(self, sample: Sample, msg: m.TokenDelta | m.Rejected | NodeLost) -> Delta | None:
+    def _handle(
+        self, sample: Sample, msg: m.TokenDelta | m.Rejected | m.TakenOver | NodeLost
+    ) -> Delta | None:
         match msg:
             case m.TokenDelta() if msg.index > sample.num_output_tokens and not sample.finished:
                 # tokens between were lost on the link: what the node holds is no use
@@ -165,6 +173,9 @@ class Generation:
                 return delta
             case m.Rejected():
                 self._rejected(sample, msg)
+            case m.TakenOver():
+                self.handed_over = True
+                raise HandedOver(f"stream {msg.stream_id} was resumed on another edge")
             case NodeLost() if msg.node_id == sample.journal.node_id:  # not one it left
                 if msg.alive:
                     self._leave_live_node(sample, f"{msg.reason} ({msg.node_id})")

@@ -207,6 +207,9 @@ class Cluster:
                     self.on_node_tokens(link.node_id, tokens)
                 case m.Rejected() as rejected:
                     self._deliver(rejected.request_id, rejected, link.node_id)
+                case m.TakenOver() as taken:
+                    for request_id in taken.request_ids:
+                        self._deliver(request_id, taken, link.node_id)
                 case m.Adopted() as adopted:
                     adopting = self._adopting.get(adopted.stream_id)
                     if adopting is not None:
@@ -468,7 +471,7 @@ class Cluster:
     def _deliver(
         self,
         request_id: str,
-        msg: m.TokenDelta | m.Rejected,
+        msg: m.TokenDelta | m.Rejected | m.TakenOver,
         node_id: str,
         received_at: float | None = None,
         epoch: int | None = None,
@@ -501,7 +504,13 @@ class _Adopting:
         self.complete = asyncio.Event()
 
     def add(self, node_id: str, samples: list[m.AdoptedSample]) -> None:
-        for sample in samples:
-            self.found[sample.submit.request_id] = (node_id, sample)
+        for sample in samples:  # a sample on two nodes (moving as it was adopted): the
+            have = self.found.get(sample.submit.request_id)  # further one is the live one
+            if have is None or _num_tokens(sample) >= _num_tokens(have[1]):
+                self.found[sample.submit.request_id] = (node_id, sample)
         if self.found and self.is_complete(list(self.found.values())):
             self.complete.set()
+
+
+def _num_tokens(sample: m.AdoptedSample) -> int:
+    return len(sample.submit.output_token_ids) + sum(len(d.token_ids) for d in sample.history)

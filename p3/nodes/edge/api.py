@@ -18,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from p3.log import get_logger, log_exception
-from p3.nodes.cluster.generation import Generation, RequestFailed
+from p3.nodes.cluster.generation import Generation, HandedOver, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
 from p3.nodes.edge.adoption import adopt, append_chunk, emit, resume_context
 from p3.nodes.edge.metrics import kv_usage
@@ -270,6 +270,10 @@ class Api:
         except RequestFailed as failure:
             self._failed(failure)
             send(failure_error(failure).body())
+        except HandedOver as handed:
+            log.info("edge.stream_handed_over", response_id=replay.response_id)
+            self.metrics.streams_handed_over.inc()
+            send(ApiError(409, str(handed), code="stream_resumed_elsewhere").body())
         except Exception as exc:  # a bug here: the client hears it, the log shows it
             log_exception(log, "edge.stream_failed", exc, request_ids=generation.request_ids)
             self.metrics.request_failure.labels("internal").inc()

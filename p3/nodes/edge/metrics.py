@@ -57,6 +57,11 @@ class EdgeMetrics:
             "Streams another edge (or this one before a restart) started, resumed here",
             registry=r,
         )
+        self.streams_handed_over = Counter(
+            "p3:streams_handed_over",
+            "Streams this edge served until their client resumed them on another edge",
+            registry=r,
+        )
 
     def observe_routes(self, routes: list[m.Route]) -> None:
         for gauge in (self.running, self.waiting, self.kv_usage):

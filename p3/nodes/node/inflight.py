@@ -126,10 +126,13 @@ class InFlightTable:
             self.orphans[entry.request_id] = entry
         return kept, [e for e in gone if e.submit is None]
 
-    def adopt(self, stream_id: str, edge: bytes) -> list[InFlight]:
-        """The orphans of stream_id, now edge's: unfinished ones stream to it from here on.
-        Its samples that had ended come along (kept, for another adopter too): only
-        reading them, so whether their edge is there does not matter."""
+    def adopt(
+        self, stream_id: str, edge: bytes
+    ) -> tuple[list[InFlight], dict[bytes, list[str]]]:
+        """The samples of stream_id, now edge's: unfinished ones stream to it from here on.
+        Orphans, and samples another edge still has (its client resumed here: that edge
+        loses them, named in the dict, edge -> request ids). Its samples that had ended come
+        along (kept, for another adopter too): only reading them, whoever had them."""
         ended = [e for e in self.ended.values() if e.stream_id == stream_id]
         found = [e for e in self.orphans.values() if e.stream_id == stream_id]
         for entry in found:
@@ -139,7 +142,13 @@ class InFlightTable:
                 self._ended(entry)
             else:
                 self.add(entry)
-        return found + ended
+        taken: dict[bytes, list[str]] = {}
+        for entry in self._requests.values():
+            if entry.stream_id == stream_id and entry.edge != edge:
+                taken.setdefault(entry.edge, []).append(entry.request_id)
+                entry.edge = edge
+                found.append(entry)
+        return found + ended, taken
 
     def expire_orphans(self, older_than: float) -> list[InFlight]:
         """Orphans no edge adopted since older_than: removed (the caller cancels them); ended

@@ -456,11 +456,14 @@ class Node(Actor):
         self._cancel_in_engine(gone)
 
     def on_adopt(self, edge: bytes, stream_id: str) -> None:
-        adopted = self.inflight.adopt(stream_id, edge)
+        adopted, taken = self.inflight.adopt(stream_id, edge)
         samples = [m.AdoptedSample(e.submit, list(e.history), e.finished) for e in adopted]
         if adopted:
-            log.info("node.adopted", stream_id=stream_id, edge=routing_name(edge))
+            log.info("node.adopted", stream_id=stream_id, edge=routing_name(edge),
+                     taken_from=[routing_name(e) for e in taken])  # fmt: skip
         self._send_edge(edge, m.Adopted(stream_id, samples))
+        for old_edge, request_ids in taken.items():
+            self._send_edge(old_edge, m.TakenOver(stream_id, request_ids))
 
     def _expire_orphans(self) -> None:
         expired = self.inflight.expire_orphans(time.monotonic() - self.config.orphan_grace_s)
