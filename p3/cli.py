@@ -140,6 +140,12 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         help="busy with no step this long = dead (s)",
     )
     p.add_argument(
+        "--lend-threads-after",
+        type=float,
+        default=cluster("lend_threads_after_s"),
+        help="a node dead this long lends its threads to its host's other nodes (s)",
+    )
+    p.add_argument(
         "--tp", type=int, default=cluster("tp_size"), help="tensor-parallel nodes per stage"
     )
     p.add_argument("--pp", type=int, default=cluster("pp_size"), help="pipeline stages per replica")
@@ -267,6 +273,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         tp_size=args.tp,
         pp_size=args.pp,
         keys=cluster_keys(args, "p3 coordinator"),
+        lend_threads_after_s=args.lend_threads_after,
     )
     return run_actor(Coordinator(config))
 
@@ -289,6 +296,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         drain_timeout_s=args.drain_timeout,
         keys=cluster_keys(args, "p3 node"),
+        max_threads=args.max_threads,
     )
     return run_actor(Node(config))
 
@@ -368,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--advertise-host", default=None, help="host edges dial (default: bind's)")
     node.add_argument("--advertise-port", type=int, default=None, help="port edges dial")
     node.add_argument("--threads", type=int, default=None, help="torch threads")
+    node.add_argument(
+        "--max-threads", type=int, default=None,
+        help="grow to this many threads while other nodes on this host are down (default: no)",
+    )  # fmt: skip
     node.add_argument(
         "--max-in-flight", type=int, default=default_of(NodeConfig, "max_in_flight")
     )

@@ -115,6 +115,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
             "--heartbeat-interval", str(args.heartbeat_interval),
             "--heartbeat-misses", str(args.heartbeat_misses),
             "--hung-after", str(args.hung_after), "--tp", str(args.tp), "--pp", str(args.pp),
+            "--lend-threads-after", str(args.lend_threads_after),
             *_keys(args),
         ),
     )  # fmt: skip
@@ -142,6 +143,8 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
                 f"node-{i}",
                 "--threads",
                 str(threads),
+                "--max-threads",  # a node's peers here down: their cores are its to use
+                str(len(os.sched_getaffinity(0))),
                 *model_of(i),
                 *_keys(args),
                 *engine_argv,

@@ -1,7 +1,7 @@
 """The move pause: kill -9 a node mid-stream and measure how long the streams it held wait.
 
     python scripts/bench_move_pause.py [--nodes 2] [--clients 8] [--kills 10]
-        [--modes serial,queue] [--dtype auto] [--max-num-batched-tokens N] [--threads T]
+        [--modes serial+lend,serial] [--dtype auto] [--max-num-batched-tokens N] [--threads T]
 
 Starts a real cluster the way `p3 serve --nodes N` does (a coordinator and N node processes,
 each with cores/N torch threads, CurveZMQ keys made for the run, the default model and
@@ -24,10 +24,12 @@ context a kill left to re-prefill (prompt + outputs so far, tokens), and the mov
 Modes set the nodes' $P3_BENCH_MOVE_SCHEDULE, a benchmark switch of p3/engine/scheduler.py:
 `serial` (the default: decodes, then moved streams one after another, then fresh prompts),
 `queue` (moved streams queue ahead of fresh prompts and are batched with them, as before),
-`fifo` (arrival order). Two modes (two nodes) run side by side in one cluster: node-0 runs
-the first, node-1 the second, and the kills alternate, so each kill measures the survivor's
-mode and a busy machine weighs on both alike. One mode: every node runs it, and each kill
-takes the node holding the most streams.
+`fifo` (arrival order). A mode with `+lend` also starts its node with `--max-threads`
+(the cores), as p3 serve does: while its peer is down, the survivor computes with the dead
+one's threads too (p3/nodes/coordinator/threads.py). Two modes (two nodes) run side by
+side in one cluster: node-0 runs the first, node-1 the second, and the kills alternate,
+so each kill measures the survivor's mode and a busy machine weighs on both alike. One
+mode: every node runs it, and each kill takes the node holding the most streams.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from p3.sampling_params import SamplingParams  # noqa: E402
 from p3.serve import threads_per_node  # noqa: E402
 
 CLIENT = "client-0"
+LEND = "+lend"  # a mode's node may grow into a dead peer's threads
 RESTART_AFTER_S = 0.2  # p3 serve's supervisor polls its children this often
 RETRY_PAUSE_S = 0.5  # after a failed request, as chaos's clients wait
 
@@ -95,6 +98,7 @@ class BenchCluster:
 
     def __init__(self, args: argparse.Namespace, modes: list[str], workdir: Path):
         self.workdir = workdir
+        self.restart_after_s = args.restart_after
         names = [f"node-{i}" for i in range(args.nodes)]
         self.modes = {name: modes[i % len(modes)] for i, name in enumerate(names)}
         self.keys = str(generate(workdir / "keys", names, [CLIENT]))
@@ -103,7 +107,7 @@ class BenchCluster:
         self.coordinator = self._child(
             "coordinator",
             python_m_p3(*common, "coordinator", "--bind", "tcp://127.0.0.1:0", "--keys",
-                        self.keys),
+                        self.keys, "--lend-threads-after", str(args.lend_after)),
         )  # fmt: skip
         wait_ready([self.coordinator], 120)
         self.address = self.coordinator.info["address"]
@@ -113,13 +117,19 @@ class BenchCluster:
             engine += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         node = [*common, "node", "--coordinator", self.address, "--threads", str(threads),
                 "--keys", self.keys, *engine]  # fmt: skip
-        self.nodes = [self._child(name, python_m_p3(*node, "--node-id", name)) for name in names]
+        lend = ["--max-threads", str(len(os.sched_getaffinity(0)))]
+        self.nodes = [
+            self._child(name, python_m_p3(*node, "--node-id", name,
+                                          *(lend if self.modes[name].endswith(LEND) else [])))
+            for name in names
+        ]  # fmt: skip
         wait_ready(self.nodes, 300)
 
     def _child(self, name: str, argv: list[str]) -> Child:
         log = open(self.workdir / f"{name}.log", "a", buffering=1)  # noqa: SIM115
         self.logs.append(log)
-        env = {MOVE_SCHEDULE_ENV: self.modes[name]} if name in self.modes else {}
+        schedule = self.modes.get(name, "").removesuffix(LEND)
+        env = {MOVE_SCHEDULE_ENV: schedule} if schedule else {}
         return Child(name, argv, env=env, output=log)
 
     def kill_and_restart(self, i: int) -> None:
@@ -127,7 +137,7 @@ class BenchCluster:
         node = self.nodes[i]
         os.kill(node.pid, signal.SIGKILL)
         node.proc.wait()
-        time.sleep(RESTART_AFTER_S)
+        time.sleep(self.restart_after_s)
         self.nodes[i] = self._child(node.name, node.argv)
 
     def stop(self) -> None:
@@ -305,16 +315,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--kills", type=int, default=10)
-    p.add_argument("--modes", default="serial,queue", help=f"one or two of {MOVE_SCHEDULES}")
+    p.add_argument("--modes", default="serial+lend,serial",
+                   help=f"one or two of {MOVE_SCHEDULES}, each with {LEND} or not")  # fmt: skip
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None, help="per node (default: cores/N)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: p3's")
+    p.add_argument("--restart-after", type=float, default=RESTART_AFTER_S,
+                   help="s from a kill to the restart (p3 serve: at once)")  # fmt: skip
+    p.add_argument("--lend-after", type=float, default=0.0,
+                   help="s a node is dead before +lend nodes take its threads (p3's default: 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="the summary as one JSON line")
     args = p.parse_args(argv)
     setup_logging("error")  # the moves' warnings: the pauses are what we print
     modes = args.modes.split(",")
-    if unknown := set(modes) - set(MOVE_SCHEDULES):
+    if unknown := {m.removesuffix(LEND) for m in modes} - set(MOVE_SCHEDULES):
         p.error(f"unknown modes {sorted(unknown)}")
     if len(modes) > 2 or (len(modes) == 2 and args.nodes != 2):
         p.error("two modes side by side take two nodes; one mode, any number")

@@ -15,7 +15,7 @@ from msgspec import Meta
 from p3.outputs import FinishReason
 
 PROTOCOL_VERSION = 4  # 2: the load figures as one nested Load; 3: tokenizers over the wire;
-# 4: streams taken over from a live edge (TakenOver)
+# 4: streams taken over from a live edge (TakenOver), threads lent by dead peers (Threads)
 
 # Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
 # bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
@@ -66,6 +66,7 @@ class Capacity(Msg, tag="capacity"):
     num_threads: int = 0
     model_bytes: int = 0  # its model's weights in the serving dtype, whole (0: unknown)
     kv_cache_bytes: int = 0  # the KV cache it will allocate
+    max_threads: int = 0  # it may grow to this many while peers on its host are down (0: no)
 
 
 class Hello(Msg, tag="hello"):
@@ -107,6 +108,7 @@ class Load(msgspec.Struct, array_like=True, frozen=True, gc=False):
     num_tokens_in_flight: int = 0  # prompt and output tokens of its in-flight requests
     num_tokens_processed: int = 0  # prompt and output tokens run through the model, ever
     num_tokens_to_do: int = 0  # work left in flight: prompts not started, outputs still allowed
+    num_threads: int = 0  # it computes with (more while peers on its host are down: Threads)
 
 
 class Heartbeat(Msg, tag="heartbeat"):
@@ -208,7 +210,15 @@ class Place(Msg, tag="place"):
     rendezvous: str = ""
 
 
-ToNodeFromCoordinator = Welcome | Refused | Fence | Shutdown | Reregister | Place
+class Threads(Msg, tag="threads"):
+    """How many threads to compute with: more while nodes on its host are down (their cores
+    are idle), its own again once they are back. A (re)registered node starts with its own."""
+
+    epoch: int
+    num_threads: int
+
+
+ToNodeFromCoordinator = Welcome | Refused | Fence | Shutdown | Reregister | Place | Threads
 
 
 # -- coordinator -> edge -----------------------------------------------------------------------

@@ -94,3 +94,33 @@ async def test_a_paused_node_that_comes_back_sends_nothing_into_moved_streams(tw
 async def dead_nodes(url: str) -> set[str]:
     async with aiohttp.ClientSession() as session, session.get(url + "/cluster") as r:
         return {n["id"] for n in (await r.json())["nodes"] if n.get("status") == "dead"}
+
+
+async def threads_now(url: str) -> dict[str, int]:
+    async with aiohttp.ClientSession() as session, session.get(url + "/cluster") as r:
+        nodes = (await r.json())["nodes"]
+    return {n["id"]: n["load"]["num_threads"] for n in nodes if "load" in n}
+
+
+@pytest.fixture
+def lending(default_model_dir):
+    served = openai_cluster.start(num_nodes=2, edge_args=("--lend-threads-after", "0"))
+    yield served
+    served.stop()
+
+
+async def test_the_survivor_computes_with_a_dead_peers_threads_until_it_is_back(lending):
+    """p3 serve's nodes share the host's cores; one dead (for --lend-threads-after, here at
+    once), the other takes its threads, and gives them back once the dead one is registered
+    again (p3 serve restarts it)."""
+    two_nodes = lending
+    own = await threads_now(two_nodes.url)
+    assert len(own) == 2 and all(own.values()), own
+    victim = await busiest_node(two_nodes.url)
+    (survivor,) = set(own) - {victim["id"]}
+    os.kill(victim["pid"], signal.SIGKILL)
+    async with asyncio.timeout(90):  # heartbeats refresh the table every 100 ms
+        while (await threads_now(two_nodes.url)).get(survivor) != sum(own.values()):
+            await asyncio.sleep(0.05)
+        while await threads_now(two_nodes.url) != own:  # restarted: each its own again
+            await asyncio.sleep(0.05)

@@ -8,6 +8,7 @@ from p3.nodes.coordinator.membership import (
     Membership,
     Verdict,
 )
+from p3.nodes.coordinator.threads import thread_grants
 from p3.protocol import messages as m
 
 
@@ -125,3 +126,25 @@ def test_a_node_declared_dead_keeps_no_place_and_size_one_keeps_its_number():
     single, _ = table()
     assert single.register(b"n", placed_hello("n", 4, 0, size=1)).replica == 4
     assert single.register(b"o", placed_hello("o", 4, 0, size=1)).replica == 0  # 4 is taken
+
+
+def test_a_dead_nodes_threads_are_lent_to_its_host_peers_until_it_is_back():
+    members, _ = table()
+
+    def hello(node_id: str, host: str, threads: int = 1, most: int = 2) -> m.Hello:
+        capacity = m.Capacity(num_threads=threads, max_threads=most)
+        return m.Hello(m.PROTOCOL_VERSION, node_id, host=host, capacity=capacity)
+
+    a = members.register(b"a", hello("a", "h1"))
+    members.register(b"b", hello("b", "h1"))
+    members.register(b"c", hello("c", "h2"))  # another host: nothing of h1's for it
+    members.register(b"d", hello("d", "h1", most=0))  # may not grow
+    assert thread_grants(members.members.values(), 200.0) == {"a": 1, "b": 1, "c": 1, "d": 1}
+    members.declare_dead(members.members["b"], "killed")  # at 100.0
+    assert thread_grants(members.members.values(), 105.0, 10.0)["a"] == 1  # may be restarting
+    assert thread_grants(members.members.values(), 200.0) == {"a": 2, "c": 1, "d": 1}
+    members.register(b"b", hello("b", "h1"))  # back: each to its own
+    assert thread_grants(members.members.values(), 200.0) == {"a": 1, "b": 1, "c": 1, "d": 1}
+    members.declare_dead(a, "killed")
+    members.declare_dead(members.members["b"], "killed")
+    assert thread_grants(members.members.values(), 200.0)["d"] == 1  # capped at its own

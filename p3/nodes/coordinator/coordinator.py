@@ -33,6 +33,7 @@ from p3.log import get_logger
 from p3.nodes.actor.base import Actor
 from p3.nodes.coordinator.membership import Member, Membership, NodeStatus, Verdict
 from p3.nodes.coordinator.placement import why_unfit
+from p3.nodes.coordinator.threads import thread_grants
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.security import COORDINATOR, Door, Gate, Keyring
@@ -50,6 +51,8 @@ class CoordinatorConfig:
     keys: str | None = None  # a `p3 keys generate` directory: CurveZMQ on every socket
     tp_size: int = 1  # tensor-parallel ranks per pipeline stage
     pp_size: int = 1  # pipeline stages per replica
+    # a node dead this long lends its threads to the nodes left on its host (threads.py)
+    lend_threads_after_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -167,6 +170,7 @@ class Coordinator(Actor):
             placed=member.placed,
         )
         wire.send(self._sock, welcome, identity)
+        self._lend_threads()  # a node back on its host takes its threads back from the others
         for group in self.membership.form_groups():
             self._place(group)
 
@@ -280,6 +284,7 @@ class Coordinator(Actor):
             for node_id in self.membership.forget_dead():
                 log.info("coordinator.dead_forgotten", node_id=node_id)
             self._forget_silent_edges()
+            self._lend_threads()  # a node dead long enough lends its threads
             if time.monotonic() - self._last_publish_at >= interval_s:
                 self._publish()
 
@@ -306,6 +311,17 @@ class Coordinator(Actor):
 
     def _mark_changed(self) -> None:
         self._changed.set()
+        self._lend_threads()
+
+    def _lend_threads(self) -> None:
+        """Tell each live node whose share of its host's threads changed (thread_grants)."""
+        members, after_s = self.membership.members.values(), self.config.lend_threads_after_s
+        for node_id, num_threads in thread_grants(members, time.monotonic(), after_s).items():
+            member = self.membership.members[node_id]
+            if num_threads != member.threads_granted:
+                member.threads_granted = num_threads
+                log.info("coordinator.threads", node_id=node_id, num_threads=num_threads)
+                wire.send(self._sock, m.Threads(member.epoch, num_threads), member.identity)
 
     def _publish(self) -> None:
         self._last_publish_at = time.monotonic()

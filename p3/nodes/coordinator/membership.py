@@ -57,6 +57,7 @@ class Member:
     group_size: int = 1
     placed: bool = True  # False: waiting for a replica to be formed around it
     dead_at: float = 0.0
+    threads_granted: int = 0  # as last told (Threads); at Hello, its own
 
     @property
     def is_live(self) -> bool:
@@ -122,6 +123,7 @@ class Membership:
             last_heard_at=self.clock(),
             dead_epochs=old.dead_epochs if old else set(),
             placed=placed,
+            threads_granted=hello.capacity.num_threads,
         )
         if placed and self.replica_size > 1:  # it registers again, already in a replica
             member.replica_rank, member.group_size = hello.replica_rank, self.replica_size

@@ -208,6 +208,9 @@ class Node(Actor):
                     self.on_reregister(again)
                 case m.Place() as place:
                     self.on_place(place)
+                case m.Threads(epoch=epoch, num_threads=num) if epoch == self.epoch:
+                    if self.stepper is not None:
+                        self.stepper.set_threads(min(num, reports.threads(self.config)[1]))
                 case m.Refused(reason=reason):
                     log.error("node.refused", node_id=self.name, reason=reason)
                     self._fail(NodeFailed(f"refused by the coordinator: {reason}"))
@@ -222,6 +225,8 @@ class Node(Actor):
         self.heartbeat_interval_s = welcome.heartbeat_interval_s
         log.info("node.welcomed", node_id=self.name, epoch=self.epoch, replica=welcome.replica)
         self._kick.set()
+        if self.stepper is not None:  # registered anew: back to its own threads
+            self.stepper.set_threads(reports.threads(self.config)[0])
         if welcome.placed and self.place is None:
             self.on_place(m.Place(welcome.epoch, welcome.replica, 0, 1))
         if self.engine is not None:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def hello(node: Node) -> m.Hello:
     """Who the node is; once placed, where (so a restarted coordinator keeps its replica)."""
     cfg = node.config
-    num_threads = cfg.engine.num_threads or len(os.sched_getaffinity(0))
+    num_threads, max_threads = threads(cfg)
     place = node.place
     return m.Hello(
         protocol_version=m.PROTOCOL_VERSION,
@@ -37,6 +37,7 @@ def hello(node: Node) -> m.Hello:
             num_threads=num_threads,
             model_bytes=node.model_bytes,
             kv_cache_bytes=cfg.engine.kv_cache_bytes,
+            max_threads=max_threads,
         ),
         model=cfg.model_name,
         epoch=node.epoch,
@@ -44,6 +45,12 @@ def hello(node: Node) -> m.Hello:
         replica_rank=place.replica_rank if place is not None else 0,
         replica_size=place.tp_size * place.pp_size if place is not None else 1,
     )
+
+
+def threads(config: NodeConfig) -> tuple[int, int]:
+    """(its own threads, the most it may grow to while peers on its host are down)."""
+    own = config.engine.num_threads or len(os.sched_getaffinity(0))
+    return own, max(own, config.max_threads or 0)
 
 
 def ready(
@@ -84,5 +91,6 @@ def heartbeat(node: Node) -> m.Heartbeat:
             num_tokens_in_flight=node.inflight.num_tokens_in_flight,
             num_tokens_processed=engine.num_tokens_processed,
             num_tokens_to_do=node.inflight.num_tokens_to_do,
+            num_threads=stepper.threads_in_use,
         ),
     )

@@ -26,6 +26,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
+
 from p3.engine.engine import Engine
 from p3.engine.sequence import StepOutput
 from p3.log import get_logger
@@ -120,12 +122,20 @@ class StepThread:
         self._on_fatal = on_fatal
         self._wake = threading.Event()
         self._stopping = False
+        self._threads_wanted = 0  # 0: as the engine set them
+        self.threads_in_use = 0  # once the engine is built
         self._thread = threading.Thread(target=self._run, name="p3-step", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def set_threads(self, num_threads: int) -> None:
+        """Compute with num_threads from the next step on (set on this thread: libgomp's
+        thread count is the calling thread's)."""
+        self._threads_wanted = num_threads
         self._wake.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -145,6 +155,7 @@ class StepThread:
         except BaseException as exc:  # noqa: BLE001 - a model that cannot load fails the node
             self._hand_to_loop(self._on_fatal, exc)
             return
+        self.threads_in_use = torch.get_num_threads()
         self._hand_to_loop(self._on_ready, self.engine)
         try:
             if not self.engine.shard.is_leader:
@@ -152,6 +163,7 @@ class StepThread:
                 return
             while not self._stopping:
                 self._wake.clear()
+                self._apply_threads()
                 if not self.engine.has_unfinished():
                     self._wake.wait()
                     continue
@@ -174,6 +186,13 @@ class StepThread:
         log.info("node.released", num_steps=num_steps)
         if self.on_released is not None:
             self._hand_to_loop(self.on_released)
+
+    def _apply_threads(self) -> None:
+        wanted = self._threads_wanted
+        if wanted and wanted != torch.get_num_threads():
+            log.info("node.threads", before=torch.get_num_threads(), now=wanted)
+            torch.set_num_threads(wanted)
+            self.threads_in_use = wanted
 
     def _step_once(self) -> None:
         self.in_step = True
