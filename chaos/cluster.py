@@ -129,7 +129,8 @@ class ChaosCluster:
             COMMON + ["node", "--coordinator", self._via(f"coord<-node-{i}"),
              "--node-id", f"node-{i}", "--bind", f"tcp://{LOCALHOST}:{self.node_ports[i]}",
              "--advertise-port", str(self.proxies[f"node-{i}<-edge"].port),
-             "--threads", str(s.threads_per_node), "--dtype", s.dtype,
+             "--threads", str(s.threads_per_node), "--max-threads",
+             str(len(os.sched_getaffinity(0))), "--dtype", s.dtype,
              "--kv-cache-memory", str(s.kv_cache_bytes), "--max-num-batched-tokens",
              str(s.max_num_batched_tokens), *self._model(), *self._keys(), *s.extra_node_args],
         )  # fmt: skip
