@@ -338,15 +338,15 @@ def test_smollm2_streams_chat_output(smollm2):
     assert not any("\ufffd" in delta for delta in deltas)
 
 
-def test_tokenizer_loads_fast_without_transformers(default_model_dir):
+def test_tokenizer_loads_without_transformers(default_model_dir):
+    """The edge's tokenizer needs only `tokenizers` (transformers takes seconds to import and
+    hundreds of MB); how fast it loads is measured, not asserted here."""
     script = (
-        "import sys, time; from p3.tokenizer import Tokenizer; t = time.perf_counter(); "
-        f"Tokenizer.from_dir({str(default_model_dir)!r}); "
-        "print(time.perf_counter() - t, 'transformers' in sys.modules)"
+        "import sys; from p3.tokenizer import Tokenizer; "
+        f"Tokenizer.from_dir({str(default_model_dir)!r}); print('transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    load_s, imported = out.stdout.split()
-    assert imported == "False" and float(load_s) < 0.3
+    assert out.stdout.split() == ["False"], out.stderr[-2000:]
 
 
 def test_from_dir_reads_eos_ids_from_generation_config(tmp_path, default_model_dir):

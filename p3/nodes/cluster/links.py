@@ -31,6 +31,8 @@ import zmq.asyncio
 from zmq.utils import monitor as zmq_monitor
 
 from p3.log import get_logger, log_exception
+from p3.nodes.cluster.adopting import AdoptedAt, Adopting
+from p3.nodes.cluster.moves import MovesUnderWay
 from p3.nodes.cluster.samples import Sample
 from p3.protocol import messages as m
 from p3.protocol import wire
@@ -60,33 +62,6 @@ class NodeLost:
 
 # (sample, what happened, perf_counter when its frame arrived: the edge's egress time starts)
 Event = tuple[Sample, m.TokenDelta | m.Rejected | NodeLost, float]
-
-
-class MovesUnderWay:
-    """The streams a cluster view (an edge's, a client's) moved to each node and has not
-    heard from there since, with the tokens each must prefill again there (its prompt and
-    its outputs so far). A node prefills moved streams one after another, ahead of fresh
-    prompts (p3/engine/scheduler.py), so what a moved stream waits for is the moves sent
-    there before it, more than the node's load: the moves of a node's death go, each, to the
-    replica with the least of this work, then the least loaded."""
-
-    def __init__(self) -> None:
-        self._by_node: dict[str, dict[str, int]] = {}  # node id -> request id -> tokens
-        self._node_of: dict[str, str] = {}
-
-    def add(self, node_id: str, request_id: str, num_tokens: int) -> None:
-        self.drop(request_id)
-        self._by_node.setdefault(node_id, {})[request_id] = num_tokens
-        self._node_of[request_id] = node_id
-
-    def drop(self, request_id: str) -> None:
-        """It streams again (its prefill is done), ended, or moves on."""
-        node_id = self._node_of.pop(request_id, None)
-        if node_id is not None:
-            self._by_node[node_id].pop(request_id, None)
-
-    def tokens(self, node_id: str) -> int:
-        return sum(self._by_node.get(node_id, {}).values())
 
 
 class NodeLink:
@@ -147,7 +122,7 @@ class Cluster:
         self.dead_nodes: dict[str, float] = {}  # declared dead and not routed since: when
         self._unlinkable: set[str] = set()  # routed nodes whose key this edge has not
         self._tokenizer_waiters: dict[tuple[str, str], asyncio.Future[dict[str, bytes]]] = {}
-        self._adopting: dict[str, _Adopting] = {}  # stream id -> what its nodes sent so far
+        self._adopting: dict[str, Adopting] = {}  # stream id -> what its nodes sent so far
         # adopted samples' deltas that came before the sample was attached here
         self._held: dict[str, list[tuple[m.TokenDelta, str, float, int]]] = {}
         self.routes_changed = asyncio.Event()
@@ -313,7 +288,7 @@ class Cluster:
         of each; None if not so within timeout_s, after cancelling what did come. Asked
         again every ADOPT_RETRY_S: a node orphans a stream only once a send to its dead edge
         fails, which a client quick to resume elsewhere can beat."""
-        adopting = _Adopting(complete)
+        adopting = Adopting(complete)
         self._adopting[stream_id] = adopting
         try:
             async with asyncio.timeout(timeout_s):
@@ -491,26 +466,3 @@ class Cluster:
             return  # from an older submission to this node (it moved away and came back)
         queue.put_nowait((sample, msg, received_at or time.perf_counter()))
 
-
-AdoptedAt = tuple[str, m.AdoptedSample]  # (the node holding it, the sample)
-
-
-class _Adopting:
-    """One stream's samples as its nodes hand them over, until they are complete."""
-
-    def __init__(self, complete: Callable[[list[AdoptedAt]], bool]):
-        self.is_complete = complete
-        self.found: dict[str, AdoptedAt] = {}  # request id -> (node id, sample)
-        self.complete = asyncio.Event()
-
-    def add(self, node_id: str, samples: list[m.AdoptedSample]) -> None:
-        for sample in samples:  # a sample on two nodes (moving as it was adopted): the
-            have = self.found.get(sample.submit.request_id)  # further one is the live one
-            if have is None or _num_tokens(sample) >= _num_tokens(have[1]):
-                self.found[sample.submit.request_id] = (node_id, sample)
-        if self.found and self.is_complete(list(self.found.values())):
-            self.complete.set()
-
-
-def _num_tokens(sample: m.AdoptedSample) -> int:
-    return len(sample.submit.output_token_ids) + sum(len(d.token_ids) for d in sample.history)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from p3.log import get_logger
+from p3.nodes.cluster.adopting import AdoptedAt
 from p3.nodes.cluster.generation import Generation
-from p3.nodes.cluster.links import AdoptedAt
 from p3.nodes.cluster.samples import Journal, Sample
 from p3.nodes.edge.prompts import prepare
 from p3.nodes.edge.replay import EventId, Replay

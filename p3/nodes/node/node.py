@@ -37,6 +37,7 @@ from p3.nodes.coordinator import placement
 from p3.nodes.node import reports
 from p3.nodes.node.config import NodeConfig, advertised_address
 from p3.nodes.node.inflight import InFlight, InFlightTable
+from p3.nodes.node.rejoin import Rejoin
 from p3.nodes.node.stepper import StepFaults, StepThread
 from p3.protocol import messages as m
 from p3.protocol import wire
@@ -47,8 +48,6 @@ from p3.tokenizer import read_tokenizer_files, tokenizer_files_hash
 log = get_logger(__name__)
 
 
-FENCE_WINDOW_S = 120.0  # fences this close together count as in a row
-REJOIN_BASE_S, REJOIN_MAX_S = 0.5, 30.0  # the 2nd fence in a row waits 1 s, the 3rd 2 s...
 
 
 class NodeFailed(RuntimeError):
@@ -92,9 +91,7 @@ class Node(Actor):
         self._kick = asyncio.Event()
         self._idle = asyncio.Event()
         self._tokenizer: tuple[str, dict[str, bytes]] | None = None  # (hash, files) once loaded
-        self._fences: list[float] = []  # when we were fenced in our live epoch, lately
-        self._rejoin_at = 0.0
-        self._fenced_in_step = False
+        self._rejoin = Rejoin()
         self._failure: BaseException | None = None  # set with state FAILED
         self._failed = asyncio.Event()
 
@@ -184,7 +181,7 @@ class Node(Actor):
             if self.registered:
                 wire.send(self._coordinator, reports.heartbeat(self))
                 delay_s, backoff_s = self.heartbeat_interval_s, 0.05
-            elif self._may_rejoin():
+            elif self._rejoin.may(self.stepper is not None and self.stepper.in_step):
                 wire.send(self._coordinator, reports.hello(self))
                 delay_s, backoff_s = backoff_s, min(backoff_s * 2, self.config.hello_backoff_max_s)
             else:
@@ -243,23 +240,9 @@ class Node(Actor):
         self.state = NodeState.LOADING
         self._placed.set()
 
-    def _may_rejoin(self) -> bool:
-        if time.monotonic() < self._rejoin_at:
-            return False
-        if self._fenced_in_step and self.stepper is not None and self.stepper.in_step:
-            return False  # the fenced epoch's step still runs: registering now is dying again
-        self._fenced_in_step = False
-        return True
-
     def on_fence(self, fence: m.Fence) -> None:
         live = fence.epoch >= self.epoch and self.registered  # fenced in our live epoch
-        delay_s = 0.0
-        if live:
-            now = time.monotonic()
-            self._fences = [t for t in self._fences if now - t < FENCE_WINDOW_S] + [now]
-            if len(self._fences) > 1:
-                delay_s = min(REJOIN_MAX_S, REJOIN_BASE_S * 2 ** (len(self._fences) - 1))
-            self._rejoin_at, self._fenced_in_step = now + delay_s, True
+        delay_s = self._rejoin.fenced() if live else 0.0
         self.fenced_epoch = max(self.fenced_epoch, fence.epoch)
         aborted = self.inflight.remove_where(lambda e: e.epoch <= fence.epoch)
         aborted += self.inflight.expire_orphans(float("inf"))  # their epoch is over too
@@ -293,8 +276,14 @@ class Node(Actor):
         build = functools.partial(Engine, self.config.model, self.config.engine)
         if place.tp_size * place.pp_size > 1:
             build = self._shard_builder(place)
+
+        def build_and_read_tokenizer() -> Engine:  # on the step thread, off the loop
+            engine = build()
+            self._tokenizer = _tokenizer_files(engine.model_dir)
+            return engine
+
         self.stepper = StepThread(
-            build,
+            build_and_read_tokenizer,
             asyncio.get_running_loop(),
             self.on_loaded,
             self.on_step,
@@ -333,8 +322,7 @@ class Node(Actor):
         return build
 
     def on_loaded(self, engine: Engine) -> None:
-        self.engine = engine
-        self._tokenizer = _tokenizer_files(engine.model_dir)
+        self.engine = engine  # its tokenizer's files were read as it was built
         if self.state is NodeState.LOADING:
             self.state = NodeState.SERVING
         if self.registered:
