@@ -58,8 +58,12 @@ class Journal:
     tokens_at_move: int = -1  # how many tokens it had at its latest move
     stuck_nodes: set[str] = field(default_factory=set)  # left after a token timeout: not again
     stream_id: str = ""  # a resumable stream's id (its response id), "" if not resumable
-    resume: Callable[[list[int]], bytes] | None = None  # its context, given the delta sizes
+    resume: Callable[[Journal], bytes] | None = None  # its context, made from this journal
     delta_sizes: list[int] = field(default_factory=list)  # tokens of each delta applied
+    # each token's logprob and top logprobs as applied (when asked for: a resumed stream's
+    # events from before a move carry them as the first edge sent them)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     def submit_message(self) -> m.Submit:
         """Submit, or resubmit after a move: the outputs so far travel along, so the new node
@@ -72,7 +76,7 @@ class Journal:
             self.epoch,
             list(self.token_ids),
             self.stream_id,
-            self.resume(self.delta_sizes) if self.resume is not None else b"",
+            self.resume(self) if self.resume is not None else b"",
         )
 
 
@@ -116,6 +120,10 @@ class Sample:
         token_ids = delta.token_ids[skip:]
         self.journal.token_ids += token_ids
         self.journal.delta_sizes.append(len(token_ids))
+        if delta.logprobs is not None and self.journal.resume is not None:
+            self.journal.logprobs += delta.logprobs[skip:]
+            tops = delta.top_logprobs or [[] for _ in delta.logprobs]
+            self.journal.top_logprobs += [list(map(tuple, top)) for top in tops[skip:]]
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
         out = Delta(self.index, "", token_ids, _logprobs(delta, skip))
         if delta.prompt_logprobs is not None and self.prompt_logprobs is None:  # once, moved or not

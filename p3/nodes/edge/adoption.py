@@ -49,20 +49,26 @@ class ResumeContext(msgspec.Struct, array_like=True, frozen=True, gc=False):
     delta_sizes: list[int] = []  # tokens of each delta applied before this Submit
     index: int = 0  # the sample's choice index
     num_samples: int = 1  # in the stream
+    logprobs: list[float] | None = None  # of those tokens, when the request asked for them
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def resume_context(
     body: Any, chat: bool, responder: Responder, index: int = 0, num_samples: int = 1
-) -> Callable[[list[int]], bytes] | None:
-    """The context a Submit carries (given its delta sizes so far); None if not resumable."""
+) -> Callable[[Journal], bytes] | None:
+    """The context a Submit carries (given the sample's journal so far); None if not
+    resumable."""
     raw = msgspec.json.encode(body)
     if len(raw) > MAX_RESUMABLE_BODY_BYTES:
         return None
 
-    def encode(delta_sizes: list[int]) -> bytes:
+    def encode(journal: Journal) -> bytes:
+        has_logprobs = journal.params.logprobs is not None
         context = ResumeContext(
-            raw, chat, responder.id, responder.created, list(delta_sizes), index, num_samples
-        )
+            raw, chat, responder.id, responder.created, list(journal.delta_sizes), index,
+            num_samples, journal.logprobs if has_logprobs else None,
+            journal.top_logprobs if has_logprobs else None,
+        )  # fmt: skip
         return msgspec.msgpack.encode(context)
 
     return encode
@@ -105,7 +111,7 @@ async def adopt(api: Api, last: EventId) -> Replay | None:
         sample = _sample(adopted.submit, prepared, context.index)
         sample.journal.resume = resume_context(body, context.chat, responder, context.index, num)
         samples.append(sample)
-        for delta in _deltas(adopted, context.delta_sizes):
+        for delta in _deltas(adopted, context):
             out = sample.apply(delta)
             if out is not None:
                 emit(responder, out, events[sample.index].append)
@@ -164,12 +170,17 @@ def _sample(submit: m.Submit, prepared, index: int) -> Sample:
     return Sample(index, journal, prepared.tokenizer, prepared.params)
 
 
-def _deltas(adopted: m.AdoptedSample, prefix_sizes: list[int]) -> list[m.TokenDelta]:
+def _deltas(adopted: m.AdoptedSample, context: ResumeContext) -> list[m.TokenDelta]:
     """The deltas the first edge applied: the prefix (tokens from before a move) in its
-    sizes, then the node's own."""
+    sizes, with their logprobs, then the node's own."""
     submit, deltas, at = adopted.submit, [], 0
-    for size in prefix_sizes:
+    logprobs, tops = context.logprobs, context.top_logprobs
+    for size in context.delta_sizes:
         tokens = list(submit.output_token_ids[at : at + size])
-        deltas.append(m.TokenDelta(submit.request_id, tokens, at))
+        if logprobs is not None and tops is not None:
+            lps, top = logprobs[at : at + size], tops[at : at + size]
+            deltas.append(m.TokenDelta(submit.request_id, tokens, at, lps, top))
+        else:
+            deltas.append(m.TokenDelta(submit.request_id, tokens, at))
         at += size
     return [*deltas, *adopted.history]
