@@ -133,7 +133,6 @@ async def adopt(api: Api, last: EventId) -> Replay | None:
     if all(s.finished for s in samples):
         if prepared.request.include_usage and last.number == sum(seen):  # not seen yet
             append_chunk(replay, responder.usage_chunk(samples))
-        replay.append(b"[DONE]")
         replay.finish()
         return replay
     generation = Generation(api.cluster, samples, api.edge.config.token_timeout_s)

@@ -279,7 +279,6 @@ class Api:
             self.metrics.request_failure.labels("internal").inc()
             send(ApiError(500, f"internal error: {type(exc).__name__}", code="internal").body())
         finally:
-            replay.append(b"[DONE]")
             replay.finish()
 
     def _finished(self, generation: Generation) -> None:

@@ -64,6 +64,8 @@ class Replay:
         self._wake()
 
     def finish(self) -> None:
+        """The stream's end: its `[DONE]` event, and nothing after it."""
+        self.append(b"[DONE]")
         self.done, self.done_at = True, time.monotonic()
         self._wake()
 
