@@ -10,188 +10,18 @@ import sys
 from collections.abc import Sequence
 
 from p3.config import EngineConfig, default_of
+from p3.flags import (
+    add_cluster_args,
+    add_engine_args,
+    add_security_args,
+    cluster_keys,
+    engine_argv,
+    engine_options,
+)
 from p3.log import setup_logging
 from p3.nodes.actor.launch import watch_parent
 from p3.nodes.coordinator.coordinator import CoordinatorConfig
 from p3.nodes.node.config import NodeConfig
-
-SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1024,
-    "kb": 1024,
-    "kib": 1024,
-    "m": 1024**2,
-    "mb": 1024**2,
-    "mib": 1024**2,
-    "g": 1024**3,
-    "gb": 1024**3,
-    "gib": 1024**3,
-}
-
-
-def parse_size(text: str) -> int:
-    """'2GiB', '512m', '1000000' -> bytes."""
-    number = text.rstrip("bBkKmMgGiI")
-    unit = text[len(number) :].lower()
-    try:
-        size = int(float(number) * SIZE_UNITS[unit])
-    except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB or 512MiB)") from None
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return size
-
-
-def format_size(size: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)
-
-
-def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> None:
-    def engine(name: str):
-        return default_of(EngineConfig, name)
-
-    if several_models:
-        p.add_argument(
-            "--model",
-            action="append",
-            default=None,
-            help="model dir or .gguf (default: SmolLM2-135M-Instruct); repeat to serve several",
-        )
-    else:
-        p.add_argument(
-            "--model", default=None, help="model dir or .gguf (default: SmolLM2-135M-Instruct)"
-        )
-    p.add_argument(
-        "--dtype",
-        default=engine("dtype"),
-        choices=("auto", "bfloat16", "float32", "float16"),
-        help="activations and unquantized weights (auto: bf16 where the hardware computes it, "
-        "else float32)",
-    )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    p.add_argument(
-        "--quantization",
-        default=engine("quantization"),
-        choices=("auto", "none", "int8", "q8_0", "q4_0", "q4_1"),
-        help="weights: auto = as stored (a GGUF's blocks as they are), none = all float, a kind "
-        "= linears quantized at load (embedding and head q8_0; int8 = q8_0)",
-    )
-    p.add_argument(
-        "--kv-cache-memory",
-        type=parse_size,
-        default=engine("kv_cache_bytes"),
-        dest="kv_cache_bytes",
-        help=f"memory for the paged KV cache (default: {format_size(engine('kv_cache_bytes'))})",
-    )
-    p.add_argument(
-        "--kv-cache-dtype",
-        default=engine("kv_cache_dtype"),
-        choices=["auto", "int8"],
-        help="what the KV cache holds: auto = the model dtype; int8 = int8 with a scale per "
-        "token and kv head (about 2x the blocks of bf16, 4x of fp32, in the same memory)",
-    )
-    p.add_argument("--max-num-seqs", type=int, default=engine("max_num_seqs"))
-    p.add_argument(
-        "--max-num-batched-tokens", type=int, default=engine("max_num_batched_tokens")
-    )
-    p.add_argument("--max-model-len", type=int, default=engine("max_model_len"))
-    p.add_argument("--block-size", type=int, default=engine("block_size"))
-    p.add_argument("--no-prefix-caching", action="store_false", dest="enable_prefix_caching")
-
-
-def engine_argv(args: argparse.Namespace) -> list[str]:
-    """The engine flags again, as a command line (p3 serve passes them down to its nodes)."""
-    argv = ["--dtype", args.dtype, "--kv-cache-memory", str(args.kv_cache_bytes)]
-    argv += ["--quantization", args.quantization]
-    argv += ["--kv-cache-dtype", args.kv_cache_dtype]
-    argv += ["--max-num-seqs", str(args.max_num_seqs)]
-    argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    argv += ["--block-size", str(args.block_size)]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.max_model_len:
-        argv += ["--max-model-len", str(args.max_model_len)]
-    if not args.enable_prefix_caching:
-        argv.append("--no-prefix-caching")
-    return argv
-
-
-def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    def cluster(name: str):
-        return default_of(CoordinatorConfig, name)
-
-    p.add_argument(
-        "--heartbeat-interval", type=float, default=cluster("heartbeat_interval_s"), help="s"
-    )
-    p.add_argument(
-        "--heartbeat-misses",
-        type=int,
-        default=cluster("heartbeat_misses"),
-        help="missed intervals = dead",
-    )
-    p.add_argument(
-        "--hung-after",
-        type=float,
-        default=cluster("hung_after_s"),
-        help="busy with no step this long = dead (s)",
-    )
-    p.add_argument(
-        "--lend-threads-after",
-        type=float,
-        default=cluster("lend_threads_after_s"),
-        help="a node dead this long lends its threads to its host's other nodes (s)",
-    )
-    p.add_argument(
-        "--tp", type=int, default=cluster("tp_size"), help="tensor-parallel nodes per stage"
-    )
-    p.add_argument("--pp", type=int, default=cluster("pp_size"), help="pipeline stages per replica")
-
-
-def add_security_args(p: argparse.ArgumentParser, made_here: bool = False) -> None:
-    """--keys DIR, or --insecure: a piece of a cluster never starts open by accident."""
-    p.add_argument(
-        "--keys",
-        default=None,
-        help="the cluster's key directory (p3 keys generate): CurveZMQ with a key per member"
-        + (" (default: keys made for this run, in a private temporary directory)" if made_here
-           else ""),
-    )  # fmt: skip
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plain sockets: any process that reaches them can join, submit and read",
-    )
-
-
-def cluster_keys(args: argparse.Namespace, what: str) -> str | None:
-    """The key directory to run with; None with --insecure. Without either: refused."""
-    if args.keys and args.insecure:
-        raise ValueError("--keys and --insecure contradict each other")
-    if not args.keys and not args.insecure:
-        raise ValueError(
-            f"{what} refuses to start without --keys DIR (make one with `p3 keys generate "
-            "DIR`) unless --insecure says any process that reaches its sockets may join"
-        )
-    return args.keys
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    names = (
-        "device",
-        "quantization",
-        "kv_cache_bytes",
-        "kv_cache_dtype",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "max_model_len",
-        "block_size",
-        "enable_prefix_caching",
-    )
-    return {n: getattr(args, n) for n in names}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -263,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from p3.nodes.actor.process import run_actor
-    from p3.nodes.coordinator.coordinator import Coordinator, CoordinatorConfig
+    from p3.nodes.coordinator.coordinator import Coordinator
 
     config = CoordinatorConfig(
         bind=args.bind,
@@ -279,7 +109,6 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from p3.config import EngineConfig
     from p3.nodes.actor.process import run_actor
     from p3.nodes.node.config import NodeConfig, default_node_id
     from p3.nodes.node.node import Node

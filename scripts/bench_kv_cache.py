@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from p3.cli import parse_size
+    from p3.flags import parse_size
     from p3.weights.files import resolve_model
 
     model = resolve_model(args.model)

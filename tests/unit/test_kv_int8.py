@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from p3 import cli
+from p3 import cli, flags
 from p3.config import EngineConfig, ModelConfig
 from p3.kernels import attention, build, fused
 
@@ -392,13 +392,13 @@ def test_the_kv_cache_dtype_flag_reaches_engine_config(command):
     extra = {"serve": [], "node": ["--coordinator", "tcp://x:1"], "generate": ["hi"]}[command]
     args = cli.build_parser().parse_args([command, "--kv-cache-dtype", "int8", *extra])
     assert args.kv_cache_dtype == "int8"
-    assert EngineConfig(**cli.engine_options(args)).kv_cache_dtype == "int8"
+    assert EngineConfig(**flags.engine_options(args)).kv_cache_dtype == "int8"
     if command == "serve":  # and on to the nodes it starts
-        argv = cli.engine_argv(args)
+        argv = flags.engine_argv(args)
         assert argv[argv.index("--kv-cache-dtype") + 1] == "int8"
         node = cli.build_parser().parse_args(["node", "--coordinator", "tcp://x:1", *argv])
         assert node.kv_cache_dtype == "int8"
     default = cli.build_parser().parse_args([command, *extra])
-    assert EngineConfig(**cli.engine_options(default)).kv_cache_dtype == "auto"
+    assert EngineConfig(**flags.engine_options(default)).kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args([command, "--kv-cache-dtype", "fp8", *extra])

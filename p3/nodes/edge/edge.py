@@ -22,8 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from p3.cli import add_security_args, cluster_keys
 from p3.config import default_of
+from p3.flags import add_security_args, cluster_keys
 from p3.log import get_logger
 from p3.nodes.actor.base import Actor
 from p3.nodes.cluster.generation import DEFAULT_TIMEOUT_S
