@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from p3.log import get_logger, log_exception
 from p3.nodes.cluster.generation import Generation, HandedOver, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
 from p3.nodes.edge.adoption import adopt, append_chunk, emit, resume_context
+from p3.nodes.edge.bodies import key_ok, read_json
 from p3.nodes.edge.metrics import kv_usage
 from p3.nodes.edge.prompts import Prepared, prepare
 from p3.nodes.edge.replay import Replay, ReplayStore, parse_event_id
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
-MAX_JSON_DEPTH = 64  # arrays and objects in a body; msgspec itself stops near the stack's limit
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -103,7 +102,7 @@ class Api:
     @web.middleware
     async def auth(self, request: web.Request, handler) -> web.StreamResponse:
         keys = self.edge.config.api_keys
-        if keys and request.path not in OPEN_PATHS and not _key_ok(request, keys):
+        if keys and request.path not in OPEN_PATHS and not key_ok(request, keys):
             raise ApiError(401, "missing or wrong API key", code="invalid_api_key")
         return await handler(request)
 
@@ -300,7 +299,7 @@ class Api:
     # -- the rest --------------------------------------------------------------------------
 
     async def read_json(self, request: web.Request) -> Any:
-        return await _read_json(request, self.edge.config.body_timeout_s)
+        return await read_json(request, self.edge.config.body_timeout_s)
 
     async def on_models(self, request: web.Request) -> web.Response:
         data = [
@@ -386,51 +385,3 @@ def _num_prompt_tokens(samples: list[Sample]) -> int:
             id(s.journal.prompt_token_ids): s.journal.prompt_token_ids for s in samples
         }.values()
     )
-
-
-async def _read_json(request: web.Request, timeout_s: float) -> Any:
-    try:
-        async with asyncio.timeout(timeout_s):
-            raw = await request.read()
-    except TimeoutError:
-        message = f"the body did not arrive within {timeout_s:g} s"
-        raise ApiError(408, message, code="timeout") from None
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise bad_request(None, f"the body is not valid JSON: {exc}", "invalid_json") from None
-    except RecursionError:
-        raise _too_deep() from None
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(body, MAX_JSON_DEPTH):
-        raise _too_deep()
-    return body
-
-
-def _too_deep() -> ApiError:
-    message = f"the body nests arrays and objects more than {MAX_JSON_DEPTH} deep"
-    return bad_request(None, message, "invalid_json")
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether arrays and objects nest more than limit deep in value; level by level, so a
-    deep value cannot exhaust the stack that measures it."""
-    level = [value] if isinstance(value, list | dict) else []
-    for _ in range(limit):
-        level = [
-            child
-            for node in level
-            for child in (node.values() if isinstance(node, dict) else node)
-            if isinstance(child, list | dict)
-        ]
-    return bool(level)
-
-
-def _key_ok(request: web.Request, keys: tuple[str, ...]) -> bool:
-    """Compared as bytes, with every key: a header that is not UTF-8 reaches us as surrogate
-    escapes, which surrogateescape turns back into its bytes (a plain encode() raised)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    given = key.strip().encode("utf-8", "surrogateescape")
-    return any([hmac.compare_digest(given, k.encode()) for k in keys])
