@@ -55,3 +55,16 @@ def test_a_stream_adopted_from_a_live_edge_is_taken_from_it():
     assert [e.request_id for e in found] == ["r-0"] and taken == {b"edge-0/a": ["r-0"]}
     assert table.get("r-0").edge == b"edge-1/b" and table.get("r-1").edge == b"edge-0/a"
     assert table.adopt("cmpl-1", b"edge-1/b") == ([], {})  # asked again: it has it already
+
+
+def test_a_sample_its_edge_cancelled_at_a_stop_string_is_there_for_an_adopter():
+    """The edge ends a sample whose text hit a stop string by cancelling it on its node; the
+    stream's other sample goes on, and an adopter of the stream needs both."""
+    table = InFlightTable()
+    table.add(entry("r-0"))
+    table.add(entry("r-1"))
+    table.batch([StepOutput("r-0", [4]), StepOutput("r-1", [6])])
+    table.cancel("r-0")
+    table.orphan(b"edge-0/a", time.monotonic())
+    found, _ = table.adopt("cmpl-1", b"edge-1/b")
+    assert sorted((e.request_id, e.finished) for e in found) == [("r-0", True), ("r-1", False)]

@@ -74,6 +74,14 @@ class InFlightTable:
     def pop(self, request_id: str) -> InFlight | None:
         return self._requests.pop(request_id, None)
 
+    def cancel(self, request_id: str) -> InFlight | None:
+        """Its edge cancelled it (a stop string ended it there, or its client left): gone,
+        but a resumable stream's sample is kept as ended, for an adopter of its stream."""
+        entry = self._requests.pop(request_id, None)
+        if entry is not None and entry.submit is not None:
+            self._ended(entry)
+        return entry
+
     def remove_where(self, matches: Callable[[InFlight], bool]) -> list[InFlight]:
         """Remove (and return) every entry for which matches(entry) is true."""
         gone = [e for e in self._requests.values() if matches(e)]

@@ -431,7 +431,7 @@ class Node(Actor):
         if entry.edge != edge:
             log.warning("node.cancel_refused", request_id=request_id, edge=routing_name(edge))
             return
-        self.inflight.pop(request_id)
+        self.inflight.cancel(request_id)
         self._cancel_in_engine([entry])
         log.debug("node.cancelled", request_id=request_id)
 
