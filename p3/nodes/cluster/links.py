@@ -452,13 +452,11 @@ class Cluster:
         epoch: int | None = None,
     ) -> None:
         entry = self.inflight.get(request_id)
-        held = self._held.get(request_id)
-        if entry is None and held is not None and isinstance(msg, m.TokenDelta):
-            if len(held) < MAX_HELD_DELTAS:  # being adopted: attach() delivers them
-                held.append((msg, node_id, received_at or time.perf_counter(), epoch or 0))
-            return
         if entry is None:
-            return  # cancelled, finished, or never ours: nothing waits for it
+            held = self._held.get(request_id)
+            if held is not None and isinstance(msg, m.TokenDelta) and len(held) < MAX_HELD_DELTAS:
+                held.append((msg, node_id, received_at or time.perf_counter(), epoch or 0))
+            return  # being adopted (attach() delivers what is held), or nothing waits for it
         sample, queue = entry
         if sample.journal.node_id != node_id:
             return  # from a node the sample has moved away from: the new one speaks for it

@@ -34,13 +34,11 @@ def thread_grants(
         gone = [mb for mb in on_host if not mb.is_live and now - mb.dead_at >= lend_after_s]
         free = sum(mb.hello.capacity.num_threads for mb in gone)
         growing = [mb for mb in live if _ceiling(mb) > mb.hello.capacity.num_threads]
+        shares = {mb.node_id: free // len(growing) + (k < free % len(growing))
+                  for k, mb in enumerate(growing)}  # fmt: skip
         for mb in live:
             own = mb.hello.capacity.num_threads
-            extra = 0
-            if mb in growing:
-                k = growing.index(mb)
-                extra = free // len(growing) + (k < free % len(growing))
-            grants[mb.node_id] = min(max(own, _ceiling(mb)), own + extra)
+            grants[mb.node_id] = min(max(own, _ceiling(mb)), own + shares.get(mb.node_id, 0))
     return grants
 
 

@@ -93,8 +93,8 @@ async def adopt(api: Api, last: EventId) -> Replay | None:
     found = await api.cluster.adopt(last.response_id, _all_samples)
     if found is None:
         return None
-    found.sort(key=lambda item: _context(item[1]).index)
-    contexts = [_context(adopted) for _, adopted in found]
+    pairs = sorted(((_context(a), (n, a)) for n, a in found), key=lambda p: p[0].index)
+    contexts, found = [c for c, _ in pairs], [f for _, f in pairs]
     body = msgspec.json.decode(contexts[0].body)
     try:
         prepared = await prepare(api.edge, body, contexts[0].chat)

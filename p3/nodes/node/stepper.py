@@ -189,8 +189,8 @@ class StepThread:
 
     def _apply_threads(self) -> None:
         wanted = self._threads_wanted
-        if wanted and wanted != torch.get_num_threads():
-            log.info("node.threads", before=torch.get_num_threads(), now=wanted)
+        if wanted and wanted != self.threads_in_use:
+            log.info("node.threads", before=self.threads_in_use, now=wanted)
             torch.set_num_threads(wanted)
             self.threads_in_use = wanted
 
