@@ -31,9 +31,8 @@ from typing import TextIO
 import aiohttp
 
 from chaos.proxy import FaultProxy
-from p3.nodes.actor.launch import Child, python_m_p3, stop_all, wait_ready
+from p3.nodes.actor.launch import Child, free_port, python_m_p3, stop_all, wait_ready
 from p3.protocol.security import generate
-from p3.serve import free_port
 
 RUN_ENV = "P3_CHAOS_RUN"
 LOCALHOST = "127.0.0.1"
@@ -68,7 +67,7 @@ class ChaosCluster:
         self.run_dir = run_dir
         self.run_id = run_id
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.coordinator_port = free_port(LOCALHOST)
+        self.coordinator_port = 0  # bound by the first coordinator, then kept across restarts
         self.node_ports = [free_port(LOCALHOST) for _ in range(settings.num_nodes)]
         self.proxies: dict[str, FaultProxy] = {}
         self.coordinator: Child | None = None
@@ -87,19 +86,19 @@ class ChaosCluster:
 
     async def start(self) -> None:
         s = self.settings
+        self.start_coordinator()
+        await asyncio.to_thread(wait_ready, [self.coordinator], s.ready_timeout_s)
+        self.coordinator_port = int(self.coordinator.info["address"].rsplit(":", 1)[1])
         for i, port in enumerate(self.node_ports):
             await self._proxy(f"coord<-node-{i}", self.coordinator_port)
             await self._proxy(f"node-{i}<-edge", port)
         await self._proxy("coord<-edge", self.coordinator_port)
-        self.start_coordinator()
-        await asyncio.to_thread(wait_ready, [self.coordinator], s.ready_timeout_s)
         for i in range(s.num_nodes):
             self.start_node(i)
         nodes = [n for n in self.nodes if n is not None]
         await asyncio.to_thread(wait_ready, nodes, s.ready_timeout_s)
-        self.edge_port = free_port(LOCALHOST)
-        self.url = f"http://{LOCALHOST}:{self.edge_port}"
-        await self.start_edge()
+        await self.start_edge()  # on port 0 the first time: it binds a free one itself
+        self.edge_port = int(self.url.rsplit(":", 1)[1])
 
     async def start_edge(self) -> None:
         """The edge, on its port (the same one when it starts again), until it is ready."""
@@ -109,9 +108,10 @@ class ChaosCluster:
             COMMON + ["edge", "--coordinator", self._via("coord<-edge"), "--port",
              str(self.edge_port), "--token-timeout", str(s.token_timeout_s), *self._model(),
              *self._keys()],
-            ready_url=self.url + "/ready",
+            ready_path="/ready",
         )  # fmt: skip
         await asyncio.to_thread(wait_ready, [self.edge], s.ready_timeout_s)
+        self.url = self.edge.info["url"]
 
     def start_coordinator(self) -> None:
         s = self.settings
@@ -239,12 +239,12 @@ class ChaosCluster:
     def _keys(self) -> list[str]:
         return ["--keys", str(self.keys)]
 
-    def _child(self, name: str, args: list[str], ready_url: str | None = None) -> Child:
+    def _child(self, name: str, args: list[str], ready_path: str | None = None) -> Child:
         log = self._logs.get(name)
         if log is None:
             log = self._logs[name] = open(self.run_dir / "logs" / f"{name}.log", "a", buffering=1)  # noqa: SIM115
         env = {RUN_ENV: self.run_id, "P3_FAULT_SIGNALS": "1"}
-        child = Child(name, python_m_p3(*args), ready_url=ready_url, env=env, output=log)
+        child = Child(name, python_m_p3(*args), env=env, output=log, ready_path=ready_path)
         self.pids_seen.add(child.pid)
         return child
 
@@ -254,4 +254,3 @@ def _alive(proc_dir: Path) -> bool:
     with contextlib.suppress(OSError, IndexError):
         return (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return False
-

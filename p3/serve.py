@@ -18,11 +18,11 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 from p3.log import get_logger
@@ -31,27 +31,19 @@ from p3.nodes.actor.launch import Child, LaunchError, python_m_p3, stop_all, wai
 log = get_logger(__name__)
 
 
-
 def threads_per_node(num_nodes: int) -> int:
     """Cores split evenly: oversubscribed torch threads make every op many times slower."""
     return max(1, len(os.sched_getaffinity(0)) // num_nodes)
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
     for model in args.model or [None]:
         _prepare_model(model)
-    port = args.port or free_port(args.host)
     children: list[Child] = []
     stop = _stop_on_signals()
     made_keys = _prepare_keys(args)
     try:
-        _start_cluster(args, engine_argv, port, children)
+        port = _start_cluster(args, engine_argv, children)
         served = ", ".join(args.model or ["the default model"])
         print(f"p3 serving {served} at http://{args.host}:{port}/v1")
         sys.stdout.flush()
@@ -106,7 +98,9 @@ def _common(args: argparse.Namespace) -> list[str]:
     return ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
 
 
-def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child]) -> None:
+def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
+    """Coordinator, nodes, edge, each ready before the next; the edge's port (the one it
+    bound when --port 0, which a restart binds again)."""
     common = _common(args)
     coordinator = Child(
         "coordinator",
@@ -122,7 +116,7 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
     children.append(coordinator)
     wait_ready([coordinator], args.ready_timeout)
     address = coordinator.info["address"]
-    coordinator.argv = _bind_at(coordinator.argv, address)  # a restart binds it again
+    coordinator.argv = _flag_at(coordinator.argv, "--bind", address)  # a restart binds it again
     threads = args.threads or threads_per_node(args.nodes)
     models = args.model or [None]
     per_model = args.nodes // len(models)  # nodes of each model, in a block
@@ -160,13 +154,17 @@ def _start_cluster(args, engine_argv: list[str], port: int, children: list[Child
     edge = Child(
         "edge",
         python_m_p3(
-            *common, "edge", "--coordinator", address, "--host", args.host, "--port", str(port),
-            *api_key, *[a for m in models if m for a in ("--model", m)], *_keys(args),
+            *common, "edge", "--coordinator", address, "--host", args.host,
+            "--port", str(args.port), *api_key, *[a for m in models if m for a in ("--model", m)],
+            *_keys(args),
         ),
-        ready_url=f"http://{_dial_host(args.host)}:{port}/ready",
+        ready_path="/ready",  # at the url it announces: port 0 is bound by the edge itself
     )  # fmt: skip
     children.append(edge)
     wait_ready([edge], args.ready_timeout)
+    port = urllib.parse.urlsplit(edge.info["url"]).port
+    edge.argv = _flag_at(edge.argv, "--port", str(port))
+    return port
 
 
 def kv_cache_summary(nodes: list[Child]) -> str:
@@ -183,18 +181,14 @@ def kv_cache_summary(nodes: list[Child]) -> str:
     )
 
 
-def _bind_at(argv: list[str], address: str) -> list[str]:
-    """argv with its --bind value replaced by address (the port the first start was given)."""
-    i = argv.index("--bind")
-    return [*argv[: i + 1], address, *argv[i + 2 :]]
+def _flag_at(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with flag's value replaced (by the port the first start was given)."""
+    i = argv.index(flag)
+    return [*argv[: i + 1], value, *argv[i + 2 :]]
 
 
 def _keys(args: argparse.Namespace) -> list[str]:
     return ["--keys", args.keys] if args.keys else ["--insecure"]
-
-
-def _dial_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _stop_on_signals() -> threading.Event:

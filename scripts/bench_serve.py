@@ -186,7 +186,7 @@ async def bench_llama_server(args: argparse.Namespace, p3_rates: dict[int, float
     """The same REST load against llama-server -np 32 on the default GGUF."""
     import os
 
-    from p3.serve import free_port
+    from p3.nodes.actor.launch import free_port
     from p3.weights.files import default_gguf_path
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

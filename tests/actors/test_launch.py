@@ -52,6 +52,43 @@ def test_a_ready_line_carries_what_the_child_announced():
     assert child.proc.returncode == 0, "SIGTERM drains and exits cleanly"
 
 
+ANNOUNCING_SERVER = """
+    import http.server, json
+    asked = []
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            ok = self.path == "/ready" and len(asked) >= 2  # not ready at the first probe
+            self.send_response(200 if ok else 503)
+            self.end_headers()
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("0.0.0.0", 0), Ready)
+    url = f"http://0.0.0.0:{server.server_address[1]}"
+    print("P3_READY " + json.dumps({"kind": "edge", "url": url}), flush=True)
+    server.serve_forever()
+"""
+
+
+def test_a_child_that_binds_port_0_is_probed_at_the_url_it_announced():
+    child = Child("edge", python(ANNOUNCING_SERVER), ready_path="/ready")
+    try:
+        assert not child.is_ready
+        wait_ready([child], timeout_s=20)
+        assert child.is_ready and child.info["url"].startswith("http://0.0.0.0:")
+    finally:
+        stop_all([child], timeout_s=5)
+
+
+def test_a_child_whose_announced_url_never_answers_200_is_not_ready():
+    child = Child("edge", python(ANNOUNCING_SERVER), ready_path="/elsewhere")
+    try:
+        with pytest.raises(LaunchError, match="edge .*not ready after 1s"):
+            wait_ready([child], timeout_s=1)
+    finally:
+        stop_all([child], timeout_s=5)
+
+
 def is_alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()

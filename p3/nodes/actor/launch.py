@@ -21,6 +21,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -81,14 +82,18 @@ class Child:
         ready_url: str | None = None,
         env: dict[str, str] | None = None,
         output: TextIO | None = None,
+        ready_path: str | None = None,
     ):
-        """output: where its lines go (default: ours, stdout and stderr), name-prefixed."""
+        """output: where its lines go (default: ours, stdout and stderr), name-prefixed.
+        ready_url: GET it until 200 once the child announced itself; ready_path: the same at
+        the url the child announced (one that bound port 0 tells it only then)."""
         self.name = name
         self._output = output
         self.argv = argv
         self.ready_url = ready_url
+        self.ready_path = ready_path
         self.info: dict | None = None  # what it announced
-        self.probed = ready_url is None
+        self.probed = ready_url is None and ready_path is None
         self.tail: deque[str] = deque(maxlen=30)
         self.proc = subprocess.Popen(
             argv,
@@ -132,7 +137,8 @@ class Child:
         """GET ready_url once; 200 means ready."""
         if self.probed or self.info is None:
             return
-        with contextlib.suppress(OSError), urllib.request.urlopen(self.ready_url, timeout=1) as r:
+        url = self.ready_url or _dialable(f"{self.info.get('url', '')}{self.ready_path}")
+        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url, timeout=1) as r:
             self.probed = r.status == 200
 
     def describe_failure(self, what: str) -> str:
@@ -192,6 +198,21 @@ def _stages(children: list[Child]) -> list[list[Child]]:
         else:
             stages.append([child])
     return stages
+
+
+def _dialable(url: str) -> str:
+    """url with a listen-on-all host (0.0.0.0, ::) made one to dial: this machine's loopback."""
+    for anywhere in ("//0.0.0.0:", "//[::]:"):
+        url = url.replace(anywhere, "//127.0.0.1:", 1)
+    return url
+
+
+def free_port(host: str) -> int:
+    """A port free now, for a process that must be told its port before it starts (another
+    may take it meanwhile: where the process can bind port 0 itself and tell, let it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def python_m_p3(*args: str) -> list[str]:
