@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from p3.structured import StructuredOutputsParams
+
 GREEDY_EPSILON = 1e-5  # temperatures below this mean argmax
 
 
@@ -36,8 +38,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and top k
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # the text must match this (a JSON schema, regex, choice, grammar): p3/structured.py
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):  # as vLLM's JSON bodies give it
+            so = StructuredOutputsParams(**self.structured_outputs)
+            object.__setattr__(self, "structured_outputs", so)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
@@ -86,6 +93,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPSILON
+
+    @property
+    def grammar(self) -> str | None:
+        """The llguidance grammar the output must match, if any (p3/structured.py)."""
+        so = self.structured_outputs
+        return so.llguidance if so is not None else None
 
     @property
     def needs_history(self) -> bool:

@@ -19,6 +19,7 @@ import torch
 
 from p3.config import EngineConfig, ModelConfig
 from p3.engine.block_manager import BlockManager
+from p3.engine.grammar import Grammars
 from p3.engine.model_loader import build_model, quantization_plan
 from p3.engine.parallel import Shard
 from p3.engine.runner import Launched, ModelRunner
@@ -73,6 +74,9 @@ class Engine:
             blocks,
         )
         self.runner = ModelRunner(model_, mcfg, cfg, self.num_kv_blocks, self.eos_token_ids)
+        self.grammars = self.runner.grammars = Grammars(
+            self.model_dir, mcfg.vocab_size, self.eos_token_ids
+        )
         self.block_manager = BlockManager(
             self.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
@@ -187,6 +191,7 @@ class Engine:
         while self._in_flight:
             self.runner.finish(self._in_flight.popleft()[2])
         self.runner.stop_followers()
+        self.grammars.close()
         close_shard(self.shard)
 
     # -- state ----------------------------------------------------------------------------
@@ -236,7 +241,8 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
-                self._admit(item)
+                if (refused := self._admit(item)) is not None:
+                    aborted.append(refused)
             elif item in self._in_flight_ids:
                 self._deferred_cancels.add(item)  # its KV is being written: after its step
             elif (seq := self.seqs.get(item)) is not None:
@@ -244,12 +250,23 @@ class Engine:
                 aborted.append(_abort_output(seq))
         return aborted
 
-    def _admit(self, request: Request) -> None:
+    def _admit(self, request: Request) -> StepOutput | None:
+        """Into the scheduler; a constrained request that cannot start (its grammar does not
+        compile for this vocabulary, or its tokens so far leave it) ends at once, "abort"."""
         seq = Sequence(request, self.config.block_size, self._arrivals)
+        if (grammar := request.params.grammar) is not None:
+            try:  # on the step thread: the first one builds the grammar tokenizer (~0.4 s)
+                seq.matcher = self.grammars.matcher(grammar, request.output_token_ids)
+            except (ValueError, OSError) as exc:
+                log.warning("engine.grammar_refused", request_id=seq.request_id, error=str(exc))
+                with self._lock:
+                    self._pending_ids.discard(seq.request_id)
+                return _abort_output(seq)
         seq.lane = self._arrivals % self.num_lanes
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
+        return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
@@ -267,6 +284,8 @@ class Engine:
         for i, seq in enumerate(sampled):
             token = result.token_ids[i]
             seq.append_token(token)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                log.warning("engine.grammar_left", request_id=seq.request_id, token=token)
             out = StepOutput(
                 seq.request_id,
                 [token],
@@ -287,6 +306,8 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids:
             return "stop"
+        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            return "stop"  # the grammar is complete (or, never seen, left: no way on inside it)
         if (
             token in self.eos_token_ids
             and not p.ignore_eos

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from p3.config import EngineConfig, ModelConfig
+from p3.engine.grammar import Grammars, allowed
 from p3.engine.model import AttentionContext, Transformer
 from p3.engine.scheduler import ScheduledBatch
 from p3.engine.sequence import Sequence
@@ -37,6 +39,7 @@ class Launched:
     logits: Tensor | None
     pending: PendingLogits | None
     prompt_rows: list[tuple[Sequence, int]]  # logits rows after the sampled ones: (seq, next id)
+    masks: Future | None = None  # the constrained rows' grammar masks, computed meanwhile
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -69,6 +72,7 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
+        self.grammars: Grammars | None = None  # the engine's (it knows the model's files)
         if self.device.type == "cpu":
             keep_freed_memory()
             build.warm()  # compile the C++ kernels now (once per machine), not in the first step
@@ -98,13 +102,15 @@ class ModelRunner:
         a single stage the logits are ready on return; with several, `finish` waits for the
         last stage's, so the leader may launch another micro-batch in between."""
         plan, sampling_seqs, prompt_rows = self.plan(batch)
+        matchers = [seq.matcher for seq in sampling_seqs if seq.matcher is not None]
+        masks = self.grammars.start(matchers) if matchers else None  # while the model runs
         pending = None
         if self.shard.world_size > 1:
             if plan.logits_indices and not self.shard.is_last_stage:
                 vocab = self.model.cfg.vocab_size
                 pending = PendingLogits(len(plan.logits_indices), vocab, self.device, self.shard)
             send_plan(plan, self.shard)
-        return Launched(sampling_seqs, self.forward(plan), pending, prompt_rows)
+        return Launched(sampling_seqs, self.forward(plan), pending, prompt_rows, masks)
 
     @torch.inference_mode()
     def finish(self, launched: Launched) -> tuple[list[Sequence], SampleResult | None]:
@@ -118,7 +124,12 @@ class ModelRunner:
         if not num_sampled:
             return [], None
         rows = [self._sample_row(seq) for seq in launched.sampling_seqs]
-        return launched.sampling_seqs, self.sampler(logits[:num_sampled], rows)
+        constrained = None
+        if launched.masks is not None:
+            where = [i for i, seq in enumerate(launched.sampling_seqs) if seq.matcher is not None]
+            vocab = logits.shape[-1]
+            constrained = where, allowed(launched.masks.result(), vocab, logits.device)
+        return launched.sampling_seqs, self.sampler(logits[:num_sampled], rows, constrained)
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> Tensor | None:

@@ -66,6 +66,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache
         self.block_hashes: list[int] = []  # chain hashes of the leading full, computed blocks
         self.num_preemptions = 0
+        self.matcher = None  # an llguidance LLMatcher when params carry a grammar (grammar.py)
         # (token, logprob, top k) of prompt tokens 1.. as prefill computes them
         self.prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = (
             [] if request.params.prompt_logprobs is not None else None

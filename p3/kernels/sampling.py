@@ -27,7 +27,6 @@ NUCLEUS_PROBE_TOKENS = 128
 NUCLEUS_WIDENING = 8  # then this many times more, then the whole vocab
 
 
-
 @dataclass(slots=True)
 class SampleRow:
     params: SamplingParams
@@ -51,14 +50,29 @@ class Sampler:
     def __init__(self) -> None:
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: list[SampleRow],
+        constrained: tuple[list[int], torch.Tensor] | None = None,
+    ) -> SampleResult:
+        """constrained: rows under a grammar and the tokens each may take ([len, vocab]
+        booleans, p3/engine/grammar.py); the others are -inf before anything else is done."""
         raw = logits.float()
-        if all(_is_plain_greedy(row) for row in rows):
+        if constrained is None and all(_is_plain_greedy(row) for row in rows):
             return _plain_result(argmax_rows(raw).tolist())
         processed = process_logits(raw, rows) if _needs_processing(rows) else raw
+        fallback = raw
+        if constrained is not None:
+            processed = _masked(
+                processed if processed is not raw else _float_copy(raw), constrained
+            )
+            fallback = _masked(_float_copy(raw), constrained)  # the grammar comes first
         token_ids = self._choose_tokens(processed, rows)
         if processed is not raw:
-            token_ids = _fall_back_where_all_blocked(token_ids, processed, raw)
+            token_ids = _fall_back_where_all_blocked(token_ids, processed, fallback)
+            if fallback is not raw:  # a grammar that allows nothing (never seen): raw argmax
+                token_ids = _fall_back_where_all_blocked(token_ids, fallback, raw)
         return _result_with_logprobs(raw, rows, token_ids)
 
     def _choose_tokens(self, processed: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -347,6 +361,14 @@ def _fall_back_where_all_blocked(
         return token_ids
     raw_best = argmax_rows(raw).to(token_ids.device)
     return torch.where(all_blocked.to(token_ids.device), raw_best, token_ids)
+
+
+def _masked(logits: torch.Tensor, constrained: tuple[list[int], torch.Tensor]) -> torch.Tensor:
+    """In place: -inf where the constrained rows' grammars forbid a token."""
+    where, allowed = constrained
+    index = _long_tensor(where, logits.device)
+    logits[index] = logits[index].masked_fill_(~allowed[:, : logits.shape[-1]], NEG_INF)
+    return logits
 
 
 def _plain_result(token_ids: list[int]) -> SampleResult:

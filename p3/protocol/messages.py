@@ -13,9 +13,11 @@ import msgspec
 from msgspec import Meta
 
 from p3.outputs import FinishReason
+from p3.structured import MAX_GRAMMAR_BYTES
 
-PROTOCOL_VERSION = 4  # 2: the load figures as one nested Load; 3: tokenizers over the wire;
-# 4: streams taken over from a live edge (TakenOver), threads lent by dead peers (Threads)
+PROTOCOL_VERSION = 5  # 2: the load figures as one nested Load; 3: tokenizers over the wire;
+# 4: streams taken over from a live edge (TakenOver), threads lent by dead peers (Threads);
+# 5: structured outputs (WireSamplingParams.grammar: an older node would ignore it)
 
 # Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
 # bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
@@ -55,6 +57,8 @@ class WireSamplingParams(Msg, tag="sampling"):
     logit_bias: dict[TokenId, float] = {}
     logprobs: Count | None = None
     prompt_logprobs: Count | None = None
+    # what the output must match: an llguidance grammar (TopLevelGrammar JSON), "" for none
+    grammar: Annotated[str, Meta(max_length=MAX_GRAMMAR_BYTES)] = ""
 
 
 # -- node -> coordinator -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from p3.nodes.edge.constraints import structured_outputs
 from p3.nodes.edge.errors import ApiError, bad_request
 from p3.sampling_params import InvalidParam, SamplingParams
 
@@ -192,6 +193,7 @@ def _sampling_fields(f: Fields, limits: Limits) -> dict[str, Any]:
         "logit_bias": _logit_bias(f.get("logit_bias", dict, {})),
         "include_stop_str_in_output": f.bool("include_stop_str_in_output"),
         "skip_special_tokens": f.bool("skip_special_tokens", True),
+        "structured_outputs": structured_outputs(f.body),
     }
     params["stop_token_ids"] = _stop_token_ids(f.get("stop_token_ids", list, []))
     return params

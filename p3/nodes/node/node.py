@@ -280,6 +280,8 @@ class Node(Actor):
         def build_and_read_tokenizer() -> Engine:  # on the step thread, off the loop
             engine = build()
             self._tokenizer = _tokenizer_files(engine.model_dir)
+            if engine.shard.is_leader:  # it samples: grammars' tokenizer now, not mid-serve
+                engine.grammars.warm()
             return engine
 
         self.stepper = StepThread(
