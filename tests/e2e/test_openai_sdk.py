@@ -9,24 +9,11 @@ import openai
 import pytest
 
 from p3 import LLM, SamplingParams
-from tests.e2e import openai_cluster
 
 pytestmark = pytest.mark.timeout(90)
 
 MODEL = "SmolLM2-135M-Instruct"
 PARIS = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def url(default_model_dir):
-    cluster = openai_cluster.start()
-    yield cluster.url
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=60, max_retries=0)
 
 
 @pytest.fixture

@@ -57,6 +57,7 @@ def make_app(edge: Edge) -> web.Application:
     app.router.add_post("/v1/chat/completions", api.on_chat)
     app.router.add_post("/v1/completions", api.on_completions)
     app.router.add_get("/v1/models", api.on_models)
+    app.router.add_get("/v1/models/{model:.+}", api.on_model)
     app.router.add_post("/tokenize", api.on_tokenize)
     app.router.add_post("/detokenize", api.on_detokenize)
     app.router.add_get("/health", api.on_health)
@@ -302,18 +303,27 @@ class Api:
         return await read_json(request, self.edge.config.body_timeout_s)
 
     async def on_models(self, request: web.Request) -> web.Response:
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": self.edge.started,
-                "owned_by": "p3",
-                "root": self.edge.models.resolve(name),
-                "max_model_len": self.edge.max_model_len(self.edge.models.resolve(name)),
-            }
-            for name in self.edge.models.names()
-        ]
+        data = [self._model_json(name) for name in self.edge.models.names()]
         return json_response({"object": "list", "data": data})
+
+    async def on_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        models = self.edge.models
+        root = models.resolve(name)
+        if root is None or models.api_name(root) not in models.names():
+            raise ApiError(404, f"the model {name!r} does not exist", code="model_not_found")
+        return json_response(self._model_json(models.api_name(root)))
+
+    def _model_json(self, name: str) -> dict[str, Any]:
+        root = self.edge.models.resolve(name)
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.edge.started,
+            "owned_by": "p3",
+            "root": root,
+            "max_model_len": self.edge.max_model_len(root),
+        }
 
     async def on_tokenize(self, request: web.Request) -> web.Response:
         prepared = await prepare(self.edge, await self.read_json(request), chat=None)

@@ -29,6 +29,7 @@ from p3.nodes.edge.schemas import (
     parse_chat,
     parse_completion,
 )
+from p3.nodes.edge.tools import Tools, for_template
 from p3.sampling_params import SamplingParams
 from p3.tokenizer import Tokenizer
 
@@ -58,7 +59,10 @@ class Prepared:
             echo_ids = [ids for ids in self.prompt_ids for _ in range(request.n)]
             echo = [self.tokenizer.decode(ids) for ids in echo_ids]
         logprobs = request.params.get("logprobs") if request is not None else None
-        responder = Responder(chat, self.model_name, self.tokenizer, logprobs, echo, echo_ids)
+        tools = request.tools if isinstance(request, ChatRequest) else None
+        responder = Responder(
+            chat, self.model_name, self.tokenizer, logprobs, echo, echo_ids, tools
+        )
         if self.params is not None:
             responder.skip_special_tokens = self.params.skip_special_tokens
         return responder
@@ -88,7 +92,9 @@ async def _prepare_tokenize(edge: Edge, body: Any) -> Prepared:
         request = parse_chat({**body, "model": model})
         param, text = "messages", request.messages
         add_generation_prompt = f.bool("add_generation_prompt", True)
-        render = partial(_chat_ids, tokenizer, request.messages, add_generation_prompt)
+        render = partial(
+            _chat_ids, tokenizer, request.messages, add_generation_prompt, request.tools
+        )
     else:
         param, text = "prompt", f.str("prompt")
         if text is None:
@@ -137,7 +143,9 @@ async def _render(
 ) -> list[list[int]]:
     if isinstance(request, ChatRequest):
         num_chars = _check_chars("messages", request.messages, max_chars)
-        render = partial(_chat_ids, tokenizer, request.messages, request.add_generation_prompt)
+        render = partial(
+            _chat_ids, tokenizer, request.messages, request.add_generation_prompt, request.tools
+        )
         return [await _render_text(num_chars, render)]
     num_chars = sum(_check_chars("prompt", p, max_chars) for p in request.prompts)
     return await _render_text(num_chars, partial(_completion_ids, tokenizer, request.prompts))
@@ -152,10 +160,15 @@ async def _render_text(num_chars: int, render: Callable[[bool], T]) -> T:
 
 
 def _chat_ids(
-    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool, off_loop: bool
+    tokenizer: Tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    tools: Tools | None,
+    off_loop: bool,
 ) -> list[int]:
+    messages, template_tools = for_template(messages, tools, tokenizer.chat_template)
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt, template_tools)
     except Exception as exc:  # the template's own raise_exception, or a bad message shape
         raise bad_request("messages", f"the chat template refused the messages: {exc}") from None
     return _encode(tokenizer, text, False, off_loop)

@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from p3.nodes.cluster.samples import Delta, Sample, TokenLogprob
+from p3.nodes.edge.tools import Call, ToolCallParser, Tools, tool_format
 from p3.tokenizer import Tokenizer
 
 SYSTEM_FINGERPRINT = "p3-0.1.0"
@@ -53,8 +54,11 @@ class Responder:
         logprobs: int | None,
         echo_texts: list[str] | None = None,
         echo_ids: list[list[int]] | None = None,
+        tools: Tools | None = None,
     ):
         self.chat = chat
+        self.tools = tools if tools is not None and tools.active and chat else None
+        self._parsers: dict[int, ToolCallParser] = {}  # streamed choices' tool calls
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.model_name = model_name
@@ -98,12 +102,40 @@ class Responder:
                     delta.index, delta.text, delta.logprobs, delta.finish_reason, delta.stop_reason
                 )
             ]
+        if self.tools is not None:
+            return self._tool_chunks(delta)
         out = []
         if delta.text or delta.logprobs:
             out.append(self._chunk(delta.index, {"content": delta.text}, delta.logprobs))
         if delta.finish_reason is not None:
             out.append(self._chunk(delta.index, {}, None, delta.finish_reason))
         return out
+
+    def _tool_chunks(self, delta: Delta) -> list[dict[str, Any]]:
+        """Content outside calls as content; a call's header (index, id, name) first, then
+        its argument fragments; the delta's logprobs ride on its first chunk."""
+        parser = self._parsers.get(delta.index)
+        if parser is None:
+            parser = self._parsers[delta.index] = self._parser(delta.index)
+        events = parser.feed(delta.text) if delta.text else []
+        if delta.finish_reason is not None:
+            events += parser.finish()
+        bodies = [_tool_delta(event) for event in events]
+        if not bodies and delta.logprobs:
+            bodies = [{"content": ""}]
+        out = [
+            self._chunk(delta.index, body, delta.logprobs if i == 0 else None)
+            for i, body in enumerate(bodies)
+        ]
+        if delta.finish_reason is not None:
+            finish = _tool_finish(delta.finish_reason, parser.calls)
+            out.append(self._chunk(delta.index, {}, None, finish))
+        return out
+
+    def _parser(self, index: int) -> ToolCallParser:
+        tools = self.tools
+        mode = tools.named or ("required" if tools.choice == "required" else "auto")
+        return ToolCallParser(mode, tool_format(self.tokenizer.chat_template), self.id, index)
 
     def usage_chunk(self, samples: list[Sample]) -> dict[str, Any]:
         return {**self._envelope(chunk=True), "choices": [], "usage": usage(samples)}
@@ -134,12 +166,21 @@ class Responder:
                 echoed = self._echo_logprobs(choice.index, choice.prompt_logprobs)
                 logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
         if self.chat:
-            message = {"role": "assistant", "content": choice.text}
+            message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+            finish = choice.finish_reason
+            if self.tools is not None:
+                parser = self._parser(choice.index)
+                events = parser.feed(choice.text) + parser.finish()
+                content = "".join(e[1] for e in events if e[0] == "content")
+                if parser.calls:
+                    message["content"] = content.strip() or None
+                    message["tool_calls"] = [_tool_call(c) for c in parser.calls]
+                    finish = _tool_finish(finish, parser.calls)
             return {
                 "index": choice.index,
                 "message": message,
                 "logprobs": logprobs,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": finish,
             }
         echo = self.echo_texts[choice.index] if self.echo_texts else ""
         return {
@@ -215,6 +256,32 @@ class Responder:
         top = {token_text(self.tokenizer, t): _finite(lp) for t, lp in entry.top[: self.logprobs]}
         top.setdefault(token_text(self.tokenizer, entry.token_id), _finite(entry.logprob))
         return top
+
+
+def _tool_delta(event: tuple) -> dict[str, Any]:
+    kind = event[0]
+    if kind == "content":
+        return {"content": event[1]}
+    if kind == "call":
+        _, index, call_id, name = event
+        function = {"name": name, "arguments": ""}
+        return {
+            "tool_calls": [
+                {"index": index, "id": call_id, "type": "function", "function": function}
+            ]
+        }
+    _, index, fragment = event
+    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
+
+
+def _tool_call(call: Call) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def _tool_finish(finish: str | None, calls: list[Call]) -> str | None:
+    """A turn that ended after calling tools ends with "tool_calls", as OpenAI's do."""
+    return "tool_calls" if calls and finish == "stop" else finish
 
 
 def usage(samples: list[Sample]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from p3.nodes.edge.constraints import structured_outputs
 from p3.nodes.edge.errors import ApiError, bad_request
+from p3.nodes.edge.tools import Tools, parse_tools, validate_messages
 from p3.sampling_params import InvalidParam, SamplingParams
 
 __all__ = ["ApiError", "bad_request", "parse_chat", "parse_completion", "Limits", "Fields"]
@@ -62,6 +63,7 @@ class ChatRequest(CommonRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: Tools | None = None
 
 
 @dataclass
@@ -122,6 +124,15 @@ def parse_chat(body: Any, limits: Limits = Limits()) -> ChatRequest:
     if request.logprobs:
         request.params["logprobs"] = request.top_logprobs or 0
     request.add_generation_prompt = f.bool("add_generation_prompt", True)
+    request.tools = parse_tools(f.body)
+    validate_messages(request.messages)
+    if request.tools is not None and (constraint := request.tools.constraint()) is not None:
+        if request.params["structured_outputs"] is not None:
+            raise bad_request(
+                "tool_choice",
+                "tool_choice 'required' or a named function takes no other constraint",
+            )
+        request.params["structured_outputs"] = constraint
     return request
 
 

@@ -1,0 +1,315 @@
+"""Structured outputs and tool calls through the official SDK, against a real cluster (p3
+serve, the default model): JSON that parses and validates, streamed and not; the SDK's
+parse() with a pydantic model; regex and choice in vLLM's extra fields; tool calls required,
+named and auto, streamed as deltas that add up to the whole answer; a follow-up turn with the
+tool's result; /v1/models/{id}; and the 400s, each naming its field."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+
+import jsonschema
+import openai
+import pydantic
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "SmolLM2-135M-Instruct"
+ASK = [{"role": "user", "content": "Describe Ann, aged 31, who has a cat, as JSON."}]
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "pets"],
+    "additionalProperties": False,
+}
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"tz": {"type": "string", "maxLength": 20}},
+    "required": ["tz"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "The weather", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
+WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+def json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+
+
+def streamed(stream) -> tuple[str, dict[int, dict], str | None]:
+    """A chat stream's content, its tool calls by index (id, name, arguments joined), and
+    the finish reason."""
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        content += choice.delta.content or ""
+        for call in choice.delta.tool_calls or []:
+            entry = calls.setdefault(call.index, {"id": None, "name": None, "arguments": ""})
+            if call.id:
+                assert entry["id"] is None, "a call's id comes once, in its first delta"
+                entry["id"], entry["name"] = call.id, call.function.name
+            else:
+                assert entry["id"] is not None, "id and name come before the arguments"
+            entry["arguments"] += call.function.arguments or ""
+    return content, calls, finish
+
+
+# -- structured outputs ----------------------------------------------------------------------
+
+
+def test_json_schema_whole_and_streamed_validate_and_agree(client):
+    fmt = json_schema(PERSON)
+    whole = client.chat.completions.create(
+        model=MODEL, messages=ASK, response_format=fmt, temperature=0, max_tokens=120
+    )
+    text = whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text), PERSON)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, response_format=fmt, temperature=0, max_tokens=120, stream=True
+    )
+    content, calls, finish = streamed(stream)
+    assert content == text and not calls and finish == "stop"
+
+
+def test_sampled_json_schema_answers_all_validate(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, response_format=json_schema(PERSON), n=4, seed=3,
+        temperature=1.2, max_tokens=120,
+    )  # fmt: skip
+    for choice in r.choices:
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_sdk_parse_with_a_pydantic_model(client):
+    r = client.chat.completions.parse(
+        model=MODEL, messages=ASK, response_format=Person, temperature=0, max_tokens=80
+    )
+    person = r.choices[0].message.parsed
+    assert isinstance(person, Person) and person.name
+
+
+def test_json_object_is_an_object(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, response_format={"type": "json_object"}, temperature=0,
+        max_tokens=200,
+    )  # fmt: skip
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_vllm_extra_fields_regex_and_choice(client):
+    r = client.completions.create(
+        model=MODEL, prompt="Ann's phone number:", max_tokens=20,
+        extra_body={"guided_regex": r"\d{3}-\d{4}"},
+    )  # fmt: skip
+    assert re.fullmatch(r"\d{3}-\d{4}", r.choices[0].text)
+    r = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=10,
+        extra_body={"structured_outputs": {"choice": ["cat", "dog", "none"]}},
+    )  # fmt: skip
+    assert r.choices[0].message.content in ("cat", "dog", "none")
+
+
+# -- tools -----------------------------------------------------------------------------------
+
+
+def check_calls(calls: list[tuple[str, str]]) -> None:
+    for name, arguments in calls:
+        jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+
+
+@pytest.mark.parametrize(
+    "tool_choice, parallel",
+    [
+        ("required", True),
+        ("required", False),
+        ({"type": "function", "function": {"name": "get_time"}}, True),
+    ],
+    ids=["required", "required-one", "named"],
+)
+def test_constrained_tool_calls_whole_and_streamed(client, tool_choice, parallel):
+    kwargs = dict(
+        model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice=tool_choice, temperature=0,
+        max_tokens=120, parallel_tool_calls=parallel,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**kwargs)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert calls and all(c.id.startswith("call_") for c in choice.message.tool_calls)
+    check_calls(calls)
+    if isinstance(tool_choice, dict):
+        assert [name for name, _ in calls] == ["get_time"]
+    if not parallel:
+        assert len(calls) == 1
+    content, streamed_calls, finish = streamed(
+        client.chat.completions.create(**kwargs, stream=True)
+    )
+    assert finish == "tool_calls" and content == ""
+    assert [(c["name"], c["arguments"]) for c in streamed_calls.values()] == calls
+
+
+AUTO_CALL = (
+    r'Checking\. <tool_call>\[\{"name": "get_weather", "arguments": '
+    r'\{"city": "Paris", "unit": "celsius"\}\}\]</tool_call>'
+)
+
+
+def test_auto_parses_the_models_own_format_whole_and_streamed(client):
+    """auto: the model's text is parsed for calls. SmolLM2-135M rarely calls on its own, so a
+    regex makes it write one, in the format its tools prompt asks for."""
+    kwargs = dict(
+        model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="auto", temperature=0,
+        max_tokens=80, extra_body={"structured_outputs": {"regex": AUTO_CALL}},
+    )  # fmt: skip
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Checking."
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    content, calls, finish = streamed(client.chat.completions.create(**kwargs, stream=True))
+    assert finish == "tool_calls" and content.strip() == "Checking."
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        ("get_weather", call.function.arguments)
+    ]
+
+
+def test_auto_without_a_call_is_plain_content_and_none_calls_nothing(client):
+    for tool_choice in ("auto", "none"):
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hello."}], tools=TOOLS,
+            tool_choice=tool_choice, temperature=0, max_tokens=30,
+        )  # fmt: skip
+        message = r.choices[0].message
+        assert message.content and not message.tool_calls
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_follow_up_turn_with_the_tools_result(client, url):
+    """The call and the tool's result are rendered into the next prompt by the chat template
+    (SmolLM2's knows no tools: the call as <tool_call> text, the result as a tool turn), and
+    the turn is answered."""
+    first = client.chat.completions.create(
+        model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required", temperature=0,
+        max_tokens=80, parallel_tool_calls=False,
+    )  # fmt: skip
+    call = first.choices[0].message.tool_calls[0]
+    turns = [
+        *WEATHER_ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    body = {"model": MODEL, "messages": turns, "tools": TOOLS}
+    ids = post(url, "/tokenize", body)["tokens"]
+    prompt = post(url, "/detokenize", {"model": MODEL, "tokens": ids})["prompt"]
+    assert "<tools>" in prompt and '"get_weather"' in prompt
+    assert f'<tool_call>[{{"name": "{call.function.name}", "arguments": {{' in prompt
+    assert "tool\n18 degrees and sunny" in prompt
+    r = client.chat.completions.create(
+        model=MODEL, messages=turns, tools=TOOLS, temperature=0, max_tokens=20
+    )
+    assert r.choices[0].message.content
+
+
+def post(url: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(url + path, json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+def test_models_by_id(client):
+    model = client.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        (
+            {"response_format": json_schema({"type": "objectx"})},
+            "response_format.json_schema.schema",
+        ),
+        ({"response_format": json_schema("not a schema")}, "response_format.json_schema.schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": PERSON}}},
+            "response_format.json_schema.name",
+        ),
+        ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex"),
+        ({"extra_body": {"guided_choice": []}}, "guided_choice"),
+        ({"extra_body": {"guided_json": PERSON, "guided_regex": "a"}}, "guided_regex"),
+        ({"extra_body": {"structured_outputs": {"xml": "a"}}}, "structured_outputs.xml"),
+        (
+            {"tools": [{"type": "function", "function": {"description": "no name"}}]},
+            "tools[0].function.name",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "objectx"}},
+                    }
+                ]
+            },
+            "tools[0].function.parameters",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_constraints_and_tools_are_400s_naming_the_field(client, body, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, **body)
+    assert refused.value.status_code == 400
+    assert refused.value.body["param"] == param, refused.value.body
