@@ -11,7 +11,9 @@ Checked, per request (a violation is a line in `Report.violations`):
   client retried) it is counted;
 - usage bills each delivered token once (completion_tokens = tokens delivered);
 - its output equals the fault-free reference run's (same tokens, same text, same finish):
-  tokens missing from the reference alignment count as lost, extra ones as repeated.
+  tokens missing from the reference alignment count as lost, extra ones as repeated;
+- a constrained request's output (a JSON schema's text, a tool call's arguments) parses and
+  validates against its schema, and ended with the grammar, not at max_tokens.
 Measured: detection time (fault to the coordinator's `node_dead`), the edge's reaction time,
 and for every stream under way at a fault the longest pause between two of its tokens while
 the fault acted (until shortly after the cluster was whole again).
@@ -42,6 +44,7 @@ class Attempt:
     extra: int = 0
     problems: list[str] = field(default_factory=list)
     resumes: int = 0  # times its stream broke and was resumed from its last event id
+    schema: dict | None = None  # what its output must validate against (constrained)
 
     @property
     def num_tokens(self) -> int:
@@ -121,6 +124,8 @@ def attempts_of(history: list[dict]) -> dict[str, list[Attempt]]:
 
 def _apply(a: Attempt, rec: dict) -> None:
     kind = rec["type"]
+    if kind == "invoke":
+        a.schema = constraint_schema(rec.get("body") or {})
     if kind == "invoke" and rec.get("resume") is not None:  # the same attempt goes on
         if a.ends != ["fail"] or not a.sids or a.sids[-1] != rec["resume"]:
             a.problems.append(f"resumed from {rec['resume']} after {a.ends}, ids {a.sids[-1:]}")
@@ -194,8 +199,9 @@ def check(
     return report
 
 
-def _check_request(report: Report, req: str, attempts: list[Attempt], ends: list[str],
-                   reference: Attempt | None) -> None:
+def _check_request(
+    report: Report, req: str, attempts: list[Attempt], ends: list[str], reference: Attempt | None
+) -> None:
     def violation(what: str) -> None:
         report.violations.append(f"{req}: {what}")
 
@@ -224,10 +230,36 @@ def _check_request(report: Report, req: str, attempts: list[Attempt], ends: list
     if last.usage is None or last.usage.get("completion_tokens") != last.num_tokens:
         billed = last.usage and last.usage.get("completion_tokens")
         violation(f"usage bills {billed} completion tokens for {last.num_tokens} delivered")
+    if last.schema is not None:
+        for index, choice in sorted(last.choices.items()):
+            if (problem := _invalid(choice, last.schema)) is not None:
+                violation(f"choice {index} is outside its constraint: {problem}")
     if reference is None:
         violation("no fault-free reference run")
         return
     _compare(report, req, last, reference)
+
+
+def constraint_schema(body: dict) -> dict | None:
+    """The JSON schema a request's output must validate against, if it is constrained."""
+    if (so := body.get("structured_outputs")) is not None:
+        return so.get("json")
+    tools = body.get("tools")
+    if tools and body.get("tool_choice") == "required" and len(tools) == 1:
+        return tools[0]["function"]["parameters"]
+    return None
+
+
+def _invalid(choice: dict, schema: dict) -> str | None:
+    import jsonschema
+
+    if choice["finish"] not in ("stop", "tool_calls"):
+        return f"finish {choice['finish']}"
+    try:
+        jsonschema.validate(json.loads(choice["text"]), schema)
+    except (ValueError, jsonschema.ValidationError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:120]} in {choice['text'][:80]!r}"
+    return None
 
 
 def _compare(report: Report, req: str, got: Attempt, want: Attempt) -> None:
@@ -321,7 +353,7 @@ def _log_events(path: Path, events: tuple[str, ...]) -> list[tuple[str, str | No
         if not any(f'"{event}"' in line for event in events):
             continue
         try:
-            rec = json.loads(line[line.index("{"):])
+            rec = json.loads(line[line.index("{") :])
             when = datetime.fromisoformat(rec["timestamp"].replace("Z", "+00:00")).timestamp()
         except (ValueError, KeyError):
             continue
@@ -339,14 +371,20 @@ def _measure_detection(report: Report, logs: Path, cut: set[float]) -> None:
     reactions = _log_events(edge, ("edge.link_lost", "edge.node_dead")) if edge.exists() else []
     ends = [f["t"] for f in report.faults[1:]] + [float("inf")]
     for fault, next_at in zip(report.faults, ends, strict=True):
-        after = [t - fault["t"] for _, node, t in reactions
-                 if node == fault["node"] and fault["t"] <= t < min(next_at, fault["t"] + 30)]
+        after = [
+            t - fault["t"]
+            for _, node, t in reactions
+            if node == fault["node"] and fault["t"] <= t < min(next_at, fault["t"] + 30)
+        ]
         if after:
             report.edge_reaction_s.setdefault(fault["kind"], []).append(min(after))
         if fault["kind"] not in DEATHS:
             continue
-        seen = [t - fault["t"] for _, node, t in deaths
-                if node == fault["node"] and 0 <= t - fault["t"] < 30]
+        seen = [
+            t - fault["t"]
+            for _, node, t in deaths
+            if node == fault["node"] and 0 <= t - fault["t"] < 30
+        ]
         if seen:  # measured even when the workload's end cut the fault short
             report.detection_s.setdefault(fault["kind"], []).append(min(seen))
         elif fault["t"] not in cut:
@@ -372,12 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     failed = 0
     for run in args.runs:
-        report = check(read_history(run / "history.jsonl"),
-                       read_history(run / "reference.jsonl"), run / "logs")
+        report = check(
+            read_history(run / "history.jsonl"), read_history(run / "reference.jsonl"), run / "logs"
+        )
         stored = json.loads((run / "report.json").read_text())
         report.kv_free, report.leftovers = stored["kv_free"], stored["leftover_pids"]
-        report.violations += [v for v in stored["violations"]
-                              if v.startswith(("KV blocks", "p3 processes"))]
+        report.violations += [
+            v for v in stored["violations"] if v.startswith(("KV blocks", "p3 processes"))
+        ]
         failed += not report.passed
         print(json.dumps({"run": str(run), **report.summary()}))
     return 1 if failed else 0

@@ -47,22 +47,33 @@ class Scenario:
     requests_per_client: int = 1000
     max_tokens: tuple[int, int] = (24, 64)
     pause_s: tuple[float, float] = (1.0, 3.0)  # between a repair and the next fault
+    constrained: bool = False  # half the requests under a JSON schema or a tool call
 
 
 SCENARIOS = {
     # one fault 0.2-0.6 s after the first token, while all 8 streams are surely under way
     **{
-        name: Scenario((kind,), 1, requests_per_client=1, max_tokens=(40, 64),
-                       pause_s=(0.2, 0.6))
+        name: Scenario((kind,), 1, requests_per_client=1, max_tokens=(40, 64), pause_s=(0.2, 0.6))
         for name, kind in (("smoke", "kill"), ("reset-once", "reset"), ("hang-once", "hang"))
     },
     **{kind: Scenario((kind,), 100) for kind in KINDS},
     "mixed": Scenario(KINDS, 100),
+    # the same, half the requests constrained (JSON schema, required tool call)
+    "constrained": Scenario(KINDS, 100, constrained=True),
+    "constrained-once": Scenario(
+        ("kill",),
+        1,
+        requests_per_client=2,
+        max_tokens=(40, 64),
+        pause_s=(0.2, 0.6),
+        constrained=True,
+    ),
 }
 
 
-async def run_once(scenario: str, seed: int, duration_s: float, out: Path,
-                   settings: Settings) -> Report:
+async def run_once(
+    scenario: str, seed: int, duration_s: float, out: Path, settings: Settings
+) -> Report:
     spec = SCENARIOS[scenario]
     out.mkdir(parents=True, exist_ok=True)
     run_id = f"{scenario}-{seed}-{time.time_ns()}"
@@ -79,7 +90,7 @@ async def run_once(scenario: str, seed: int, duration_s: float, out: Path,
         await cluster.start()
         workload = Workload(
             cluster.url, MODEL, seed, spec.clients, spec.requests_per_client, duration_s,
-            spec.max_tokens, record=record,
+            spec.max_tokens, spec.constrained, record=record,
         )  # fmt: skip
         nemesis = Nemesis(cluster, random.Random(seed), record)
         finished = asyncio.Event()
@@ -101,8 +112,9 @@ async def run_once(scenario: str, seed: int, duration_s: float, out: Path,
         await cluster.stop()
         history_file.close()
         reference_file.close()
-    report = check(read_history(out / "history.jsonl"), read_history(out / "reference.jsonl"),
-                   out / "logs")
+    report = check(
+        read_history(out / "history.jsonl"), read_history(out / "reference.jsonl"), out / "logs"
+    )
     report.kv_free = kv_free
     if not kv_free:
         report.violations.append("KV blocks still held after the workload ended")
@@ -197,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default: /tmp/p3-chaos/SCENARIO-SEED")
     p.add_argument("--node-args", default="", help="more `p3 node` flags, one string")
     args = p.parse_args(argv)
-    settings = Settings(num_nodes=args.nodes, dtype=args.dtype,
-                        extra_node_args=shlex.split(args.node_args))
+    settings = Settings(
+        num_nodes=args.nodes, dtype=args.dtype, extra_node_args=shlex.split(args.node_args)
+    )
     reports = []
     for seed in range(args.seed, args.seed + args.runs):
         out = Path(args.out or "/tmp/p3-chaos") / f"{args.scenario}-{seed}"
@@ -206,8 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run_once(args.scenario, seed, args.duration, out, settings))
         reports.append(report)
         summary = report.summary()
-        print(json.dumps({"seed": seed, "seconds": round(time.monotonic() - started, 1),
-                          "dir": str(out), **summary}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "seed": seed,
+                    "seconds": round(time.monotonic() - started, 1),
+                    "dir": str(out),
+                    **summary,
+                }
+            ),
+            flush=True,
+        )
     if len(reports) > 1:
         print(json.dumps({"totals": totals(reports)}, indent=1), flush=True)
     return 0 if all(r.passed for r in reports) else 1

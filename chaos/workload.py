@@ -29,7 +29,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -45,6 +45,21 @@ RETRY_PAUSE_S = 0.5
 RETRY_FOR_S = 20.0  # ... and while the edge does not answer (restarting), for this long
 RESUME_PAUSE_S = 0.2  # a broken stream is resumed from its last event id, every this often
 RESUME_FOR_S = 20.0  # for this long (a node keeps an orphaned stream for 30 s)
+# constrained requests (Workload.constrained): JSON under this schema, as a completion's
+# text ("json") or as the arguments of a required tool call in a chat ("tool"); bounded, so
+# an answer ends inside CONSTRAINED_MAX_TOKENS whatever is sampled
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 30},
+        "tags": {"type": "array", "items": {"enum": ["sea", "city", "night"]}, "maxItems": 3},
+        "score": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["title", "tags", "score"],
+    "additionalProperties": False,
+}
+TOOLS = [{"type": "function", "function": {"name": "file_story", "parameters": SCHEMA}}]
+CONSTRAINED_MAX_TOKENS = 300
 
 
 @dataclass
@@ -66,8 +81,28 @@ class Spec:
     seed: int
     n: int
     stop: str | None
+    kind: str = "story"  # "json": a completion under SCHEMA; "tool": a chat's tool call
+
+    @property
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.kind == "tool" else "/v1/completions"
 
     def body(self, model: str) -> dict[str, Any]:
+        if self.kind == "tool":
+            return {
+                "model": model,
+                "messages": [{"role": "user", "content": self.prompt}],
+                "max_tokens": self.max_tokens,
+                "temperature": self.temperature,
+                "seed": self.seed,
+                "n": self.n,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "logprobs": True,
+                "tools": TOOLS,
+                "tool_choice": "required",
+                "parallel_tool_calls": False,
+            }
         body: dict[str, Any] = {
             "model": model,
             "prompt": self.prompt,
@@ -79,14 +114,30 @@ class Spec:
             "stream_options": {"include_usage": True},
             "logprobs": 1,
         }
-        if self.stop is None:
+        if self.kind == "json":
+            body["structured_outputs"] = {"json": SCHEMA}
+        elif self.stop is None:
             body["ignore_eos"] = True
         else:
             body["stop"] = [self.stop]
         return body
 
 
-def make_spec(seed: int, client: int, k: int, max_tokens: tuple[int, int]) -> Spec:
+def make_spec(
+    seed: int, client: int, k: int, max_tokens: tuple[int, int], constrained: bool = False
+) -> Spec:
+    spec = _story_spec(seed, client, k, max_tokens)
+    if not constrained:
+        return spec
+    draw = random.Random(f"{seed}/{client}/{k}/constrained").random()
+    if draw >= 0.5:
+        return spec
+    kind = "json" if draw < 0.25 else "tool"
+    prompt = f"File this story as JSON: {spec.prompt}"
+    return replace(spec, kind=kind, prompt=prompt, max_tokens=CONSTRAINED_MAX_TOKENS, stop=None)
+
+
+def _story_spec(seed: int, client: int, k: int, max_tokens: tuple[int, int]) -> Spec:
     rng = random.Random(f"{seed}/{client}/{k}")
     words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 160)))
     prompt = f"Write a story about {words}. Story {client}.{k}: once upon a time,"
@@ -111,6 +162,7 @@ class Workload:
     requests_per_client: int = 1000
     duration_s: float = 10.0  # no new request after this
     max_tokens: tuple[int, int] = (24, 64)
+    constrained: bool = False  # half the requests under a JSON schema or a tool call
     request_timeout_s: float = 120.0
     record: Callable[[dict], None] = print
     specs_run: list[Spec] = field(default_factory=list)
@@ -134,7 +186,7 @@ class Workload:
         for k in range(self.requests_per_client):
             if time.monotonic() >= deadline:
                 return
-            spec = make_spec(self.seed, client, k, self.max_tokens)
+            spec = make_spec(self.seed, client, k, self.max_tokens, self.constrained)
             self.specs_run.append(spec)
             await self.request(session, spec)
 
@@ -174,7 +226,7 @@ class Workload:
         self.record({**invoke, "resume": resume} if resume is not None else invoke)
         got, errored = Outcome(), False
         headers = {"Last-Event-ID": resume} if resume is not None else None
-        url = self.url + "/v1/completions"
+        url = self.url + spec.path
         try:
             async with session.post(url, json=spec.body(self.model), headers=headers) as r:
                 if r.status != 200:
@@ -209,16 +261,7 @@ class Workload:
         if "error" in chunk:
             self.record({"t": now, **base, "type": "error", "sid": sid, "error": chunk["error"]})
             return 0
-        choices = [
-            {
-                "index": c["index"],
-                "text": c["text"],
-                "tokens": (c.get("logprobs") or {}).get("tokens") or [],
-                "offset": ((c.get("logprobs") or {}).get("text_offset") or [None])[0],
-                "finish": c.get("finish_reason"),
-            }
-            for c in chunk.get("choices") or []
-        ]
+        choices = [_choice(c) for c in chunk.get("choices") or []]
         if choices:
             self.record({"t": now, **base, "type": "event", "sid": sid, "choices": choices})
         if chunk.get("usage"):
@@ -230,6 +273,32 @@ class Workload:
 
     def _fail(self, base: dict, num_tokens: int, **what) -> None:
         self.record({"t": time.time(), **base, "type": "fail", "tokens": num_tokens, **what})
+
+
+def _choice(c: dict) -> dict:
+    """A completion's choice, or a chat's (its text: the content and the tool calls' argument
+    fragments; its tokens from the logprobs; no text offsets in chat)."""
+    logprobs = c.get("logprobs") or {}
+    if "delta" not in c:
+        return {
+            "index": c["index"],
+            "text": c["text"],
+            "tokens": logprobs.get("tokens") or [],
+            "offset": (logprobs.get("text_offset") or [None])[0],
+            "finish": c.get("finish_reason"),
+        }
+    delta = c["delta"]
+    calls = delta.get("tool_calls") or []
+    text = (delta.get("content") or "") + "".join(
+        (call.get("function") or {}).get("arguments") or "" for call in calls
+    )
+    return {
+        "index": c["index"],
+        "text": text,
+        "tokens": [entry["token"] for entry in logprobs.get("content") or []],
+        "offset": None,
+        "finish": c.get("finish_reason"),
+    }
 
 
 async def sse_events(response: aiohttp.ClientResponse):

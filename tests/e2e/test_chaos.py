@@ -64,3 +64,16 @@ def test_a_hung_node_nobody_declares_dead_loses_its_streams_to_the_token_timeout
     moves = (tmp_path / "logs" / "edge.log").read_text().count("no tokens for 2 s")
     assert moves > 0, "no stream was moved by the token timeout"
     assert 2.0 <= max(report.gaps_s) < 10.0  # one waited out the timeout, then moved
+
+
+def test_constrained_streams_keep_their_grammar_through_a_kill(default_model_dir, tmp_path):
+    """Half the requests JSON under a schema (completions) or a required tool call (chat):
+    the busiest node killed mid-stream, every output still validates against its schema and
+    equals the fault-free run's."""
+    report = run("constrained-once", 1, tmp_path)
+    print(report.summary())
+    assert report.passed, report.violations
+    assert [f["kind"] for f in report.faults] == ["kill"]
+    assert report.ok == report.requests == 16
+    assert report.tokens_lost == report.tokens_repeated == report.differing == 0
+    assert report.fault_gaps_s, "no stream was under way at the kill"

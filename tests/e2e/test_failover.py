@@ -9,6 +9,7 @@ first computed it with decode attention. In bf16 those round differently, and a 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -124,3 +125,67 @@ async def test_the_survivor_computes_with_a_dead_peers_threads_until_it_is_back(
             await asyncio.sleep(0.05)
         while await threads_now(two_nodes.url) != own:  # restarted: each its own again
             await asyncio.sleep(0.05)
+
+
+LIST = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "steps": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 6},
+    },
+    "required": ["title", "steps"],
+    "additionalProperties": False,
+}
+TOOLS = [{"type": "function", "function": {"name": "plan", "parameters": LIST}}]
+
+
+def constrained_request(i: int) -> dict:
+    """Even: a JSON schema answer; odd: a required tool call; half of each seeded."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Plan {i}: list the steps to bake bread."}],
+        "max_tokens": 400,
+        **({"temperature": 1.0, "seed": 500 + i} if i % 4 >= 2 else {"temperature": 0}),
+    }
+    if i % 2:
+        return {**body, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+    return {
+        **body,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": LIST}},
+    }
+
+
+async def constrained_stream(client, i: int, started=None) -> tuple[str, str | None]:
+    """The stream's JSON (content, or the tool call's arguments) and its finish reason."""
+    text, finish = "", None
+    async for chunk in await client.chat.completions.create(**constrained_request(i), stream=True):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        finish = chunk.choices[0].finish_reason or finish
+        text += delta.content or ""
+        text += "".join(c.function.arguments or "" for c in delta.tool_calls or [])
+        if started is not None and len(text) > 20:
+            started.set()
+    return text, finish
+
+
+async def test_constrained_streams_move_and_stay_inside_their_grammar(two_nodes):
+    """JSON-schema answers and required tool calls, greedy and seeded, their node killed
+    mid-stream: the survivor replays each one's tokens through its grammar and goes on inside
+    it; every output validates, and equals the run without the fault."""
+    import jsonschema
+
+    client = AsyncOpenAI(base_url=two_nodes.url + "/v1", api_key="unused", max_retries=0)
+    reference = await asyncio.gather(*(constrained_stream(client, i) for i in range(8)))
+    for text, finish in reference:
+        jsonschema.validate(json.loads(text), LIST)
+        assert finish in ("stop", "tool_calls")
+    started = asyncio.Event()
+    runs = [asyncio.create_task(constrained_stream(client, i, started)) for i in range(8)]
+    await asyncio.wait_for(started.wait(), 60)
+    victim = await busiest_node(two_nodes.url)
+    assert victim["load"]["num_running"] > 0, victim
+    os.kill(victim["pid"], signal.SIGKILL)
+    results = await asyncio.gather(*runs)
+    assert results == reference

@@ -145,3 +145,26 @@ def test_ids_of_a_stream_of_several_choices_count_by_their_event_number():
     for k, rec in enumerate(r for r in history if "sid" in r):
         rec["sid"] = f"cmpl-x.{k + 1}.{k}-1"
     assert verdict(history).passed
+
+
+def constrained(tokens, body):
+    """A stream whose request carried body's constraint, ending as the grammar ends it."""
+    history = stream(tokens=tokens)
+    history[0]["body"] = body
+    for rec in history:
+        if rec["type"] == "event" and rec["choices"][0]["finish"]:
+            rec["choices"][0]["finish"] = "stop"
+    return history
+
+
+def test_output_outside_its_schema_is_caught():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    good, bad = ['{"a"', ": 1}"], ['{"a"', ': "x"}']
+    for body in ({"structured_outputs": {"json": schema}},
+                 {"tools": [{"function": {"parameters": schema}}], "tool_choice": "required"}):
+        assert verdict(constrained(good, body), constrained(good, body)).passed
+        report = verdict(constrained(bad, body), constrained(bad, body))
+        assert any("outside its constraint" in v for v in report.violations), report.violations
+    cut = stream(tokens=good)  # ended by max_tokens ("length"): not a whole answer
+    cut[0]["body"] = {"structured_outputs": {"json": schema}}
+    assert any("finish length" in v for v in verdict(cut, cut).violations)
