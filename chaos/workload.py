@@ -88,32 +88,20 @@ class Spec:
         return "/v1/chat/completions" if self.kind == "tool" else "/v1/completions"
 
     def body(self, model: str) -> dict[str, Any]:
-        if self.kind == "tool":
-            return {
-                "model": model,
-                "messages": [{"role": "user", "content": self.prompt}],
-                "max_tokens": self.max_tokens,
-                "temperature": self.temperature,
-                "seed": self.seed,
-                "n": self.n,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "logprobs": True,
-                "tools": TOOLS,
-                "tool_choice": "required",
-                "parallel_tool_calls": False,
-            }
         body: dict[str, Any] = {
             "model": model,
-            "prompt": self.prompt,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "seed": self.seed,
             "n": self.n,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "logprobs": 1,
         }
+        if self.kind == "tool":
+            messages = [{"role": "user", "content": self.prompt}]
+            return {**body, "messages": messages, "logprobs": True, "tools": TOOLS,
+                    "tool_choice": "required", "parallel_tool_calls": False}  # fmt: skip
+        body.update(prompt=self.prompt, logprobs=1)
         if self.kind == "json":
             body["structured_outputs"] = {"json": SCHEMA}
         elif self.stop is None:

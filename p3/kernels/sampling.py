@@ -62,17 +62,12 @@ class Sampler:
         if constrained is None and all(_is_plain_greedy(row) for row in rows):
             return _plain_result(argmax_rows(raw).tolist())
         processed = process_logits(raw, rows) if _needs_processing(rows) else raw
-        fallback = raw
         if constrained is not None:
-            processed = _masked(
-                processed if processed is not raw else _float_copy(raw), constrained
-            )
-            fallback = _masked(_float_copy(raw), constrained)  # the grammar comes first
+            copy = processed if processed is not raw else _float_copy(raw)
+            processed = _masked(copy, constrained)
         token_ids = self._choose_tokens(processed, rows)
         if processed is not raw:
-            token_ids = _fall_back_where_all_blocked(token_ids, processed, fallback)
-            if fallback is not raw:  # a grammar that allows nothing (never seen): raw argmax
-                token_ids = _fall_back_where_all_blocked(token_ids, fallback, raw)
+            token_ids = _fall_back_where_all_blocked(token_ids, processed, raw, constrained)
         return _result_with_logprobs(raw, rows, token_ids)
 
     def _choose_tokens(self, processed: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -353,21 +348,34 @@ def _num_kept(best_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 def _fall_back_where_all_blocked(
-    token_ids: torch.Tensor, processed: torch.Tensor, raw: torch.Tensor
+    token_ids: torch.Tensor,
+    processed: torch.Tensor,
+    raw: torch.Tensor,
+    constrained: tuple[list[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """A row left with every logit -inf takes the raw argmax rather than an arbitrary id."""
+    """A row left with every logit -inf takes the raw argmax rather than an arbitrary id;
+    under a grammar, the argmax of what the grammar allows (min_tokens may have blocked the
+    end it requires), and the raw one only if the grammar allows nothing (never seen)."""
     all_blocked = processed.amax(dim=-1) == NEG_INF
     if not bool(all_blocked.any()):
         return token_ids
-    raw_best = argmax_rows(raw).to(token_ids.device)
-    return torch.where(all_blocked.to(token_ids.device), raw_best, token_ids)
+    fallback = raw
+    if constrained is not None:
+        fallback = _masked(_float_copy(raw), constrained)
+        grammar_blocked = fallback.amax(dim=-1) == NEG_INF
+        fallback = torch.where(grammar_blocked[:, None], raw, fallback)
+    best = argmax_rows(fallback).to(token_ids.device)
+    return torch.where(all_blocked.to(token_ids.device), best, token_ids)
 
 
 def _masked(logits: torch.Tensor, constrained: tuple[list[int], torch.Tensor]) -> torch.Tensor:
     """In place: -inf where the constrained rows' grammars forbid a token."""
     where, allowed = constrained
+    forbidden = ~allowed[:, : logits.shape[-1]]
+    if len(where) == logits.shape[0]:  # every row (where is ascending): no gather
+        return logits.masked_fill_(forbidden, NEG_INF)
     index = _long_tensor(where, logits.device)
-    logits[index] = logits[index].masked_fill_(~allowed[:, : logits.shape[-1]], NEG_INF)
+    logits[index] = logits[index].masked_fill_(forbidden, NEG_INF)
     return logits
 
 
