@@ -302,3 +302,20 @@ def test_zero_logprobs_give_the_chosen_logprob_and_no_alternatives() -> None:
     result = Sampler()(logits, [make_row(temperature=0.0, logprobs=0)])
     assert result.logprobs[0] == pytest.approx(float(logits.log_softmax(dim=-1).max()))
     assert result.top_logprobs == [[]]
+
+
+def test_a_grammar_row_that_min_tokens_blocks_entirely_takes_what_the_grammar_allows():
+    """The grammar allows only its end (eos), min_tokens blocks eos: the row takes eos, not
+    the raw argmax outside the grammar; a grammar that allows nothing falls back to raw."""
+    from p3.kernels.sampling import Sampler, SampleRow
+
+    logits = torch.zeros(2, 8)
+    logits[:, 5] = 3.0  # the raw argmax
+    rows = [
+        SampleRow(SamplingParams(temperature=0.0, min_tokens=4), 0, 10, (), (), frozenset([2]))
+        for _ in range(2)
+    ]
+    allowed = torch.zeros(2, 8, dtype=torch.bool)
+    allowed[0, 2] = True  # row 0: only eos; row 1: nothing at all
+    result = Sampler()(logits, rows, ([0, 1], allowed))
+    assert result.token_ids == [2, 5]
