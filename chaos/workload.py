@@ -59,7 +59,7 @@ SCHEMA = {
     "additionalProperties": False,
 }
 TOOLS = [{"type": "function", "function": {"name": "file_story", "parameters": SCHEMA}}]
-CONSTRAINED_MAX_TOKENS = 300
+CONSTRAINED_MAX_TOKENS = 500  # the schema bounds it below (24 whitespace a gap at most)
 
 
 @dataclass

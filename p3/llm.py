@@ -12,6 +12,8 @@ from p3.engine.engine import Engine
 from p3.engine.sequence import Request, StepOutput
 from p3.outputs import (
     CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
     Logprob,
     PromptType,
     RequestOutput,
@@ -23,6 +25,7 @@ from p3.seeds import child_seed
 from p3.tokenizer import OutputText, Tokenizer
 
 __all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput"]
+
 
 class _Child:
     """One of a request's n samples as it streams out of the engine."""
@@ -65,9 +68,7 @@ class _Child:
 
 
 class LLM:
-    def __init__(
-        self, model: str | Path | None = None, dtype: str = "auto", **engine_options: Any
-    ):
+    def __init__(self, model: str | Path | None = None, dtype: str = "auto", **engine_options: Any):
         self.engine = Engine(model, EngineConfig(dtype=dtype, **engine_options))
         self.tokenizer = Tokenizer.from_dir(self.engine.model_dir)
         self._ids = itertools.count()
@@ -107,6 +108,29 @@ class LLM:
         for child, text in self._run(outputs):
             if child.out.index == 0 and text:
                 yield text
+
+    def embed(self, prompts: PromptType | Sequence[PromptType]) -> list[EmbeddingRequestOutput]:
+        """Each prompt's embedding: its last token's final hidden state, L2-normalized (the
+        pooling vLLM's embed task gives a decoder model), batched like any request."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        read = [prompt_ids(self.tokenizer, prompt)[1] for prompt in prompts]
+        requests = [Request(f"embed-{next(self._ids)}", ids, embed=True) for ids in read]
+        for request in requests:
+            self.engine.validate(request)  # refuse the call before anything runs
+        for request in requests:
+            self.engine.add(request)
+        vectors: dict[str, list[float]] = {}
+        while len(vectors) < len(requests):
+            for step in self.engine.step():
+                if step.embedding is not None:
+                    vectors[step.request_id] = step.embedding
+        return [
+            EmbeddingRequestOutput(
+                r.request_id, r.prompt_token_ids, EmbeddingOutput(vectors[r.request_id])
+            )
+            for r in requests
+        ]
 
     def _encode_chat(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -48,6 +48,21 @@ class RequestOutput:
         return all(o.finish_reason is not None for o in self.outputs)
 
 
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # the last token's final hidden state, L2-normalized
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's shape for LLM.embed: one per prompt."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
 def logprob_entry(
     tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None
 ) -> dict[int, Logprob]:

@@ -21,6 +21,10 @@ from functools import cached_property
 from typing import Any
 
 MAX_GRAMMAR_BYTES = 1 << 20  # a compiled grammar travels in every Submit of its request
+# JSON's whitespace between tokens: as much as pretty-printing takes, never without end (with
+# llguidance's default, `[ \n\r\t]+`, a model may write newlines until max_tokens: seen
+# with SmolLM2 at temperature 0.8). A schema's own "x-guidance" options override it.
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,24}"}
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
@@ -79,13 +83,15 @@ def _compile(kind: str, value: Any, grammar_from) -> str:
     if kind == "compiled":
         return value
     if kind == "json_object":
-        return grammar_from("json_schema", '{"type": "object"}')
-    if kind == "json":
+        value = {"type": "object"}
+    if kind in ("json", "json_object"):
+        from llguidance import LLMatcher
+
         if isinstance(value, str):
             value = json.loads(value)  # a JSONDecodeError is a ValueError
         if not isinstance(value, dict | bool):
             raise ValueError("a JSON schema is an object (or true/false)")
-        return grammar_from("json_schema", json.dumps(value))
+        return LLMatcher.grammar_from_json_schema(json.dumps(value), defaults=JSON_OPTIONS)
     if kind == "regex":
         return grammar_from("regex", value)
     if kind == "choice":

@@ -235,6 +235,10 @@ class Engine:
             raise ValueError(f"output token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in request.params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if request.embed and (self.num_lanes > 1 or not self.shard.is_last_stage):
+            raise ValueError("embeddings need a replica of one pipeline stage")
+        if request.embed and request.output_token_ids:
+            raise ValueError("an embedding request has no outputs to continue")
 
     def _drain_inbox(self) -> list[StepOutput]:
         aborted: list[StepOutput] = []
@@ -277,10 +281,16 @@ class Engine:
     def _postprocess(
         self, batch: ScheduledBatch, sampled: list[Sequence], result: SampleResult | None
     ) -> list[StepOutput]:
+        outputs = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
             self.block_manager.register_full_blocks(seq)
-        outputs = []
+            if seq.embedding is not None:  # pooled this step: done, nothing sampled
+                out = StepOutput(seq.request_id, [], num_prompt_tokens=seq.num_prompt_tokens)
+                out.embedding, out.finish_reason = seq.embedding, "stop"
+                out.num_cached_tokens = seq.num_cached_tokens
+                self._finish(seq, "stop")
+                outputs.append(out)
         for i, seq in enumerate(sampled):
             token = result.token_ids[i]
             seq.append_token(token)

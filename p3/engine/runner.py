@@ -40,6 +40,7 @@ class Launched:
     pending: PendingLogits | None
     prompt_rows: list[tuple[Sequence, int]]  # logits rows after the sampled ones: (seq, next id)
     masks: Future | None = None  # the constrained rows' grammar masks, computed meanwhile
+    hidden: Tensor | None = None  # the sampled rows' final hidden states, when one embeds
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -110,41 +111,63 @@ class ModelRunner:
                 vocab = self.model.cfg.vocab_size
                 pending = PendingLogits(len(plan.logits_indices), vocab, self.device, self.shard)
             send_plan(plan, self.shard)
-        return Launched(sampling_seqs, self.forward(plan), pending, prompt_rows, masks)
+        embeds = any(seq.embed for seq in sampling_seqs)
+        logits, hidden = self.forward(plan, keep_hidden=embeds)
+        return Launched(sampling_seqs, logits, pending, prompt_rows, masks, hidden)
 
     @torch.inference_mode()
     def finish(self, launched: Launched) -> tuple[list[Sequence], SampleResult | None]:
-        """The launched step's samples (waiting for its logits if they are still coming)."""
+        """The launched step's samples (waiting for its logits if they are still coming);
+        a sequence that embeds gets its pooled embedding instead (and is not among them)."""
         if not launched.sampling_seqs and not launched.prompt_rows:
             return [], None
         logits = launched.logits if launched.pending is None else launched.pending.wait()
         num_sampled = len(launched.sampling_seqs)
         if launched.prompt_rows:
             _add_prompt_logprobs(logits[num_sampled:], launched.prompt_rows)
-        if not num_sampled:
+        seqs, logits = launched.sampling_seqs, logits[:num_sampled]
+        if launched.hidden is not None:
+            seqs, logits = self._pool(launched.hidden, seqs, logits)
+        if not seqs:
             return [], None
-        rows = [self._sample_row(seq) for seq in launched.sampling_seqs]
+        rows = [self._sample_row(seq) for seq in seqs]
         constrained = None
         if launched.masks is not None:
-            where = [i for i, seq in enumerate(launched.sampling_seqs) if seq.matcher is not None]
-            vocab = logits.shape[-1]
-            constrained = where, allowed(launched.masks.result(), vocab, logits.device)
-        return launched.sampling_seqs, self.sampler(logits[:num_sampled], rows, constrained)
+            where = [i for i, seq in enumerate(seqs) if seq.matcher is not None]
+            constrained = where, allowed(launched.masks.result(), logits.shape[-1], logits.device)
+        return seqs, self.sampler(logits, rows, constrained)
+
+    def _pool(
+        self, hidden: Tensor, seqs: list[Sequence], logits: Tensor
+    ) -> tuple[list[Sequence], Tensor]:
+        """Embedding sequences take their last token's final hidden state, L2-normalized (the
+        last-token pooling vLLM's embed task gives a decoder model); the rest go on to be
+        sampled, with their logits."""
+        generating = [i for i, seq in enumerate(seqs) if not seq.embed]
+        embedding = [i for i, seq in enumerate(seqs) if seq.embed]
+        pooled = torch.nn.functional.normalize(hidden[embedding].float(), dim=-1).tolist()
+        for i, vector in zip(embedding, pooled, strict=True):
+            seqs[i].embedding = vector
+        return [seqs[i] for i in generating], logits[generating]
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan) -> Tensor | None:
+    def forward(
+        self, plan: StepPlan, keep_hidden: bool = False
+    ) -> tuple[Tensor | None, Tensor | None]:
         """This rank's part of the model over one plan: the sampled rows' logits [S, V] when
-        this rank is the leader of a single-stage replica, else None. A last stage that is not
-        the leader sends them to the leader."""
+        this rank is the leader of a single-stage replica, else None (a last stage that is not
+        the leader sends them to the leader); with keep_hidden, also those rows' final hidden
+        states [S, D] (an embedding request's)."""
         prepared = self.tensors(plan)
         hidden = self.model(prepared.input_ids, prepared.positions, prepared.ctx)
         if hidden is None or not plan.logits_indices:
-            return None
-        logits = self.model.compute_logits(hidden[prepared.logits_indices])
+            return None, None
+        rows = hidden[prepared.logits_indices]
+        logits = self.model.compute_logits(rows)
         if logits is not None and not self.shard.is_leader:
             send_logits(logits)
-            return None
-        return logits
+            return None, None
+        return logits, rows if keep_hidden else None
 
     def follow(self) -> int:
         """A follower's life: run the leader's plans until it sends stop; the steps run."""

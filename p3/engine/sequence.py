@@ -27,6 +27,9 @@ class Request:
     # outputs generated elsewhere already (a request moved off a failed node): the sequence
     # continues after them, at their positions, counting them against max_tokens/min_tokens
     output_token_ids: tuple[int, ...] = ()
+    # an embedding, not a generation: the prompt's last hidden state, pooled (normalized),
+    # once the prompt is computed; nothing is sampled
+    embed: bool = False
 
 
 @dataclass(slots=True)
@@ -42,6 +45,7 @@ class StepOutput:
     num_cached_tokens: int = 0
     # prompt tokens 1.. as (token, logprob, top k), with the first sampled token
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    embedding: list[float] | None = None  # an embed request's, at its end
 
     @property
     def finished(self) -> bool:
@@ -67,6 +71,8 @@ class Sequence:
         self.block_hashes: list[int] = []  # chain hashes of the leading full, computed blocks
         self.num_preemptions = 0
         self.matcher = None  # an llguidance LLMatcher when params carry a grammar (grammar.py)
+        self.embed = request.embed
+        self.embedding: list[float] | None = None  # pooled at the end of its prompt
         # (token, logprob, top k) of prompt tokens 1.. as prefill computes them
         self.prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = (
             [] if request.params.prompt_logprobs is not None else None

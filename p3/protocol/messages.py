@@ -17,7 +17,8 @@ from p3.structured import MAX_GRAMMAR_BYTES
 
 PROTOCOL_VERSION = 5  # 2: the load figures as one nested Load; 3: tokenizers over the wire;
 # 4: streams taken over from a live edge (TakenOver), threads lent by dead peers (Threads);
-# 5: structured outputs (WireSamplingParams.grammar: an older node would ignore it)
+# 5: structured outputs (WireSamplingParams.grammar: an older node would ignore it) and
+# embeddings (Submit.embed, TokenDelta.embedding)
 
 # Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
 # bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
@@ -269,6 +270,7 @@ class Submit(Msg, tag="submit"):
     # `resume` (the edge's own context, opaque here) and the deltas the node sent
     stream_id: str = ""
     resume: bytes = b""
+    embed: bool = False  # the prompt's embedding (TokenDelta.embedding), nothing generated
 
 
 class Cancel(Msg, tag="cancel"):
@@ -311,6 +313,7 @@ class TokenDelta(Msg, tag="delta"):
     num_cached_tokens: int = 0
     # with prompt_logprobs: (token, logprob, top k) of prompt tokens 1.. (the first has none)
     prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    embedding: list[float] | None = None  # an embed Submit's, with its finish
 
 
 class Tokens(Msg, tag="tokens"):

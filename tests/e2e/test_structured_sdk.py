@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
 import urllib.request
 
 import jsonschema
@@ -258,6 +259,60 @@ def test_models_by_id(client):
     assert model.id == MODEL and model.object == "model"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+
+SENTENCES = ["The cat sat on the mat.", "A kitten rested on the rug.", "Stock prices fell."]
+
+
+def test_embeddings_through_the_sdk_equal_the_offline_api(client):
+    """The SDK asks for base64 and decodes it; the vectors are the offline LLM.embed's."""
+    from p3 import LLM
+
+    r = client.embeddings.create(model=MODEL, input=SENTENCES)
+    got = [d.embedding for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2] and r.model == MODEL
+    want = [o.outputs.embedding for o in LLM().embed(SENTENCES)]
+    for g, w in zip(got, want, strict=True):
+        assert len(g) == len(w) == 576
+        assert max(abs(a - b) for a, b in zip(g, w, strict=True)) < 1e-5
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0
+    floats = client.embeddings.create(model=MODEL, input=SENTENCES[0], encoding_format="float")
+    assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, got[0], strict=True)) < 1e-6
+
+
+def test_embeddings_of_token_ids_and_fewer_dimensions(client, url):
+    ids = post(url, "/tokenize", {"model": MODEL, "prompt": SENTENCES[0]})["tokens"]
+    by_ids = client.embeddings.create(model=MODEL, input=[ids]).data[0].embedding
+    by_text = client.embeddings.create(model=MODEL, input=SENTENCES[0]).data[0].embedding
+    assert max(abs(a - b) for a, b in zip(by_ids, by_text, strict=True)) < 1e-6
+    short = client.embeddings.create(model=MODEL, input=SENTENCES[0], dimensions=64).data[0]
+    assert len(short.embedding) == 64
+    assert abs(sum(v * v for v in short.embedding) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"input": ""}, "input"),
+        ({"input": []}, "input"),
+        ({"input": [[]]}, "input"),
+        ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ({"input": "x", "dimensions": 0}, "dimensions"),
+        ({"input": "x", "dimensions": 100000}, "dimensions"),
+    ],
+)
+def test_bad_embedding_requests_are_400s_naming_the_field(url, body, param):
+    request = urllib.request.Request(
+        url + "/v1/embeddings", json.dumps({"model": MODEL, **body}).encode(), method="POST"
+    )
+    request.add_header("Content-Type", "application/json")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    assert json.loads(refused.value.read())["error"]["param"] == param
 
 
 # -- refusals --------------------------------------------------------------------------------

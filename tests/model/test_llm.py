@@ -143,3 +143,18 @@ def test_invalid_requests_are_refused_with_value_error(llm):
         llm.generate({"prompt_token_ids": [5] * (llm.engine.max_model_len + 1)})
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1.0)
+
+
+def test_embed_gives_unit_vectors_nearer_for_nearer_meanings(llm):
+    cat, kitten, stocks = (
+        out.outputs.embedding
+        for out in llm.embed(
+            ["The cat sat on the mat.", "A kitten rested on the rug.", "Stock prices fell sharply."]
+        )
+    )
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert abs(dot(cat, cat) - 1.0) < 1e-4 and len(cat) == 576
+    assert dot(cat, kitten) > dot(cat, stocks)

@@ -190,3 +190,15 @@ def test_vllm_shaped_dict_is_accepted_by_sampling_params():
     params = SamplingParams(structured_outputs={"choice": ["a", "b"]})
     assert isinstance(params.structured_outputs, StructuredOutputsParams)
     assert params.grammar is not None
+
+
+def test_json_whitespace_is_bounded_so_a_model_cannot_pad_to_max_tokens(llm):
+    """llguidance alone allows any run of whitespace between JSON tokens (SmolLM2 sampled
+    newlines until max_tokens under it); p3 allows at most 24 characters a gap."""
+    grammar = constrained(json=PERSON).llguidance
+    ids = llm.tokenizer.encode
+    llm.engine.grammars.matcher(grammar, ids("{" + " " * 20 + '"name"', add_special_tokens=False))
+    with pytest.raises(ValueError, match="leaves its grammar"):
+        llm.engine.grammars.matcher(
+            grammar, ids("{" + " " * 30 + '"name"', add_special_tokens=False)
+        )

@@ -38,6 +38,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., with the first token
+    embedding: list[float] | None = None  # an embedding request's, with its finish
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Journal:
     # events from before a move carry them as the first edge sent them)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    embed: bool = False  # the prompt's embedding, not a generation
 
     def submit_message(self) -> m.Submit:
         """Submit, or resubmit after a move: the outputs so far travel along, so the new node
@@ -77,6 +79,7 @@ class Journal:
             list(self.token_ids),
             self.stream_id,
             self.resume(self) if self.resume is not None else b"",
+            self.embed,
         )
 
 
@@ -99,6 +102,7 @@ class Sample:
         self.num_prompt_tokens = len(journal.prompt_token_ids)
         self.num_cached_tokens = 0
         self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.embedding: list[float] | None = None
 
     @property
     def request_id(self) -> str:
@@ -114,6 +118,10 @@ class Sample:
 
     def apply(self, delta: m.TokenDelta) -> Delta | None:
         """The Delta this step's tokens make; None for a repeat or anything after the end."""
+        if delta.embedding is not None and not self.finished and self.journal.embed:
+            self.embedding, self.finish_reason = delta.embedding, "stop"
+            self.num_cached_tokens = delta.num_cached_tokens
+            return Delta(self.index, "", [], finish_reason="stop", embedding=delta.embedding)
         if self.finished or delta.index + len(delta.token_ids) <= self.num_output_tokens:
             return None
         skip = max(0, self.num_output_tokens - delta.index)  # overlap already seen

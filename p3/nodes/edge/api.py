@@ -21,6 +21,7 @@ from p3.nodes.cluster.generation import Generation, HandedOver, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
 from p3.nodes.edge.adoption import adopt, append_chunk, emit, resume_context
 from p3.nodes.edge.bodies import key_ok, read_json
+from p3.nodes.edge.embeddings import embeddings
 from p3.nodes.edge.metrics import kv_usage
 from p3.nodes.edge.prompts import Prepared, prepare
 from p3.nodes.edge.replay import Replay, ReplayStore, parse_event_id
@@ -56,6 +57,7 @@ def make_app(edge: Edge) -> web.Application:
     )
     app.router.add_post("/v1/chat/completions", api.on_chat)
     app.router.add_post("/v1/completions", api.on_completions)
+    app.router.add_post("/v1/embeddings", api.on_embeddings)
     app.router.add_get("/v1/models", api.on_models)
     app.router.add_get("/v1/models/{model:.+}", api.on_model)
     app.router.add_post("/tokenize", api.on_tokenize)
@@ -156,6 +158,18 @@ class Api:
         finally:
             self.num_pending -= 1
             self.num_samples -= num_samples
+            self.metrics.edge_pending.dec()
+
+    async def on_embeddings(self, request: web.Request) -> web.Response:
+        if self.num_pending >= self.edge.config.max_pending:
+            raise ApiError(429, "too many requests in this edge; retry later", code="queue_full")
+        self.num_pending += 1
+        self.metrics.edge_pending.inc()
+        try:
+            body = await self.read_json(request)
+            return json_response(await embeddings(self.edge, body, failure_error))
+        finally:
+            self.num_pending -= 1
             self.metrics.edge_pending.dec()
 
     def _admit(self, num_samples: int) -> int:

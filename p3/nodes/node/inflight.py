@@ -181,6 +181,7 @@ class InFlightTable:
             num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
             prompt_logprobs=out.prompt_logprobs,
+            embedding=out.embedding,
         )
 
     def abort_deltas(self) -> dict[tuple[bytes, int], list[m.TokenDelta]]:

@@ -388,6 +388,7 @@ class Node(Actor):
                     params,
                     submit.seed,
                     tuple(submit.output_token_ids),
+                    embed=submit.embed,
                 )
                 self.engine.add(request)
             except (ValueError, TypeError, OverflowError) as exc:  # a peer's numbers, not ours
