@@ -244,6 +244,18 @@ def test_a_follow_up_turn_with_the_tools_result(client, url):
     assert r.choices[0].message.content
 
 
+def refused_param(url: str, path: str, body: dict) -> str:
+    """POST body (with the model) to path: it must be a 400; the param it names."""
+    request = urllib.request.Request(
+        url + path, json.dumps({"model": MODEL, **body}).encode(), method="POST"
+    )
+    request.add_header("Content-Type", "application/json")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 400
+    return json.loads(refused.value.read())["error"]["param"]
+
+
 def post(url: str, path: str, body: dict) -> dict:
     request = urllib.request.Request(url + path, json.dumps(body).encode(), method="POST")
     request.add_header("Content-Type", "application/json")
@@ -305,14 +317,103 @@ def test_embeddings_of_token_ids_and_fewer_dimensions(client, url):
     ],
 )
 def test_bad_embedding_requests_are_400s_naming_the_field(url, body, param):
-    request = urllib.request.Request(
-        url + "/v1/embeddings", json.dumps({"model": MODEL, **body}).encode(), method="POST"
-    )
-    request.add_header("Content-Type", "application/json")
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=30)
-    assert refused.value.code == 400
-    assert json.loads(refused.value.read())["error"]["param"] == param
+    assert refused_param(url, "/v1/embeddings", body) == param
+
+
+# -- the Responses API -----------------------------------------------------------------------
+
+RESPONSE_TOOLS = [{"type": "function", "name": "get_weather", "parameters": WEATHER}]
+
+
+def test_responses_text_whole_and_streamed_with_the_sdks_events(client):
+    kwargs = dict(
+        model=MODEL, input="Say hello in French.", instructions="Answer in one line.",
+        max_output_tokens=30, temperature=0,
+    )  # fmt: skip
+    whole = client.responses.create(**kwargs)
+    assert whole.object == "response" and whole.output_text
+    assert whole.status in ("completed", "incomplete")
+    assert whole.usage.output_tokens > 0 and whole.usage.input_tokens > 0
+    kinds, numbers, text, final = [], [], "", None
+    for event in client.responses.create(**kwargs, stream=True):
+        kinds.append(event.type)
+        numbers.append(event.sequence_number)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done",
+                            "response.output_item.done"]  # fmt: skip
+    assert text == whole.output_text == final.output_text
+    assert numbers == list(range(len(kinds)))
+
+
+def test_responses_function_call_and_its_output_in_the_next_input(client):
+    r = client.responses.create(
+        model=MODEL, input="Weather in Paris?", tools=RESPONSE_TOOLS, tool_choice="required",
+        parallel_tool_calls=False, temperature=0, max_output_tokens=60,
+    )  # fmt: skip
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    streamed, added = "", []
+    for event in client.responses.create(
+        model=MODEL, input="Weather in Paris?", tools=RESPONSE_TOOLS, tool_choice="required",
+        parallel_tool_calls=False, temperature=0, max_output_tokens=60, stream=True,
+    ):  # fmt: skip
+        if event.type == "response.output_item.added":
+            added.append((event.item.type, event.item.name))
+        if event.type == "response.function_call_arguments.delta":
+            streamed += event.delta
+    assert added == [("function_call", "get_weather")] and streamed == call.arguments
+    follow = client.responses.create(
+        model=MODEL, tools=RESPONSE_TOOLS, max_output_tokens=20, temperature=0,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name,
+             "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "18C, sunny"},
+        ],
+    )  # fmt: skip
+    assert follow.output_text
+
+
+def test_responses_json_schema_and_max_output_tokens(client):
+    r = client.responses.create(
+        model=MODEL, input="Describe Ann, aged 31, who has a cat.", max_output_tokens=120,
+        temperature=0, text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(r.output_text), PERSON)
+    cut = client.responses.create(model=MODEL, input="Tell a long story.", max_output_tokens=5)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.usage.output_tokens == 5
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({}, "input"),
+        ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"type": "image", "url": "x"}]}, "input[0].type"),
+        (
+            {
+                "input": "x",
+                "text": {
+                    "format": {"type": "json_schema", "name": "p", "schema": {"type": "objectx"}}
+                },
+            },
+            "text.format.schema",
+        ),
+        ({"input": "x", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ],
+)
+def test_bad_responses_requests_are_400s_naming_the_responses_field(url, body, param):
+    assert refused_param(url, "/v1/responses", body) == param
 
 
 # -- refusals --------------------------------------------------------------------------------

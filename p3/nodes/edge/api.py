@@ -20,12 +20,13 @@ from p3.log import get_logger, log_exception
 from p3.nodes.cluster.generation import Generation, HandedOver, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
 from p3.nodes.edge.adoption import adopt, append_chunk, emit, resume_context
-from p3.nodes.edge.bodies import key_ok, read_json
+from p3.nodes.edge.bodies import failure_error, json_response, key_ok, read_json
 from p3.nodes.edge.embeddings import embeddings
 from p3.nodes.edge.metrics import kv_usage
 from p3.nodes.edge.prompts import Prepared, prepare
 from p3.nodes.edge.replay import Replay, ReplayStore, parse_event_id
 from p3.nodes.edge.responses import Choice, Responder, new_id
+from p3.nodes.edge.responses_api import serve as serve_responses
 from p3.nodes.edge.schemas import ApiError, bad_request
 
 if TYPE_CHECKING:
@@ -36,18 +37,8 @@ log = get_logger(__name__)
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=msgspec.json.encode(body), status=status, content_type="application/json"
-    )
-
-
 def error_response(error: ApiError) -> web.Response:
     return json_response(error.body(), error.status)
-
-
-def failure_error(failure: RequestFailed) -> ApiError:
-    return ApiError(failure.http_status, failure.message, code=failure.code.value)
 
 
 def make_app(edge: Edge) -> web.Application:
@@ -58,6 +49,7 @@ def make_app(edge: Edge) -> web.Application:
     app.router.add_post("/v1/chat/completions", api.on_chat)
     app.router.add_post("/v1/completions", api.on_completions)
     app.router.add_post("/v1/embeddings", api.on_embeddings)
+    app.router.add_post("/v1/responses", api.on_responses)
     app.router.add_get("/v1/models", api.on_models)
     app.router.add_get("/v1/models/{model:.+}", api.on_model)
     app.router.add_post("/tokenize", api.on_tokenize)
@@ -161,13 +153,23 @@ class Api:
             self.metrics.edge_pending.dec()
 
     async def on_embeddings(self, request: web.Request) -> web.Response:
+        async with self._pending():
+            body = await self.read_json(request)
+            return json_response(await embeddings(self.edge, body, failure_error))
+
+    async def on_responses(self, request: web.Request) -> web.StreamResponse:
+        async with self._pending():
+            return await serve_responses(self, request)
+
+    @contextlib.asynccontextmanager
+    async def _pending(self):
+        """A request held against max_pending (429 beyond it) while it runs."""
         if self.num_pending >= self.edge.config.max_pending:
             raise ApiError(429, "too many requests in this edge; retry later", code="queue_full")
         self.num_pending += 1
         self.metrics.edge_pending.inc()
         try:
-            body = await self.read_json(request)
-            return json_response(await embeddings(self.edge, body, failure_error))
+            yield
         finally:
             self.num_pending -= 1
             self.metrics.edge_pending.dec()

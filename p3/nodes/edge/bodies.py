@@ -1,5 +1,5 @@
 """What a client sends before any model work: its JSON body, read within a deadline and
-bounded in depth, and its API key, compared in constant time."""
+bounded in depth, and its API key, compared in constant time; and a JSON answer's body."""
 
 from __future__ import annotations
 
@@ -10,7 +10,19 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from p3.nodes.cluster.generation import RequestFailed
 from p3.nodes.edge.schemas import ApiError, bad_request
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(body), status=status, content_type="application/json"
+    )
+
+
+def failure_error(failure: RequestFailed) -> ApiError:
+    return ApiError(failure.http_status, failure.message, code=failure.code.value)
+
 
 MAX_JSON_DEPTH = 64  # arrays and objects in a body; msgspec itself stops near the stack's limit
 
