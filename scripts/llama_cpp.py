@@ -74,10 +74,11 @@ def llama_bench(binary: str | Path, gguf: Path, threads: int, reps: int = 5) -> 
 
 
 def llama_server(
-    binary: str | Path, gguf: Path, port: int, slots: int, threads: int
+    binary: str | Path, gguf: Path, port: int, slots: int, threads: int, *extra: str
 ) -> subprocess.Popen:
     """llama-server with `slots` parallel sequences (context 1024 each), ready on return; its
-    log goes to a temporary file (a pipe nobody reads would stall it)."""
+    log goes to a temporary file (a pipe nobody reads would stall it). extra: more flags
+    (--jinja for tools and response_format)."""
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115 (the server holds it)
     proc = subprocess.Popen(
         [
@@ -94,6 +95,7 @@ def llama_server(
             str(1024 * slots),
             "-t",
             str(threads),
+            *extra,
         ],
         stdout=log,
         stderr=log,
