@@ -82,7 +82,7 @@ class Engine:
         )
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
-        self._inbox: deque[tuple[str, Request | str]] = deque()
+        self._inbox: deque[tuple[str, tuple | str]] = deque()  # ("add", (request, matcher))
         self._pending_ids: set[str] = set()
         self._lock = threading.Lock()
         self._arrivals = 0
@@ -115,13 +115,21 @@ class Engine:
             return request_id in self._pending_ids
 
     def add(self, request: Request) -> None:
-        """Queue a request for the next step; ValueError if it can never run."""
+        """Queue a request for the next step; ValueError if it can never run (a constrained
+        one: its grammar does not compile for this vocabulary, or its outputs so far leave
+        it; its matcher is made here, ~5 ms for a schema, so the refusal is the caller's)."""
         self.validate(request)
+        matcher = None
+        if (grammar := request.params.grammar) is not None:
+            try:
+                matcher = self.grammars.matcher(grammar, request.output_token_ids)
+            except OSError as exc:  # no tokenizer.json: this model serves no grammar
+                raise ValueError(f"this model cannot take a grammar: {exc}") from None
         with self._lock:
             if request.request_id in self._pending_ids:
                 raise ValueError(f"request_id {request.request_id!r} is already in the engine")
             self._pending_ids.add(request.request_id)
-            self._inbox.append(("add", request))
+            self._inbox.append(("add", (request, matcher)))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request wherever it is and free its KV blocks (unknown ids are ignored)."""
@@ -245,8 +253,7 @@ class Engine:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
-                if (refused := self._admit(item)) is not None:
-                    aborted.append(refused)
+                self._admit(*item)
             elif item in self._in_flight_ids:
                 self._deferred_cancels.add(item)  # its KV is being written: after its step
             elif (seq := self.seqs.get(item)) is not None:
@@ -254,23 +261,13 @@ class Engine:
                 aborted.append(_abort_output(seq))
         return aborted
 
-    def _admit(self, request: Request) -> StepOutput | None:
-        """Into the scheduler; a constrained request that cannot start (its grammar does not
-        compile for this vocabulary, or its tokens so far leave it) ends at once, "abort"."""
+    def _admit(self, request: Request, matcher) -> None:
         seq = Sequence(request, self.config.block_size, self._arrivals)
-        if (grammar := request.params.grammar) is not None:
-            try:  # on the step thread: the first one builds the grammar tokenizer (~0.4 s)
-                seq.matcher = self.grammars.matcher(grammar, request.output_token_ids)
-            except (ValueError, OSError) as exc:
-                log.warning("engine.grammar_refused", request_id=seq.request_id, error=str(exc))
-                with self._lock:
-                    self._pending_ids.discard(seq.request_id)
-                return _abort_output(seq)
+        seq.matcher = matcher
         seq.lane = self._arrivals % self.num_lanes
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
-        return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

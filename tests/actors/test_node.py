@@ -97,6 +97,10 @@ async def test_a_submit_that_cannot_run_is_rejected_with_its_code(make_node, edg
     assert bad.code == "bad_request" and "token ids" in bad.reason
     peer.send(m.Submit("hot", [1], m.WireSamplingParams(temperature=-1.0), 0, route.epoch))
     assert (await peer.recv()).code == "bad_request"
+    garbled = m.WireSamplingParams(grammar='{"grammars": [{"lark_grammar": "start: (("}]}')
+    peer.send(m.Submit("grammar", [1], garbled, 0, route.epoch))  # a peer's bug, refused
+    refused = await peer.recv()
+    assert (refused.request_id, refused.code) == ("grammar", "bad_request")
     dropped = node._edge_decoder.num_dropped
     for huge in (m.WireSamplingParams(top_k=2**64 - 1), m.WireSamplingParams(top_k=-2)):
         peer.send(m.Submit("huge", [1], huge, 2**64 - 1, route.epoch))  # dropped as malformed

@@ -143,12 +143,15 @@ def test_a_moved_request_replays_its_tokens_through_the_grammar(llm):
     jsonschema.validate(json.loads(text), PERSON)
 
 
-def test_tokens_outside_the_grammar_end_the_request_at_once(llm):
+def test_tokens_outside_the_grammar_are_refused_when_added(llm):
+    """A resubmit whose outputs so far leave its grammar (a peer's bug, never a client's):
+    refused at add, so a node answers bad_request and nothing runs."""
     prompt = chat_ids(llm)
     params = SamplingParams(max_tokens=20, structured_outputs=constrained(choice=["cat", "dog"]))
     stray = tuple(llm.tokenizer.encode("fish", add_special_tokens=False))
-    tokens, reason = run(llm.engine, Request("stray", prompt, params, output_token_ids=stray))
-    assert tokens == [] and reason == "abort"
+    with pytest.raises(ValueError, match="leaves its grammar"):
+        llm.engine.add(Request("stray", prompt, params, output_token_ids=stray))
+    assert not llm.engine.holds("stray")
 
 
 def test_rows_without_a_constraint_are_untouched_by_the_masks_beside_them(llm):
