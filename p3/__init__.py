@@ -2,8 +2,9 @@
 
 from p3.outputs import CompletionOutput, RequestOutput
 from p3.sampling_params import SamplingParams
+from p3.structured import StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
 
 
 def __getattr__(name: str):

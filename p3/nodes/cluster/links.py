@@ -186,11 +186,7 @@ class Cluster:
                     for request_id in taken.request_ids:
                         self._deliver(request_id, taken, link.node_id)
                 case m.Adopted() as adopted:
-                    adopting = self._adopting.get(adopted.stream_id)
-                    if adopting is not None:
-                        adopting.add(link.node_id, adopted.samples)
-                        for sample in adopted.samples:  # they stream here from now on
-                            self._held.setdefault(sample.submit.request_id, [])
+                    self.on_adopted(link.node_id, adopted)
                 case m.TokenizerFiles() as files:
                     waiter = self._tokenizer_waiters.pop((link.node_id, files.tokenizer_hash), None)
                     if waiter is not None and not waiter.done():
@@ -303,6 +299,20 @@ class Cluster:
             return None
         finally:
             self._adopting.pop(stream_id, None)
+
+    def on_adopted(self, node_id: str, adopted: m.Adopted) -> None:
+        """A node's answer to Adopt: its samples stream here from now on. Their deltas are
+        held until the stream is rebuilt (attach), and heard under the epochs the samples
+        were submitted in: a node that registered again with a restarted coordinator keeps
+        its streams under their old epochs, which an edge started since was never routed."""
+        adopting = self._adopting.get(adopted.stream_id)
+        if adopting is None:
+            return
+        adopting.add(node_id, adopted.samples)
+        epochs = self.epochs.setdefault(node_id, set())
+        for sample in adopted.samples:
+            self._held.setdefault(sample.submit.request_id, [])
+            epochs.add(sample.submit.epoch)
 
     def release(self, found: list[AdoptedAt]) -> None:
         """Adopted samples this edge will not serve after all: stopped on their nodes."""

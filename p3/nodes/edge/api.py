@@ -319,27 +319,15 @@ class Api:
         return await read_json(request, self.edge.config.body_timeout_s)
 
     async def on_models(self, request: web.Request) -> web.Response:
-        data = [self._model_json(name) for name in self.edge.models.names()]
+        data = [self.edge.model_card(name) for name in self.edge.models.names()]
         return json_response({"object": "list", "data": data})
 
     async def on_model(self, request: web.Request) -> web.Response:
-        name = request.match_info["model"]
-        models = self.edge.models
-        root = models.resolve(name)
-        if root is None or models.api_name(root) not in models.names():
+        card = self.edge.model_card(request.match_info["model"])
+        if card is None:
+            name = request.match_info["model"]
             raise ApiError(404, f"the model {name!r} does not exist", code="model_not_found")
-        return json_response(self._model_json(models.api_name(root)))
-
-    def _model_json(self, name: str) -> dict[str, Any]:
-        root = self.edge.models.resolve(name)
-        return {
-            "id": name,
-            "object": "model",
-            "created": self.edge.started,
-            "owned_by": "p3",
-            "root": root,
-            "max_model_len": self.edge.max_model_len(root),
-        }
+        return json_response(card)
 
     async def on_tokenize(self, request: web.Request) -> web.Response:
         prepared = await prepare(self.edge, await self.read_json(request), chat=None)

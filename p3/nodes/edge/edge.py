@@ -114,6 +114,20 @@ class Edge(Actor):
             message = f"the tokenizer of model {name!r} is not available: {exc}"
             raise ApiError(503, message, code="no_replica") from None
 
+    def model_card(self, name: str) -> dict[str, Any] | None:
+        """/v1/models' entry for a served model's name (or alias); None if not served."""
+        root = self.models.resolve(name)
+        if root is None or self.models.api_name(root) not in self.models.names():
+            return None
+        return {
+            "id": self.models.api_name(root),
+            "object": "model",
+            "created": self.started,
+            "owned_by": "p3",
+            "root": root,
+            "max_model_len": self.max_model_len(root),
+        }
+
     def max_model_len(self, model: str | None) -> int:
         """The smallest context among the model's ready replicas (0 with none ready)."""
         lengths = [r.max_model_len for r in self.cluster.replicas(model or "") if r.max_model_len]
