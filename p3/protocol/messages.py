@@ -23,7 +23,8 @@ PROTOCOL_VERSION = 5  # 2: the load figures as one nested Load; 3: tokenizers ov
 # Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
 # bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
 # overloaded, busy (that request id still runs there), stale_epoch and draining send it to
-# another replica, and when none takes it it fails as overloaded or no_replica (HTTP 503).
+# another replica, and when none takes it it fails as overloaded or no_replica (HTTP 503);
+# busy with no other replica first cancels it there and comes back (BUSY_RETRIES).
 RejectCode = Literal["bad_request", "overloaded", "busy", "stale_epoch", "draining"]
 # How an actor stops: drain finishes in-flight work first (bounded), abort does not.
 StopMode = Literal["drain", "abort"]

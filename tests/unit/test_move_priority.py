@@ -5,6 +5,7 @@ changes a token."""
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -289,6 +290,32 @@ async def test_with_one_replica_left_every_move_goes_there(cluster):
         generation._handle(sample, NodeLost("a", "test"))
     assert [s.journal.node_id for _, s in moves] == ["b", "b"]
     assert cluster.moves.tokens("b") == 220 + 160
+
+
+async def test_a_busy_refusal_with_no_other_replica_cancels_there_and_comes_back(cluster):
+    """Found by the constrained chaos run (seed 6013): a stream left b when its link reset (the
+    Cancel went down with the link, so it ran on there), then its new node died; b, the only
+    replica left, refused it as busy, and it failed. Now the edge cancels it on b again and
+    resubmits it there once that took effect."""
+    from p3.nodes.cluster import generation as g
+
+    replicas(cluster, {"b": (0, 0)})
+    ((generation, sample),) = moving(cluster, [(100, 7)])
+    sample.journal.node_id, sample.journal.tried_nodes = "b", {"a", "b"}  # where it ran before
+    busy = m.Rejected(sample.request_id, "request_id is still running here", "busy")
+    assert generation._handle(sample, busy) is None  # no failure: it waits
+    socket = cluster.links["b"].socket
+    cancels = [f for f in socket.sent if b"cancel" in f[-1]]
+    assert cancels, "the earlier submission is cancelled on b"
+    event = await asyncio.wait_for(generation.queue.get(), 2)
+    assert isinstance(event[1], g.RetryBusy)
+    generation._handle(sample, event[1])
+    assert cluster.holds(sample) and sample.journal.node_id == "b"
+    submits = [f for f in socket.sent if b"submit" in f[-1]]
+    assert submits, "submitted to b again, with the tokens it has"
+    generation._busy[sample.index] = g.BUSY_RETRIES  # a node that stays busy: in the end
+    with pytest.raises(g.RequestFailed):
+        generation._handle(sample, busy)
 
 
 # -- and the tokens are those of the run without a fault -----------------------------------

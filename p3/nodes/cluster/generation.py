@@ -32,6 +32,12 @@ DEFAULT_TIMEOUT_S = 60.0
 QUEUED_ROUNDS = 3  # token timeouts a sample may wait queued on a node that progresses
 MAX_IDLE_MOVES = 3  # moves in a row without a new token: a request that kills every node it
 # lands on stops moving; a stream that progresses between faults survives any number of them
+BUSY_RETRIES, BUSY_RETRY_S = 10, 0.2  # a node where an earlier submission of it still runs
+
+
+class RetryBusy:
+    """Queued BUSY_RETRY_S after a busy refusal: submit the sample again (the Cancel sent for
+    its earlier submission has taken effect by then)."""
 
 
 class FailureCode(StrEnum):
@@ -87,6 +93,7 @@ class Generation:
         self.submitted_at: float | None = None  # when the last sample's Submit left
         self.received_at = 0.0  # when the frame of the latest Delta arrived from its node
         self._quiet: dict[int, int] = {}  # sample index -> token timeouts in a row on its node
+        self._busy: dict[int, int] = {}  # sample index -> busy refusals it waited out
         self.handed_over = False  # another edge adopted the stream
         self._moves = cluster.moves
 
@@ -173,6 +180,10 @@ class Generation:
                 return delta
             case m.Rejected():
                 self._rejected(sample, msg)
+            case RetryBusy() if not sample.finished and not self.cluster.holds(sample):
+                if not self.cluster.submit(sample, self.queue, set()):  # any replica now
+                    definite = sample.num_output_tokens == 0
+                    raise RequestFailed("no replica left", FailureCode.NO_REPLICA, definite)
             case m.TakenOver():
                 self.handed_over = True
                 raise HandedOver(f"stream {msg.stream_id} was resumed on another edge")
@@ -190,9 +201,7 @@ class Generation:
         self.cluster.cancel(sample)
         self._move(sample, cause, FailureCode.LINK_LOST, may_stay=True)
 
-    def _move(
-        self, sample: Sample, cause: str, code: FailureCode, may_stay: bool = False
-    ) -> None:
+    def _move(self, sample: Sample, cause: str, code: FailureCode, may_stay: bool = False) -> None:
         """Resubmit an unfinished sample elsewhere, continuing after the tokens it has.
         may_stay: the node it leaves is alive (its link failed), so when no other replica
         is there, it may go back to the same one."""
@@ -261,11 +270,20 @@ class Generation:
         self._moves.drop(sample.request_id)
         if rejected.code == "bad_request":
             raise RequestFailed(rejected.reason, FailureCode.BAD_REQUEST, True)
-        if not self.cluster.submit(sample, self.queue):
-            full = rejected.code == "overloaded"
-            code = FailureCode.OVERLOADED if full else FailureCode.NO_REPLICA
-            definite = sample.num_output_tokens == 0  # a moved sample has sent tokens
-            raise RequestFailed(f"every replica refused: {rejected.reason}", code, definite)
+        if self.cluster.submit(sample, self.queue):
+            return
+        if rejected.code == "busy" and self._busy.get(sample.index, 0) < BUSY_RETRIES:
+            # an earlier submission of it still runs there, its Cancel lost with a link that
+            # reset; and no other replica is left: stop it again, and come back once it is
+            self._busy[sample.index] = self._busy.get(sample.index, 0) + 1
+            self.cluster.cancel(sample)
+            retry = (sample, RetryBusy(), time.perf_counter())
+            asyncio.get_running_loop().call_later(BUSY_RETRY_S, self.queue.put_nowait, retry)
+            return
+        full = rejected.code == "overloaded"
+        code = FailureCode.OVERLOADED if full else FailureCode.NO_REPLICA
+        definite = sample.num_output_tokens == 0  # a moved sample has sent tokens
+        raise RequestFailed(f"every replica refused: {rejected.reason}", code, definite)
 
     def _timing(self, delta: Delta) -> None:
         if not delta.token_ids:

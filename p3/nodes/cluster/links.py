@@ -427,6 +427,10 @@ class Cluster:
         self.sent_load[route.node_id] = self.sent_load.get(route.node_id, 0) + cost
         return True
 
+    def holds(self, sample: Sample) -> bool:
+        """Whether the sample is submitted to a node (its tokens come here)."""
+        return sample.request_id in self.inflight
+
     def cancel(self, sample: Sample) -> None:
         """Forget a sample; tell its node to stop it (unknown ids are ignored there)."""
         self.inflight.pop(sample.request_id, None)
