@@ -7,7 +7,8 @@ Both serve the default model (SmolLM2-135M-Instruct, the same Q4_1 file; llama-s
 --jinja, which its response_format and tools need). For every prompt, a JSON schema answer,
 a JSON-object answer and a required tool call, greedy and sampled, through the official
 openai SDK; each output parsed and validated against its schema. Prints one line per case
-with both verdicts and tokens/s, then the totals. Not a test: figures swing on 2 cores.
+with both verdicts and tokens/s (an invalid one says why, and its finish reason: "length"
+is an answer cut at max_tokens), then the totals. Not a test: figures swing on 2 cores.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def ask(client: openai.OpenAI, model: str, body: dict, schema: dict) -> tuple[bo
     try:
         jsonschema.validate(json.loads(text), schema)
     except (ValueError, jsonschema.ValidationError) as exc:
-        return False, f"{type(exc).__name__}: {text[:50]!r}", rate
+        finish = r.choices[0].finish_reason
+        return False, f"{type(exc).__name__} ({finish}): {text[:40]!r}", rate
     return True, "", rate
 
 
