@@ -40,7 +40,8 @@ class InvalidGrammar(ValueError):
 class StructuredOutputsParams:
     """Exactly one of the constraints. json: a schema (dict, or its JSON text); json_object:
     any JSON object; regex; choice: one of these strings; grammar: Lark or GBNF text.
-    compiled: an llguidance grammar as it travels (the others compile to it)."""
+    compiled: an llguidance grammar as it travels (the others compile to it); it is checked
+    where it is used, by the matcher the engine makes of it, not again here."""
 
     json: dict[str, Any] | str | None = None
     json_object: bool = False
@@ -52,7 +53,7 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
-        given = [f.name for f in fields(self) if _is_set(getattr(self, f.name))]
+        given = [f.name for f in fields(self) if is_set(getattr(self, f.name))]
         if len(given) != 1:
             names = ", ".join(KINDS)
             raise InvalidGrammar(
@@ -66,13 +67,15 @@ class StructuredOutputsParams:
         compile."""
         from llguidance import LLMatcher, grammar_from
 
-        kind = next(f.name for f in fields(self) if _is_set(getattr(self, f.name)))
+        kind = next(f.name for f in fields(self) if is_set(getattr(self, f.name)))
         try:
             grammar = _compile(kind, getattr(self, kind), grammar_from)
         except (ValueError, TypeError, RecursionError) as exc:
             raise InvalidGrammar(kind, f"{kind}: {exc}") from None
         if len(grammar.encode()) > MAX_GRAMMAR_BYTES:
             raise InvalidGrammar(kind, f"{kind} compiles to over {MAX_GRAMMAR_BYTES} bytes")
+        if kind == "compiled":  # a node's copy: Engine.add's matcher compiles it (once)
+            return grammar
         error = LLMatcher.validate_grammar(grammar, None)
         if error:
             raise InvalidGrammar(kind, f"{kind} is not a valid constraint: {error.strip()}")
@@ -101,5 +104,6 @@ def _compile(kind: str, value: Any, grammar_from) -> str:
     return grammar_from("grammar", value)  # Lark or GBNF
 
 
-def _is_set(value: Any) -> bool:
+def is_set(value: Any) -> bool:
+    """Whether a constraint field (or a body's field) is given: None and False are not."""
     return value is not None and value is not False

@@ -15,15 +15,6 @@ def llm(default_model_dir):
     return LLM(default_model_dir, dtype="float32", kv_cache_bytes=256 * 2**20)
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_blocks(request):
-    yield
-    if "llm" in request.fixturenames:
-        engine = request.getfixturevalue("llm").engine
-        assert not engine.has_unfinished()
-        assert engine.num_free_blocks == engine.num_kv_blocks, "KV blocks leaked"
-
-
 def test_greedy_chat_answers_paris_from_the_dequantized_weights(default_model_dir):
     """With the GGUF's weights dequantized (fp32 arithmetic) the model knows its capitals.
     (As stored, with int8 activations, it answers "L'Étoile, la Marseillaise, ...": so

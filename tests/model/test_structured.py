@@ -15,6 +15,8 @@ from p3 import LLM, SamplingParams
 from p3.engine.sequence import Request
 from p3.structured import InvalidGrammar, StructuredOutputsParams
 
+from .test_continuation import run
+
 PERSON = {
     "type": "object",
     "properties": {
@@ -36,15 +38,6 @@ ASK = [{"role": "user", "content": "Describe Ann, aged 31, who has a cat, as JSO
 @pytest.fixture(scope="module")
 def llm(default_model_dir):
     return LLM(default_model_dir, dtype="float32", kv_cache_bytes=128 * 2**20)
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_blocks(request):
-    yield
-    if "llm" in request.fixturenames:
-        engine = request.getfixturevalue("llm").engine
-        assert not engine.has_unfinished()
-        assert engine.num_free_blocks == engine.num_kv_blocks, "KV blocks leaked"
 
 
 def constrained(**kind) -> StructuredOutputsParams:
@@ -113,16 +106,6 @@ def test_a_streamed_constrained_answer_is_the_whole_one(llm):
 def chat_ids(llm) -> list[int]:
     text = llm.tokenizer.apply_chat_template(ASK, True)
     return llm.tokenizer.encode(text, add_special_tokens=False)
-
-
-def run(engine, request: Request) -> tuple[list[int], str | None]:
-    engine.add(request)
-    tokens, reason = [], None
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens += out.new_token_ids
-            reason = out.finish_reason or reason
-    return tokens, reason
 
 
 def test_a_moved_request_replays_its_tokens_through_the_grammar(llm):

@@ -112,10 +112,10 @@ class Api:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         if (last_event_id := request.headers.get("Last-Event-ID")) is not None:
             return await self._resume(request, last_event_id)
-        if self.num_pending >= self.edge.config.max_pending:
-            raise ApiError(429, "too many requests in this edge; retry later", code="queue_full")
-        self.num_pending += 1
-        self.metrics.edge_pending.inc()
+        async with self._pending():
+            return await self._generate_held(request, chat)
+
+    async def _generate_held(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrived_at = time.perf_counter()
         num_samples = 0
         try:
@@ -148,14 +148,12 @@ class Api:
                 return await self._stream(request, prepared, responder, generation)
             return await self._whole(prepared, responder, generation)
         finally:
-            self.num_pending -= 1
             self.num_samples -= num_samples
-            self.metrics.edge_pending.dec()
 
     async def on_embeddings(self, request: web.Request) -> web.Response:
         async with self._pending():
             body = await self.read_json(request)
-            return json_response(await embeddings(self.edge, body, failure_error))
+            return json_response(await embeddings(self.edge, body))
 
     async def on_responses(self, request: web.Request) -> web.StreamResponse:
         async with self._pending():

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 from p3.nodes.edge.errors import bad_request
-from p3.structured import InvalidGrammar, StructuredOutputsParams
+from p3.structured import KINDS, InvalidGrammar, StructuredOutputsParams, is_set
 
 GUIDED = {
     "guided_json": "json",
@@ -24,9 +24,7 @@ MAX_CHOICES = 1024
 
 def structured_outputs(body: dict[str, Any]) -> StructuredOutputsParams | None:
     """The body's one constraint, compiled; None when it has none. 400 naming the field."""
-    given = [
-        name for name in ("response_format", "structured_outputs", *GUIDED) if _set(body, name)
-    ]
+    given = [n for n in ("response_format", "structured_outputs", *GUIDED) if is_set(body.get(n))]
     if not given:
         return None
     if len(given) > 1:
@@ -84,18 +82,16 @@ def _response_format(value: Any) -> tuple[str, str, Any]:
 def _vllm_object(value: Any) -> tuple[str, str, Any]:
     if not isinstance(value, dict):
         raise bad_request("structured_outputs", "structured_outputs must be an object")
-    kinds = [k for k in ("json", "json_object", "regex", "choice", "grammar") if _set(value, k)]
-    unknown = sorted(set(value) - {"json", "json_object", "regex", "choice", "grammar"})
+    kinds = [k for k in KINDS if is_set(value.get(k))]
+    unknown = sorted(set(value) - set(KINDS))
     if unknown:
         raise bad_request(
             f"structured_outputs.{unknown[0]}",
-            f"structured_outputs.{unknown[0]} is not supported here "
-            "(json, json_object, regex, choice or grammar)",
+            f"structured_outputs.{unknown[0]} is not supported here ({', '.join(KINDS)})",
         )
     if len(kinds) != 1:
         raise bad_request(
-            "structured_outputs",
-            "structured_outputs takes exactly one of json, json_object, regex, choice, grammar",
+            "structured_outputs", f"structured_outputs takes exactly one of {', '.join(KINDS)}"
         )
     return f"structured_outputs.{kinds[0]}", kinds[0], value[kinds[0]]
 
@@ -119,7 +115,3 @@ def _check_shape(param: str, kind: str, value: Any) -> None:
             "grammar": "a Lark or GBNF grammar (a non-empty string)",
         }[kind]
         raise bad_request(param, f"{param} must be {what}")
-
-
-def _set(body: dict[str, Any], name: str) -> bool:
-    return body.get(name) is not None and body.get(name) is not False

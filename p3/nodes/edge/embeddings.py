@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from p3.nodes.cluster.generation import Generation, RequestFailed
 from p3.nodes.cluster.samples import make_samples
+from p3.nodes.edge.bodies import failure_error
 from p3.nodes.edge.errors import ApiError, bad_request
 from p3.nodes.edge.responses import new_id
 from p3.nodes.edge.schemas import Fields
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 MAX_INPUTS = 2048  # OpenAI's limit on one request's inputs
 
 
-async def embeddings(edge: Edge, body: Any, failure_error) -> dict[str, Any]:
+async def embeddings(edge: Edge, body: Any) -> dict[str, Any]:
     f = Fields(body)
     inputs = _inputs(body.get("input") if isinstance(body, dict) else None)
     encoding = f.str("encoding_format", "float")

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any
 
 from p3.nodes.cluster.samples import Delta, Sample, TokenLogprob
-from p3.nodes.edge.tools import Call, ToolCallParser, Tools, tool_format
+from p3.nodes.edge.tools import Call, ToolCallParser, Tools
 from p3.tokenizer import Tokenizer
 
 SYSTEM_FINGERPRINT = "p3-0.1.0"
@@ -133,9 +133,7 @@ class Responder:
         return out
 
     def _parser(self, index: int) -> ToolCallParser:
-        tools = self.tools
-        mode = tools.named or ("required" if tools.choice == "required" else "auto")
-        return ToolCallParser(mode, tool_format(self.tokenizer.chat_template), self.id, index)
+        return self.tools.parser(self.tokenizer.chat_template, self.id, index)
 
     def usage_chunk(self, samples: list[Sample]) -> dict[str, Any]:
         return {**self._envelope(chunk=True), "choices": [], "usage": usage(samples)}

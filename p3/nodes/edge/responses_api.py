@@ -29,7 +29,7 @@ from p3.nodes.edge.bodies import failure_error, json_response
 from p3.nodes.edge.errors import ApiError, bad_request
 from p3.nodes.edge.prompts import prepare
 from p3.nodes.edge.responses import new_id
-from p3.nodes.edge.tools import ToolCallParser, Tools, tool_format
+from p3.nodes.edge.tools import Tools
 
 if TYPE_CHECKING:
     from p3.nodes.edge.api import Api
@@ -178,10 +178,8 @@ class ResponseBuilder:
         self.body = body
         self.model_name = model_name
         self.sequence = 0
-        mode = None
-        if tools is not None and tools.active:
-            mode = tools.named or ("required" if tools.choice == "required" else "auto")
-        self.parser = ToolCallParser(mode, tool_format(template), self.id) if mode else None
+        active = tools is not None and tools.active
+        self.parser = tools.parser(template, self.id) if active else None
         self.items: list[dict[str, Any]] = []  # output items, in order
         self._message: dict[str, Any] | None = None  # the text item under way
         self._calls: dict[int, dict[str, Any]] = {}  # call index -> its item

@@ -49,6 +49,12 @@ class Tools:
     def active(self) -> bool:
         return self.choice != "none"
 
+    def parser(self, chat_template: str | None, response_id: str, index: int = 0):
+        """The parser of one choice's calls: the grammar's shape for required and named
+        choices, the model's own format (from its template) for auto."""
+        mode = self.named or ("required" if self.choice == "required" else "auto")
+        return ToolCallParser(mode, tool_format(chat_template), response_id, index)
+
     def constraint(self) -> StructuredOutputsParams | None:
         """The grammar of "required" and of a named choice; None for auto and none."""
         if self.named is not None:
