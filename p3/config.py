@@ -10,11 +10,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch loads when a dtype or device is asked for: the CLI reads these
     import torch  # defaults without it
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
 DTYPES = ("bfloat16", "float32", "float16")  # torch dtype names
 DTYPE_CHOICES = ("auto", *DTYPES)
 # "auto": the KV cache holds the model dtype; "int8": int8 values and one fp32 scale per token
@@ -34,7 +29,7 @@ def default_of(cls: type, name: str) -> Any:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": bf16 where the hardware computes it natively (CUDA with bf16, a CPU with
+    """ "auto": bf16 where the hardware computes it natively (CUDA with bf16, a CPU with
     AVX512-BF16 or AMX that oneDNN packs for), else fp32 (bf16 emulated on AVX2 is 8x slower
     than fp32, and fp16 on a CPU slower still)."""
     import torch
@@ -69,16 +64,40 @@ def onednn_bf16_supported() -> bool:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling (rope_type "llama3")."""
+    """RoPE frequency scaling: llama3 (keep high frequencies, divide low ones by factor,
+    blend in between), linear (positions divided by factor), longrope (Phi-3: a factor per
+    frequency, short_factor before original_max_position_embeddings and long_factor from
+    there on, cos and sin times attention_factor)."""
 
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    kind: str = "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A mixture of experts in place of the MLP: a router's softmax picks top_k of
+    num_experts per token (their weights renormalized to sum to 1 when renormalize), plus a
+    shared expert every token takes (scaled by a sigmoid gate when shared_gate)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    shared_intermediate_size: int = 0  # 0: no shared expert
+    shared_gate: bool = False
+    dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """One transformer with switches (p3.architectures says which family sets which)."""
+
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -88,76 +107,97 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     rope_theta: float
-    rms_norm_eps: float
+    rms_norm_eps: float  # the eps of every norm, RMSNorm or LayerNorm
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
     rope_scaling: RopeScaling | None = None
+    o_bias: bool = False
+    mlp_bias: bool = False
+    lm_head_bias: bool = False
+    norm: str = "rms"  # rms | layer
+    norm_bias: bool = False  # LayerNorm's bias
+    norm_weight: bool = True  # False: a norm without parameters (OLMo)
+    norm_offset: float = 0.0  # Gemma: x * (1 + weight)
+    layout: str = "pre"  # pre | parallel | sandwich | post (p3.architectures)
+    shared_norm: bool = False  # parallel layout: attention and MLP read one norm
+    act: str = "silu"  # silu | gelu | gelu_tanh
+    gated_mlp: bool = True  # down(act(gate(x)) * up(x)); False: down(act(up(x)))
+    qk_norm: str | None = None  # head | full
+    clip_qkv: float | None = None
+    rotary_dim: int | None = None  # None: head_dim; 0: no RoPE
+    rope_interleaved: bool = False  # pairs (2i, 2i+1) turn, not halves: rows permuted at load
+    local_rope_theta: float | None = None  # sliding layers' RoPE base (Gemma 3)
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE
+    windows: tuple[int, ...] = ()  # per layer sliding window, 0 (or absent): none
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    embed_scale: float = 1.0
+    embed_scale_in_dtype: bool = False  # the scale rounded to the model dtype first (Gemma)
+    residual_scale: float = 1.0
+    logits_scale: float = 1.0
+    learned_positions: bool = False  # GPT-2: a position embedding instead of RoPE
+    falcon_qkv: str | None = None  # how Falcon packs q, k, v in one tensor
+    moe: MoEConfig | None = None
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
+
+    def window(self, layer: int) -> int:
+        return self.windows[layer] if layer < len(self.windows) else 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer not in self.moe.dense_layers
+
+    @property
+    def llama_shaped(self) -> bool:
+        """Every layer is Llama's (RMSNorm, pre-norm, gated SiLU, full RoPE, a bias on qkv
+        at most, no window): what the fused C++ layer loop runs."""
+        return (
+            self.norm == "rms"
+            and self.norm_offset == 0.0
+            and self.layout == "pre"
+            and self.act == "silu"
+            and self.gated_mlp
+            and not (self.o_bias or self.mlp_bias or self.qk_norm or self.clip_qkv)
+            and self.rope_dim == self.head_dim
+            and not self.nope_layers
+            and not any(self.windows)
+            and self.attn_softcap is None
+            and self.residual_scale == 1.0
+            and self.local_rope_theta is None
+            and self.moe is None
+            and not self.learned_positions
+        )
 
     @property
     def num_parameters(self) -> int:
-        """Weights the model holds (the head counted once when tied)."""
-        d, hd, inter = self.hidden_size, self.head_dim, self.intermediate_size
-        qkv = d * (self.num_heads + 2 * self.num_kv_heads) * hd
-        bias = (self.num_heads + 2 * self.num_kv_heads) * hd if self.qkv_bias else 0
-        layer = qkv + bias + self.num_heads * hd * d + 3 * d * inter + 2 * d
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * layer + d + head
+        """Weights the model holds (the head counted once when tied; norms and biases aside)."""
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * (self.num_heads + 2 * self.num_kv_heads) * hd + self.num_heads * hd * d
+        mlp_mats = 3 if self.gated_mlp else 2
+        total = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        for layer in range(self.num_layers):
+            total += attn
+            if self.is_moe_layer(layer):
+                m = self.moe
+                total += m.num_experts * (mlp_mats * d * m.intermediate_size + d)
+                total += mlp_mats * d * m.shared_intermediate_size
+            else:
+                total += mlp_mats * d * self.intermediate_size
+        return total
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        arch = _architecture(hf)
-        num_heads = hf["num_attention_heads"]
-        return cls(
-            architecture=arch,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rope_theta=float(_rope_parameters(hf).get("rope_theta", 10000.0)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-            rope_scaling=_rope_scaling(hf),
-        )
+        from p3.architectures import read
 
-
-def _architecture(hf: dict[str, Any]) -> str:
-    for name in hf.get("architectures") or []:
-        if name in SUPPORTED_ARCHITECTURES:
-            return SUPPORTED_ARCHITECTURES[name]
-    if hf.get("model_type") in SUPPORTED_ARCHITECTURES.values():
-        return hf["model_type"]
-    supported = ", ".join(SUPPORTED_ARCHITECTURES)
-    raise ValueError(f"unsupported architecture {hf.get('architectures')!r}; p3 runs {supported}")
-
-
-def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 nests rope settings in rope_parameters; 4.x keeps them top level."""
-    params = dict(hf.get("rope_scaling") or {})
-    params.update(hf.get("rope_parameters") or {})
-    if "rope_theta" in hf:
-        params.setdefault("rope_theta", hf["rope_theta"])
-    return params
-
-
-def _rope_scaling(hf: dict[str, Any]) -> RopeScaling | None:
-    params = _rope_parameters(hf)
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind == "default":
-        return None
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling {kind!r}; p3 supports default and llama3")
-    return RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-    )
+        return cls(**read(hf))
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,15 @@ class Linear(nn.Module):
         self.quant: QuantWeight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.apply_to(x, self.bias)
+
+    def apply_to(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x W^T + bias, whichever form the weight is held in."""
         if self.quant is not None:
-            return quant_linear(x, self.quant, self.bias)
+            return quant_linear(x, self.quant, bias)
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
 
     def use_blocks(self, kind: str) -> QuantWeight:
         """Hold the weight as `kind` blocks from now on (filled by the loader)."""

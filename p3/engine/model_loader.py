@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from p3.config import ModelConfig
+from p3.engine.checkpoint import canonical_tensors
 from p3.engine.layers import Linear, can_pack_linears
 from p3.engine.model import Transformer
 from p3.engine.parallel import Shard
@@ -20,15 +21,15 @@ Slot = tuple[str, str, int, int, tuple[int, int, int] | None]
 
 
 def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]:
-    """Where every checkpoint tensor p3 reads goes, for this rank: the rows of a parameter it
-    fills and, under tensor parallelism, the slice of the tensor this rank keeps."""
+    """Where every (canonical, p3.engine.checkpoint) checkpoint tensor p3 reads goes, for
+    this rank: the rows of a parameter it fills and, under tensor parallelism, the slice of
+    the tensor this rank keeps."""
     shard = shard or Shard()
     hd = cfg.head_dim
     q0, q1, kv0, kv1 = shard.heads(cfg.num_heads, cfg.num_kv_heads)
-    i0, i1 = shard.split(cfg.intermediate_size)
     v0, v1 = shard.vocab_range(cfg.vocab_size)
     v1 = min(v1, cfg.vocab_size)
-    qs, kvs, il = (q1 - q0) * hd, (kv1 - kv0) * hd, i1 - i0
+    qs, kvs = (q1 - q0) * hd, (kv1 - kv0) * hd
 
     def rows(start: int, end: int) -> tuple[int, int, int] | None:
         return None if shard.tp_size == 1 else (0, start, end)
@@ -36,14 +37,42 @@ def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]
     def cols(start: int, end: int) -> tuple[int, int, int] | None:
         return None if shard.tp_size == 1 else (1, start, end)
 
+    def norm(hf: str, p3: str, size: int, part=None) -> Iterator[Slot]:
+        if cfg.norm_weight:
+            yield f"{hf}.weight", f"{p3}.weight", 0, size, part
+        if cfg.norm_bias:
+            yield f"{hf}.bias", f"{p3}.bias", 0, size, part
+
+    def mlp(hf: str, p3: str, inter: int, gated: bool, bias: bool) -> Iterator[Slot]:
+        i0, i1 = shard.split(inter)
+        il = i1 - i0
+        for suffix in ("weight", "bias") if bias else ("weight",):
+            if gated:
+                yield f"{hf}.gate_proj.{suffix}", f"{p3}.gate_up.{suffix}", 0, il, rows(i0, i1)
+                yield f"{hf}.up_proj.{suffix}", f"{p3}.gate_up.{suffix}", il, 2 * il, rows(i0, i1)
+            else:
+                yield f"{hf}.up_proj.{suffix}", f"{p3}.up.{suffix}", 0, il, rows(i0, i1)
+        d = cfg.hidden_size
+        yield f"{hf}.down_proj.weight", f"{p3}.down.weight", 0, d, cols(i0, i1)
+        if bias:
+            yield f"{hf}.down_proj.bias", f"{p3}.down.bias", 0, d, None
+
     if shard.is_first_stage:
         yield "model.embed_tokens.weight", "embed.weight", 0, v1 - v0, rows(v0, v1)
+        if cfg.learned_positions:
+            n = cfg.max_position_embeddings
+            yield "model.embed_positions.weight", "positions.weight", 0, n, None
     if shard.is_last_stage:
-        yield "model.norm.weight", "norm.weight", 0, cfg.hidden_size, None
+        yield from norm("model.norm", "norm", cfg.hidden_size)
         head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         if not (cfg.tie_word_embeddings and shard.is_first_stage):  # else shared with embed
             yield head, "lm_head.weight", 0, v1 - v0, rows(v0, v1)
+        if cfg.lm_head_bias:
+            yield "lm_head.bias", "lm_head.bias", 0, v1 - v0, rows(v0, v1)
     first, end = shard.layers(cfg.num_layers)
+    norms = LAYER_NORMS[cfg.layout]
+    if cfg.layout == "parallel" and cfg.shared_norm:
+        norms = norms[:1]
     for i in range(first, end):
         hf, p3 = f"model.layers.{i}.", f"layers.{i - first}."
         for suffix in ("weight", "bias") if cfg.qkv_bias else ("weight",):
@@ -57,18 +86,79 @@ def weight_slots(cfg: ModelConfig, shard: Shard | None = None) -> Iterator[Slot]
                 qs + 2 * kvs,
                 rows(kv0 * hd, kv1 * hd),
             )
-        o_proj = p3 + "attn.o_proj.weight"
-        yield hf + "self_attn.o_proj.weight", o_proj, 0, cfg.hidden_size, cols(q0 * hd, q1 * hd)
-        yield hf + "mlp.gate_proj.weight", p3 + "mlp.gate_up.weight", 0, il, rows(i0, i1)
-        yield hf + "mlp.up_proj.weight", p3 + "mlp.gate_up.weight", il, 2 * il, rows(i0, i1)
-        yield hf + "mlp.down_proj.weight", p3 + "mlp.down.weight", 0, cfg.hidden_size, cols(i0, i1)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            name = "attn_norm" if norm == "input_layernorm" else "mlp_norm"
-            yield hf + f"{norm}.weight", p3 + f"{name}.weight", 0, cfg.hidden_size, None
+        o_proj = p3 + "attn.o_proj."
+        yield (
+            hf + "self_attn.o_proj.weight",
+            o_proj + "weight",
+            0,
+            cfg.hidden_size,
+            cols(q0 * hd, q1 * hd),
+        )
+        if cfg.o_bias:
+            yield hf + "self_attn.o_proj.bias", o_proj + "bias", 0, cfg.hidden_size, None
+        if cfg.qk_norm == "head":
+            yield hf + "self_attn.q_norm.weight", p3 + "attn.q_norm.weight", 0, hd, None
+            yield hf + "self_attn.k_norm.weight", p3 + "attn.k_norm.weight", 0, hd, None
+        elif cfg.qk_norm == "full":
+            q_part, kv_part = rows(q0 * hd, q1 * hd), rows(kv0 * hd, kv1 * hd)
+            yield hf + "self_attn.q_norm.weight", p3 + "attn.q_norm.weight", 0, qs, q_part
+            yield hf + "self_attn.k_norm.weight", p3 + "attn.k_norm.weight", 0, kvs, kv_part
+        if cfg.is_moe_layer(i):
+            moe = cfg.moe
+            yield hf + "mlp.gate.weight", p3 + "mlp.router.weight", 0, moe.num_experts, None
+            for e in range(moe.num_experts):
+                yield from mlp(
+                    hf + f"mlp.experts.{e}", p3 + f"mlp.experts.{e}", moe.intermediate_size,
+                    True, False,
+                )  # fmt: skip
+            if moe.shared_intermediate_size:
+                yield from mlp(
+                    hf + "mlp.shared_expert", p3 + "mlp.shared", moe.shared_intermediate_size,
+                    True, False,
+                )  # fmt: skip
+            if moe.shared_gate:
+                yield (
+                    hf + "mlp.shared_expert_gate.weight",
+                    p3 + "mlp.shared_gate.weight",
+                    0,
+                    1,
+                    None,
+                )
+        else:
+            yield from mlp(
+                hf + "mlp", p3 + "mlp", cfg.intermediate_size, cfg.gated_mlp, cfg.mlp_bias
+            )
+        for hf_norm, p3_norm in norms:
+            yield from norm(hf + hf_norm, p3 + p3_norm, cfg.hidden_size)
+
+
+# (checkpoint norm, p3 norm) of a layer, per layout; a parallel layout with one shared norm
+# keeps the first
+LAYER_NORMS = {
+    "pre": (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")),
+    "parallel": (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")),
+    "sandwich": (
+        ("input_layernorm", "attn_norm"),
+        ("post_attention_layernorm", "post_attn_norm"),
+        ("pre_feedforward_layernorm", "mlp_norm"),
+        ("post_feedforward_layernorm", "post_mlp_norm"),
+    ),
+    "post": (
+        ("post_attention_layernorm", "post_attn_norm"),
+        ("post_feedforward_layernorm", "post_mlp_norm"),
+    ),
+}
 
 
 Weight = Tensor | QuantWeight
-BLOCK_WEIGHTS = ("attn.qkv.weight", "attn.o_proj.weight", "mlp.gate_up.weight", "mlp.down.weight")
+# the linears that may be held as quantized blocks (experts' too; routers stay float)
+BLOCK_WEIGHTS = (
+    "attn.qkv.weight",
+    "attn.o_proj.weight",
+    "gate_up.weight",
+    "up.weight",
+    "down.weight",
+)
 
 
 def quantization_plan(
@@ -103,6 +193,7 @@ def load_weights(model: Transformer, tensors: Iterable[tuple[str, Weight]]) -> N
         name: param.data for name, param in model.named_parameters(remove_duplicate=False)
     }
     targets.update(_block_targets(model))
+    tensors = canonical_tensors(model.cfg, tensors)
     slots: dict[str, list[tuple[str, int, int, tuple[int, int, int] | None]]] = {}
     for hf_name, name, start, end, part in weight_slots(model.cfg, model.shard):
         slots.setdefault(hf_name, []).append((name, start, end, part))

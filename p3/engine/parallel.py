@@ -226,14 +226,23 @@ class ColumnParallelLinear(Linear):
 
 class RowParallelLinear(Linear):
     """Input features split across ranks: each computes a partial sum of every output; the
-    all-reduce adds them. (No bias: none of the supported models has one here.)"""
+    all-reduce adds them, then the bias (whole on every rank) is added once. reduce=False
+    leaves the partial sums (a mixture of experts adds up its experts first)."""
 
-    def __init__(self, in_features: int, out_features: int, shard: Shard):
-        super().__init__(in_features, out_features)
-        self.shard = shard
+    def __init__(
+        self, in_features: int, out_features: int, shard: Shard, bias: bool = False,
+        reduce: bool = True,
+    ):  # fmt: skip
+        super().__init__(in_features, out_features, bias)
+        self.shard, self.reduce = shard, reduce
 
     def forward(self, x: Tensor) -> Tensor:
-        return all_reduce(super().forward(x), self.shard)
+        if self.shard.tp_size == 1:
+            return super().forward(x)
+        y = self.apply_to(x, None)
+        if self.reduce:
+            y = all_reduce(y, self.shard)
+        return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -268,9 +277,9 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(Linear):
     """Logits of this rank's vocabulary rows; `gather` assembles all of them on the leader."""
 
-    def __init__(self, dim: int, vocab_size: int, shard: Shard):
+    def __init__(self, dim: int, vocab_size: int, shard: Shard, bias: bool = False):
         start, end = shard.vocab_range(vocab_size)
-        super().__init__(dim, end - start)
+        super().__init__(dim, end - start, bias)
         self.shard = shard
         self.vocab_size = vocab_size
 

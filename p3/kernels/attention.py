@@ -92,8 +92,12 @@ def paged_decode_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,  # [blocks, block_size, kvh] fp32, for an int8 cache
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:  # [B, H, hd]
-    """One query per sequence attending to positions [0, context_len) of its sequence.
+    """One query per sequence attending to positions [0, context_len) of its sequence, or to
+    the last `window` of them (a sliding window); scores soft-capped by softcap * tanh(s /
+    softcap) when softcap > 0.
 
     On CPU this runs the C++ kernel, reading K/V through the block table in place (an int8
     cache dequantized in its dot products); elsewhere, or if the kernel cannot be built, the
@@ -113,9 +117,11 @@ def paged_decode_attention(
                 v_scale=v_scale,
                 isa=decode_isa_cap(),
                 float_avx2=True,  # 3-5x the portable loops; batch-invariant all the same
+                window=window,
+                softcap=float(softcap or 0.0),
             )
     return paged_decode_attention_torch(
-        q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale
+        q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, window, softcap
     )
 
 
@@ -128,6 +134,8 @@ def paged_decode_attention_torch(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:  # [B, H, hd]
     """Pure-torch paged decode: gather each sequence's blocks (dequantized from an int8
     cache), then masked attention."""
@@ -138,6 +146,8 @@ def paged_decode_attention_torch(
     positions = torch.arange(num_blocks * block_size, device=q.device)
     lens = context_lens.to(q.device).long()
     visible = positions[None, :] < lens.clamp(min=1)[:, None]  # [B, L]; no empty rows
+    if window:
+        visible &= positions[None, :] >= (lens.clamp(min=1) - window)[:, None]
     # Slots past a context may hold anything, NaN included, and 0 * NaN poisons the sum.
     hidden = ~visible[:, :, None, None]
     k, v = k_cache[tables], v_cache[tables]  # [B, nb, block_size, kvh, hd]
@@ -149,13 +159,13 @@ def paged_decode_attention_torch(
         queries = q.float()
     k = k.flatten(1, 2).masked_fill(hidden, 0).transpose(1, 2)  # [B, kvh, L, hd]
     v = v.flatten(1, 2).masked_fill(hidden, 0).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
+    out = attend(
         queries[:, :, None, :],  # [B, H, 1, hd]
         k,
         v,
-        attn_mask=visible[:, None, None, :],
-        scale=scale,
-        enable_gqa=True,
+        visible[:, None, None, :],
+        scale,
+        softcap,
     )[:, :, 0, :]
     return out.masked_fill((lens == 0)[:, None, None], 0.0).to(q.dtype)
 
@@ -172,34 +182,60 @@ def prefill_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,  # [blocks, block_size, kvh] fp32, for an int8 cache
     v_scale: torch.Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:  # [T, H, hd]
     """Varlen causal prefill: query j of sequence i sits at position cached_lens[i] + j and
-    attends to every position up to its own. The cached prefix comes from the cache
-    (dequantized if int8); the chunk's own keys and values from k and v, as computed."""
+    attends to every position up to its own (the last `window` of them, with a sliding
+    window). The cached prefix comes from the cache (dequantized if int8); the chunk's own
+    keys and values from k and v, as computed."""
     out = torch.empty_like(q)
     for i, cached in enumerate(cached_lens):
         start, end = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
         if end == start:
             continue
         if cached == 0:
-            seq_k, seq_v, mask = k[start:end], v[start:end], None
+            seq_k, seq_v = k[start:end], v[start:end]
         else:
-            total = cached + end - start
             prefix_k = _gather(k_cache, block_tables[i], cached, k_scale, k.dtype)
             prefix_v = _gather(v_cache, block_tables[i], cached, v_scale, v.dtype)
             seq_k = torch.cat([prefix_k, k[start:end]])
             seq_v = torch.cat([prefix_v, v[start:end]])
-            mask = _bottom_right_causal_mask(end - start, total, q.device)
-        out[start:end] = F.scaled_dot_product_attention(
+        mask = None  # causal from the top left
+        if cached or window or softcap:
+            mask = _bottom_right_causal_mask(end - start, cached + end - start, q.device, window)
+        out[start:end] = attend(
             q[start:end].transpose(0, 1),  # [H, len, hd]
             seq_k.transpose(0, 1),  # [kvh, total, hd]
             seq_v.transpose(0, 1),
-            attn_mask=mask,
-            is_causal=mask is None,
-            scale=scale,
-            enable_gqa=True,
+            mask,
+            scale,
+            softcap,
         ).transpose(0, 1)
     return out
+
+
+def attend(
+    q: torch.Tensor,  # [..., H, Lq, hd]
+    k: torch.Tensor,  # [..., kvh, Lk, hd]
+    v: torch.Tensor,
+    mask: torch.Tensor | None,  # bool, True where a query may look; None: causal
+    scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention (grouped queries); soft-capped scores, when softcap, computed as
+    transformers does (scores in q's dtype, softmax in fp32)."""
+    if not softcap:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def cpu_decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -267,10 +303,15 @@ def _check_scales(
             )
 
 
-def _bottom_right_causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """[q_len, kv_len] bool, True where query j (at position kv_len - q_len + j) may look."""
-    q_positions = torch.arange(kv_len - q_len, kv_len, device=device)
-    return torch.arange(kv_len, device=device)[None, :] <= q_positions[:, None]
+def _bottom_right_causal_mask(
+    q_len: int, kv_len: int, device: torch.device, window: int = 0
+) -> torch.Tensor:
+    """[q_len, kv_len] bool, True where query j (at position kv_len - q_len + j) may look: at
+    itself and before it, within `window` positions of it when window > 0."""
+    q_positions = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    kv_positions = torch.arange(kv_len, device=device)[None, :]
+    visible = kv_positions <= q_positions
+    return visible & (kv_positions > q_positions - window) if window else visible
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:

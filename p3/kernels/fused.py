@@ -117,9 +117,33 @@ def rope_store_kv_torch(
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
 ) -> Tensor:
-    hd = cos.shape[-1]
-    heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, hd)
-    qk = apply_rope(heads[:, : num_heads + num_kv_heads], cos, sin_signed)
+    return partial_rope_store_kv(
+        qkv, cos, sin_signed, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
+        cos.shape[-1], k_scale, v_scale,
+    )  # fmt: skip
+
+
+def partial_rope_store_kv(
+    qkv: Tensor,
+    cos: Tensor | None,  # [T, 1, rotary_dim], or None: no RoPE
+    sin_signed: Tensor | None,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
+    """rope_store_kv with RoPE on the first rotary_dim dims of each head only (the rest pass
+    through: StableLM, GPT-NeoX, Phi), or on none of them (GPT-2, SmolLM3's NoPE layers)."""
+    heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, head_dim)
+    qk = heads[:, : num_heads + num_kv_heads]
+    if cos is not None:
+        rot = cos.shape[-1]
+        turned = apply_rope(qk[..., :rot], cos, sin_signed)
+        qk = turned if rot == head_dim else torch.cat([turned, qk[..., rot:]], dim=-1)
     if k_cache.dtype == torch.int8:
         qk = hadamard_heads(qk)
     v = heads[:, num_heads + num_kv_heads :]
@@ -130,6 +154,17 @@ def rope_store_kv_torch(
 def silu_mul_torch(gate_up: Tensor) -> Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def activation(name: str):
+    """x -> act(x) for the MLP activations p3 knows (p3.architectures.ACTIVATIONS)."""
+    if name == "silu":
+        return F.silu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"unknown activation {name!r}")
 
 
 # -- which path ---------------------------------------------------------------------------------

@@ -585,13 +585,15 @@ struct Avx512 {
 
 // Running state of every query head of one work item; allocated once per parallel chunk.
 struct Scratch {
-  std::vector<float> acc, s, m, l, w;
+  std::vector<float> acc, s, m, l, w, ones;
   Prefetcher prefetcher;
   Scratch(int heads, int head_dim)
-      : acc(heads * head_dim), s(heads * kTile), m(heads), l(heads), w(kTile) {}
+      : acc(heads * head_dim), s(heads * kTile), m(heads), l(heads), w(kTile), ones(kTile, 1.f) {}
 };
 
-// One work item: sequence `context_len` tokens long, kv heads [0, kv_count) counted from
+// One work item: sequence `context_len` tokens long, of which it attends to the last `window`
+// (0: all; a sliding window), scores soft-capped to (-softcap, softcap) by tanh when softcap
+// > 0 (Gemma 2); kv heads [0, kv_count) counted from
 // k.base / v.base (and ks.base / vs.base for an int8 cache), and their `kv_count * group`
 // query heads from q (rows of head_dim). Each tile of positions is visited once for all
 // those kv heads, so the cache streams through once even when a slot holds several heads.
@@ -599,7 +601,7 @@ template <typename Isa, typename T, typename C>
 void attend(const T* q, T* out, const PagedRows<C>& k, const PagedRows<C>& v,
             const PagedScales& ks, const PagedScales& vs, int64_t head_stride, int kv_count,
             const int32_t* block_table, int64_t num_blocks, int block_size, int context_len,
-            int group, int head_dim, float scale, Scratch& w) {
+            int group, int head_dim, float scale, int window, float softcap, Scratch& w) {
   const int hd = head_dim;
   const bool quantized = ks.base != nullptr;
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
@@ -627,8 +629,9 @@ void attend(const T* q, T* out, const PagedRows<C>& k, const PagedRows<C>& v,
   const int64_t span_bytes = ((kv_count - 1) * head_stride + hd) * sizeof(C);
   const int steps = prefetch_steps(kv_count, group, hd);
   Prefetcher& pf = w.prefetcher;
-  Tile next = context_len > 0 ? tile_at(0) : Tile{nullptr, nullptr, nullptr, nullptr, 0};
-  for (int pos = 0; pos < context_len;) {
+  const int first = window > 0 ? std::max(0, context_len - window) : 0;
+  Tile next = context_len > 0 ? tile_at(first) : Tile{nullptr, nullptr, nullptr, nullptr, 0};
+  for (int pos = first; pos < context_len;) {
     const Tile tile = next;
     pos += tile.n;
     if (pos < context_len) {
@@ -658,8 +661,18 @@ void attend(const T* q, T* out, const PagedRows<C>& k, const PagedRows<C>& v,
       if (quantized) {  // q.k = scale_k * sum(q_i k_i)
         for (int t = 0; t < tile.n; ++t) mult[t] = scale * tile.k_scales[t * ks.slot_stride + j];
       }
-      Isa::softmax(s, tile.n, group, hd, mult, w.m.data() + j * group, w.l.data() + j * group,
-                   acc, pf);
+      const float* tile_mult = mult;
+      if (softcap > 0.f) {  // cap * tanh(score / cap), the scores scaled first
+        for (int g = 0; g < group; ++g) {
+          for (int t = 0; t < tile.n; ++t) {
+            float& x = s[g * kTile + t];
+            x = softcap * std::tanh(x * mult[t] / softcap);
+          }
+        }
+        tile_mult = w.ones.data();
+      }
+      Isa::softmax(s, tile.n, group, hd, tile_mult, w.m.data() + j * group,
+                   w.l.data() + j * group, acc, pf);
       if (quantized) {  // each probability weighs its row's int8 values times the row's scale
         for (int g = 0; g < group; ++g) {
           for (int t = 0; t < tile.n; ++t) s[g * kTile + t] *= tile.v_scales[t * vs.slot_stride + j];
@@ -686,6 +699,8 @@ struct DecodeArgs {
   const at::Tensor& block_tables;
   const at::Tensor& context_lens;
   double scale;
+  int64_t window;
+  double softcap;
   int64_t kv_heads_per_item;
   const std::optional<at::Tensor>& k_scale;
   const std::optional<at::Tensor>& v_scale;
@@ -756,7 +771,7 @@ void paged_decode_impl(const DecodeArgs& a) {
                         out_ptr + b * a.out.stride(0) + head0 * a.out.stride(1), k, v, ks, vs,
                         head_stride, kv_per_item, bt_ptr + b * bt_stride, num_blocks,
                         block_size, ctx_ptr[b], group, head_dim, static_cast<float>(a.scale),
-                        scratch);
+                        static_cast<int>(a.window), static_cast<float>(a.softcap), scratch);
     }
   });
 }
@@ -805,7 +820,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                         double scale, int64_t kv_heads_per_item,
                         const std::optional<at::Tensor>& k_scale,
                         const std::optional<at::Tensor>& v_scale, const std::string& isa,
-                        bool float_avx2) {
+                        bool float_avx2, int64_t window, double softcap) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode: expected q [B, H, hd] and caches [blocks, block_size, kvh, hd]");
@@ -837,8 +852,9 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   // q's heads of one group must be adjacent rows of head_dim values.
   at::Tensor qc = (q.stride(2) == 1 && q.stride(1) == q.size(2)) ? q : q.contiguous();
   at::Tensor out = at::empty_like(qc, qc.options().memory_format(at::MemoryFormat::Contiguous));
-  const DecodeArgs a{qc, k_cache, v_cache, block_tables, context_lens, scale, kv_heads_per_item,
-                     k_scale, v_scale, out};
+  TORCH_CHECK(window >= 0 && softcap >= 0, "paged_decode: window and softcap must be >= 0");
+  const DecodeArgs a{qc, k_cache, v_cache, block_tables, context_lens, scale, window, softcap,
+                     kv_heads_per_item, k_scale, v_scale, out};
   const std::string chosen = pick_isa(isa, static_cast<int>(q.size(2)), quantized, float_avx2);
 
   switch (q.scalar_type()) {
@@ -863,7 +879,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
                         double scale, const std::optional<at::Tensor>& k_scale,
                         const std::optional<at::Tensor>& v_scale, const std::string& isa) {
   return ::paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, 0, k_scale,
-                        v_scale, isa, true);
+                        v_scale, isa, true, 0, 0.0);
 }
 }  // namespace p3_ops
 
@@ -877,7 +893,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("context_lens"), pybind11::arg("scale"),
         pybind11::arg("kv_heads_per_item") = 0, pybind11::arg("k_scale") = pybind11::none(),
         pybind11::arg("v_scale") = pybind11::none(), pybind11::arg("isa") = "",
-        pybind11::arg("float_avx2") = false,
+        pybind11::arg("float_avx2") = false, pybind11::arg("window") = 0,
+        pybind11::arg("softcap") = 0.0,
         pybind11::call_guard<pybind11::gil_scoped_release>());  // the node's loop runs on
   m.def(
       "decode_isa",
