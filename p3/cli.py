@@ -28,7 +28,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from p3.llm import LLM
     from p3.sampling_params import SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, **engine_options(args))
+    skip = args.skip_tokenizer_init
+    llm = LLM(args.model, dtype=args.dtype, skip_tokenizer_init=skip, **engine_options(args))
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
@@ -126,6 +127,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         keys=cluster_keys(args, "p3 node"),
         max_threads=args.max_threads,
+        skip_tokenizer_init=args.skip_tokenizer_init,
     )
     return run_actor(Node(config))
 
@@ -209,9 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-threads", type=int, default=None,
         help="grow to this many threads while other nodes on this host are down (default: no)",
     )  # fmt: skip
-    node.add_argument(
-        "--max-in-flight", type=int, default=default_of(NodeConfig, "max_in_flight")
-    )
+    node.add_argument("--max-in-flight", type=int, default=default_of(NodeConfig, "max_in_flight"))
     node.add_argument(
         "--drain-timeout", type=float, default=default_of(NodeConfig, "drain_timeout_s"), help="s"
     )
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.func is cmd_edge:
             return cmd_edge(args, rest)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # a missing or malformed file says which, in one line
         print(f"p3: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

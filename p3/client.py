@@ -40,7 +40,6 @@ DEFAULT_CLIENT_NAME = "client-0"
 __all__ = ["Client", "RequestFailed"]
 
 
-
 class Client:
     def __init__(
         self,
@@ -120,6 +119,7 @@ class Client:
         model = self._model(model)
         tokenizer = await self.models.tokenizer(model)
         text, ids = prompt_ids(tokenizer, prompt)
+        tokenizer.check_params(params)  # without a tokenizer: nothing that needs text
         params = self._fit(model, ids, params)
         request_id = f"{self.cluster.edge_id}-{next(self._ids)}"
         samples = make_samples(request_id, model, [ids], params, tokenizer)

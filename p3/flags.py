@@ -87,12 +87,16 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
         "token and kv head (about 2x the blocks of bf16, 4x of fp32, in the same memory)",
     )
     p.add_argument("--max-num-seqs", type=int, default=engine("max_num_seqs"))
-    p.add_argument(
-        "--max-num-batched-tokens", type=int, default=engine("max_num_batched_tokens")
-    )
+    p.add_argument("--max-num-batched-tokens", type=int, default=engine("max_num_batched_tokens"))
     p.add_argument("--max-model-len", type=int, default=engine("max_model_len"))
     p.add_argument("--block-size", type=int, default=engine("block_size"))
     p.add_argument("--no-prefix-caching", action="store_false", dest="enable_prefix_caching")
+    p.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="no tokenizer (vLLM's flag; a model without tokenizer.json is served so anyway): "
+        "prompts are token ids, outputs token ids with empty text",
+    )
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -109,6 +113,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--max-model-len", str(args.max_model_len)]
     if not args.enable_prefix_caching:
         argv.append("--no-prefix-caching")
+    if args.skip_tokenizer_init:
+        argv.append("--skip-tokenizer-init")
     return argv
 
 

@@ -22,7 +22,8 @@ from p3.outputs import (
 )
 from p3.sampling_params import SamplingParams
 from p3.seeds import child_seed
-from p3.tokenizer import OutputText, Tokenizer
+from p3.tokenizer import OutputText, Tokenizer, load_tokenizer
+from p3.weights.files import resolve_model
 
 __all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput"]
 
@@ -68,9 +69,19 @@ class _Child:
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, dtype: str = "auto", **engine_options: Any):
-        self.engine = Engine(model, EngineConfig(dtype=dtype, **engine_options))
-        self.tokenizer = Tokenizer.from_dir(self.engine.model_dir)
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        dtype: str = "auto",
+        skip_tokenizer_init: bool = False,
+        **engine_options: Any,
+    ):
+        """skip_tokenizer_init (vLLM's), or a model directory without tokenizer.json: prompts
+        are token ids ({"prompt_token_ids": [...]}) and outputs have token ids and empty text.
+        The tokenizer is read before the weights, so a malformed one fails at once."""
+        model_dir = resolve_model(model)
+        self.tokenizer = load_tokenizer(model_dir, skip_tokenizer_init)
+        self.engine = Engine(model_dir, EngineConfig(dtype=dtype, **engine_options))
         self._ids = itertools.count()
 
     def generate(
@@ -145,6 +156,7 @@ class LLM:
         read = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
         pairs = list(zip(read, params_list, strict=True))
         for (_, ids), p in pairs:
+            self.tokenizer.check_params(p)  # without a tokenizer: nothing that needs text
             self.engine.validate(Request("", ids, p))  # refuse the call before anything runs
         self._children: dict[str, tuple[RequestOutput, _Child]] = {}
         outputs = [self._add_one(text, ids, p) for (text, ids), p in pairs]

@@ -66,12 +66,12 @@ class EmbeddingRequestOutput:
 def logprob_entry(
     tokenizer: Tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None
 ) -> dict[int, Logprob]:
-    """vLLM's shape: the top k by rank, and the token itself (rank None if not among them)."""
+    """vLLM's shape: the top k by rank, and the token itself (rank None if not among them);
+    decoded_token None without a tokenizer."""
     entry = {
-        t: Logprob(v, rank + 1, tokenizer.decode([t], False))
-        for rank, (t, v) in enumerate(top or [])
+        t: Logprob(v, rank + 1, tokenizer.token_text(t)) for rank, (t, v) in enumerate(top or [])
     }
-    entry.setdefault(token, Logprob(logprob, None, tokenizer.decode([token], False)))
+    entry.setdefault(token, Logprob(logprob, None, tokenizer.token_text(token)))
     return entry
 
 

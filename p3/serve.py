@@ -38,7 +38,7 @@ def threads_per_node(num_nodes: int) -> int:
 
 def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
     for model in args.model or [None]:
-        _prepare_model(model)
+        _prepare_model(model, args.skip_tokenizer_init)
     children: list[Child] = []
     stop = _stop_on_signals()
     made_keys = _prepare_keys(args)
@@ -87,11 +87,18 @@ def _prepare_keys(args: argparse.Namespace) -> bool:
     return temporary
 
 
-def _prepare_model(model: str | None) -> None:
-    """Convert the model once here, not N times in racing nodes."""
-    from p3.weights.files import resolve_model
+def _prepare_model(model: str | None, skip_tokenizer_init: bool) -> None:
+    """Convert the model once here, not N times in racing nodes; and read its config, its
+    tokenizer and its weight files' headers, so that a missing or malformed file is one
+    error naming it here, not nodes or an edge that keep exiting."""
+    from p3.tokenizer import NoTokenizer, load_tokenizer
+    from p3.weights.files import check_model_files, resolve_model
 
-    resolve_model(model)
+    model_dir = resolve_model(model)
+    check_model_files(model_dir)
+    tokenizer = load_tokenizer(model_dir, skip_tokenizer_init)
+    if isinstance(tokenizer, NoTokenizer):
+        print(f"p3 serve: {tokenizer.why}; it takes token-id prompts only")
 
 
 def _common(args: argparse.Namespace) -> list[str]:
@@ -156,7 +163,7 @@ def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
         python_m_p3(
             *common, "edge", "--coordinator", address, "--host", args.host,
             "--port", str(args.port), *api_key, *[a for m in models if m for a in ("--model", m)],
-            *_keys(args),
+            *(["--skip-tokenizer-init"] if args.skip_tokenizer_init else []), *_keys(args),
         ),
         ready_path="/ready",  # at the url it announces: port 0 is bound by the edge itself
     )  # fmt: skip

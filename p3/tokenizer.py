@@ -1,7 +1,9 @@
 """Text <-> token ids with the `tokenizers` package alone, plus the streaming helpers.
 
 `Tokenizer` reads tokenizer.json, tokenizer_config.json and the chat template the way
-transformers' AutoTokenizer does, without importing transformers. `IncrementalDetokenizer`
+transformers' AutoTokenizer does, without importing transformers. A model without
+tokenizer.json, or loaded with skip_tokenizer_init, gets a `NoTokenizer` (`load_tokenizer`):
+token ids in, token ids out, and whatever needs text refused with why. `IncrementalDetokenizer`
 turns a stream of token ids into text deltas; `StopStringMatcher` cuts that text at stop strings.
 """
 
@@ -19,7 +21,8 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
-from p3.sampling_params import SamplingParams
+from p3.sampling_params import InvalidParam, SamplingParams
+from p3.weights.files import read_json
 
 REPLACEMENT_CHAR = "\ufffd"
 DETOKENIZE_CONTEXT_TOKENS = 5  # prompt tokens decoded before the first output token
@@ -55,19 +58,26 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Tokenizer:
-        return cls.from_files(read_tokenizer_files(model_dir))
+        return cls.from_files(read_tokenizer_files(model_dir), model_dir)
 
     @classmethod
-    def from_files(cls, files: dict[str, bytes]) -> Tokenizer:
-        """From the bytes of TOKENIZER_FILES (as a node sends them; tokenizer.json needed)."""
+    def from_files(cls, files: dict[str, bytes], origin: str | Path = "") -> Tokenizer:
+        """From the bytes of TOKENIZER_FILES (as a node sends them; tokenizer.json needed).
+        origin: their directory (or the model they are of), which the errors name each
+        missing or malformed file in."""
+        path = {name: Path(origin) / name for name in TOKENIZER_FILES}
         if "tokenizer.json" not in files:
-            raise ValueError("no tokenizer.json among the tokenizer files")
+            raise ValueError(f"{path['tokenizer.json']} is not among the tokenizer files")
         try:
             backend = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode())
-            config = _json_object(files.get("tokenizer_config.json"))
-            generation = _json_object(files.get("generation_config.json"))
         except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
-            raise ValueError(f"unreadable tokenizer files: {exc}") from None
+            raise ValueError(
+                f"{path['tokenizer.json']} is unreadable as a tokenizer: {exc}"
+            ) from None
+        config, generation = (
+            read_json(path[name], files[name]) if name in files else {}
+            for name in ("tokenizer_config.json", "generation_config.json")
+        )
         jinja = files.get("chat_template.jinja")
         template = jinja.decode(errors="replace") if jinja is not None else None
         eos = _as_list(generation.get("eos_token_id"))
@@ -88,6 +98,13 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str | None]:
         return [self.backend.id_to_token(i) for i in ids]
+
+    def token_text(self, token_id: int) -> str | None:
+        """One token's own text, special or not (a logprob's decoded_token)."""
+        return self.decode([token_id], skip_special_tokens=False)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Every parameter is served with a tokenizer (NoTokenizer refuses some)."""
 
     def apply_chat_template(
         self,
@@ -146,8 +163,78 @@ TOKENIZER_FILES = (
 def read_tokenizer_files(model_dir: Path) -> dict[str, bytes]:
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {model_dir}")
+        raise FileNotFoundError(f"{model_dir / 'tokenizer.json'} does not exist")
     return {n: (model_dir / n).read_bytes() for n in TOKENIZER_FILES if (model_dir / n).is_file()}
+
+
+class NoTokenizerError(ValueError):
+    """Text asked of a model that has no tokenizer."""
+
+
+class NoTokenizer:
+    """The tokenizer of a model served without one, as vLLM's skip_tokenizer_init serves:
+    prompts are token ids, outputs are token ids and their text is empty. Whatever needs text
+    (a text prompt, a chat, stop strings, structured outputs) is refused, saying why: the
+    model's directory and the file it lacks, or that its tokenizer was skipped. End of
+    sequence and stop_token_ids need no tokenizer (config.json and generation_config.json
+    give the end ids to the engine)."""
+
+    chat_template = None
+    all_special_ids: frozenset[int] = frozenset()
+
+    def __init__(self, why: str, vocab_size: int | None = None):
+        self.why = why  # "the model at DIR has no tokenizer (DIR/tokenizer.json does not exist)"
+        self.vocab_size = vocab_size  # None where not known (an edge told by a node's route)
+
+    def refuse(self, what: str) -> NoTokenizerError:
+        return NoTokenizerError(f"{self.why}: {what}")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise self.refuse(
+            "a text prompt needs one; give the prompt as token ids (prompt_token_ids)"
+        )
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+    def id_to_token(self, token_id: int) -> None:
+        return None
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[None]:
+        return [None for _ in ids]
+
+    def token_text(self, token_id: int) -> None:
+        return None
+
+    def apply_chat_template(self, messages: list[dict], *args: Any, **kwargs: Any) -> str:
+        raise self.refuse("chat messages need one to be rendered; give the prompt as token ids")
+
+    def check_params(self, params: SamplingParams) -> None:
+        """InvalidParam naming the first parameter that needs text."""
+        if params.stop:
+            what = "stop strings need one to match the text; stop_token_ids need none"
+            raise InvalidParam("stop", str(self.refuse(what)))
+        if params.structured_outputs is not None:
+            what = "structured outputs need one to constrain the text"
+            raise InvalidParam("structured_outputs", str(self.refuse(what)))
+
+
+def load_tokenizer(model_dir: Path, skip_tokenizer_init: bool = False) -> Tokenizer | NoTokenizer:
+    """The tokenizer of the model in model_dir; a NoTokenizer when skip_tokenizer_init, or when
+    the directory has no tokenizer.json (vLLM would need the flag; p3 sees there is none). A
+    malformed tokenizer file is a ValueError naming it."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if not skip_tokenizer_init and path.is_file():
+        return Tokenizer.from_dir(model_dir)
+    why = (
+        "skip_tokenizer_init: it is not loaded" if skip_tokenizer_init else f"{path} does not exist"
+    )
+    vocab_size = read_json(model_dir / "config.json").get("vocab_size")
+    return NoTokenizer(
+        f"the model at {model_dir} has no tokenizer ({why})",
+        vocab_size if isinstance(vocab_size, int) else None,
+    )
 
 
 def tokenizer_files_hash(files: dict[str, bytes]) -> str:
@@ -191,13 +278,6 @@ def _compile_template(source: str) -> Any:
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
-
-
-def _json_object(data: bytes | None) -> dict[str, Any]:
-    value = json.loads(data) if data else {}
-    if not isinstance(value, dict):
-        raise ValueError("a tokenizer config file is not a JSON object")
-    return value
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -12,8 +12,11 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import math
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,10 +144,126 @@ def _describe(path: Path) -> str:
 
 def load_config(model_dir: Path) -> dict[str, Any]:
     """config.json, with eos_token_id (int or list) from generation_config.json when it has one."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = read_json(Path(model_dir) / "config.json")
     generation = Path(model_dir) / "generation_config.json"
     if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
+        eos = read_json(generation).get("eos_token_id")
         if eos is not None:
             config["eos_token_id"] = eos
     return config
+
+
+def read_json(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """The JSON object in path (or in data, path's bytes read already); FileNotFoundError or
+    ValueError naming the file and what is wrong with it."""
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} does not exist") from None
+    try:
+        value = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is not a JSON object (it holds a {type(value).__name__})")
+    return value
+
+
+def weight_files(model_dir: Path) -> tuple[str, list[Path]]:
+    """A directory's checkpoint: ("safetensors" or "bin", its files). Sharded, the files its
+    index lists, each of which must be there; FileNotFoundError or ValueError naming the
+    index or the file."""
+    model_dir = Path(model_dir)
+    safetensors = _shards(model_dir, "model.safetensors", "model*.safetensors")
+    if files := safetensors or sorted(model_dir.glob("*.safetensors")):
+        return "safetensors", files
+    if files := _shards(model_dir, "pytorch_model.bin", "pytorch_model*.bin"):
+        return "bin", files
+    raise FileNotFoundError(f"{model_dir} has no *.safetensors and no pytorch_model*.bin")
+
+
+def _shards(model_dir: Path, single: str, pattern: str) -> list[Path]:
+    index = model_dir / f"{single}.index.json"
+    if not index.is_file():
+        return sorted(model_dir.glob(pattern))
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index} has no weight_map from tensor names to files")
+    listed = [model_dir / name for name in sorted(set(weight_map.values()))]
+    for file in listed:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist, and {index} lists it")
+    return listed
+
+
+SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                        "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+
+
+def safetensors_header(path: Path, data: Any) -> tuple[int, dict[str, Any]]:
+    """(where the tensors start, the header) of a safetensors file whose bytes are data (a
+    mapping of the file, or its bytes); ValueError naming the file and what is wrong when it
+    is truncated, its header is not JSON or a tensor lies outside the file."""
+    if len(data) < 8:
+        raise ValueError(f"{path} is not a safetensors file: {len(data)} bytes, no header")
+    header_len = struct.unpack("<Q", data[:8])[0]
+    if header_len > len(data) - 8:
+        raise ValueError(
+            f"{path} is truncated or not a safetensors file: its header would be "
+            f"{header_len} bytes, the file has {len(data) - 8} after the length"
+        )
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except ValueError as exc:
+        raise ValueError(f"{path} has a corrupt safetensors header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header: not a JSON object")
+    num_bytes = len(data) - 8 - header_len
+    for name, info in header.items():
+        if name != "__metadata__" and (why := _bad_tensor_entry(info, num_bytes)):
+            raise ValueError(f"{path}: the header's entry for tensor {name!r} {why}")
+    return 8 + header_len, header
+
+
+def _bad_tensor_entry(info: Any, num_bytes: int) -> str | None:
+    """What is wrong with a safetensors header entry, or None."""
+    if not isinstance(info, dict):
+        return "is not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in SAFETENSORS_ITEMSIZE:
+        return f"has dtype {dtype!r}, which p3 does not read ({', '.join(SAFETENSORS_ITEMSIZE)})"
+    if not _naturals(shape):
+        return f"has no valid shape ({shape!r})"
+    if not _naturals(offsets) or len(offsets) != 2:
+        return f"has no valid data_offsets ({offsets!r})"
+    start, end = offsets
+    if not start <= end <= num_bytes:
+        return f"lies outside the file's {num_bytes} bytes of tensors (data_offsets {offsets})"
+    if end - start != math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]:
+        return f"holds {end - start} bytes, not those of the {dtype} {shape} it says"
+    return None
+
+
+def _naturals(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """safetensors_header of the file at path, read without loading its tensors."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return safetensors_header(path, b"")
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            return safetensors_header(path, mapped)
+
+
+def check_model_files(model_dir: Path) -> None:
+    """Read what loading the model reads first, without torch: its config and the headers
+    of its weight files (every shard there). Each missing or malformed file is a
+    FileNotFoundError or ValueError naming it."""
+    load_config(model_dir)
+    kind, files = weight_files(model_dir)
+    if kind == "safetensors":
+        for file in files:
+            read_safetensors_header(file)

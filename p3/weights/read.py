@@ -3,9 +3,8 @@ pytorch_model*.bin; the tensors quantization.json lists come as QuantWeight bloc
 
 from __future__ import annotations
 
-import json
 import mmap
-import struct
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,19 +13,19 @@ import torch
 from safetensors import safe_open
 
 from p3.kernels.quant import BLOCK_BYTES, QuantWeight
-from p3.weights.convert import bin_files, load_bin, read_quantization, safetensors_files
+from p3.weights.convert import load_bin, read_quantization
+from p3.weights.files import read_safetensors_header, safetensors_header, weight_files
 
 
 def iter_state_dict(model_dir: Path) -> Iterator[tuple[str, torch.Tensor | QuantWeight]]:
     """(HF name, tensor) for every stored tensor, in its stored dtype, read through mmap;
     the tensors quantization.json lists come as QuantWeight (their blocks, as stored)."""
     model_dir = Path(model_dir)
-    if files := safetensors_files(model_dir):
-        kinds = read_quantization(model_dir)
-        return _as_quantized(_iter_safetensors(files), kinds) if kinds else _iter_safetensors(files)
-    if files := bin_files(model_dir):
+    kind, files = weight_files(model_dir)  # a missing shard or a bad index: said here
+    if kind == "bin":
         return (item for file in files for item in load_bin(file).items())
-    raise FileNotFoundError(f"{model_dir} has no *.safetensors and no pytorch_model*.bin")
+    kinds = read_quantization(model_dir)
+    return _as_quantized(_iter_safetensors(files), kinds) if kinds else _iter_safetensors(files)
 
 
 def _as_quantized(
@@ -49,6 +48,7 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         if hasattr(mmap, "MAP_POPULATE"):
             yield from _read_populated(file)
             continue
+        read_safetensors_header(file)  # a truncated file or a corrupt header, named
         with safe_open(file, framework="pt") as weights:
             for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 yield name, weights.get_tensor(name)
@@ -72,14 +72,15 @@ def _read_populated(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors viewed straight from a private mapping that the kernel fills in one go
     (MAP_POPULATE): page-faulting a checkpoint in 4 KiB at a time costs more than reading it."""
     with open(file, "rb") as f:  # shared + read-only populates ~7x faster than private
+        if os.fstat(f.fileno()).st_size == 0:
+            safetensors_header(file, b"")  # raises: an empty file holds no header
         mapped = mmap.mmap(
             f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ
         )
-    header_len = struct.unpack("<Q", mapped[:8])[0]
-    header = json.loads(mapped[8 : 8 + header_len])
+    start, header = safetensors_header(file, mapped)  # checked: every tensor inside the file
     with warnings.catch_warnings():  # read-only buffer: tensors are only ever read from
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        data = torch.frombuffer(mapped, dtype=torch.uint8)[8 + header_len :]
+        data = torch.frombuffer(mapped, dtype=torch.uint8)[start:]
     for name, info in header.items():
         if name == "__metadata__":
             continue

@@ -76,7 +76,7 @@ def resume_context(
 
 def emit(responder: Responder, delta, send: Callable[[dict[str, Any]], None]) -> None:
     """A delta's SSE chunks, as the first edge and a re-building one both make them."""
-    if delta.text or delta.finish_reason or delta.logprobs:
+    if delta.text or delta.finish_reason or delta.logprobs or responder.returns_ids:
         for chunk in responder.chunks(delta):
             send(chunk)
 

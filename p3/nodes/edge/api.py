@@ -23,11 +23,12 @@ from p3.nodes.edge.adoption import adopt, append_chunk, emit, resume_context
 from p3.nodes.edge.bodies import failure_error, json_response, key_ok, read_json
 from p3.nodes.edge.embeddings import embeddings
 from p3.nodes.edge.metrics import kv_usage
-from p3.nodes.edge.prompts import Prepared, prepare
+from p3.nodes.edge.prompts import NO_TOKENIZER, Prepared, prepare, refuse_text
 from p3.nodes.edge.replay import Replay, ReplayStore, parse_event_id
 from p3.nodes.edge.responses import Choice, Responder, new_id
 from p3.nodes.edge.responses_api import serve as serve_responses
 from p3.nodes.edge.schemas import ApiError, bad_request
+from p3.tokenizer import NoTokenizerError
 
 if TYPE_CHECKING:
     from p3.nodes.edge.edge import Edge
@@ -79,6 +80,8 @@ class Api:
             return await handler(request)
         except ApiError as exc:
             return error_response(exc)
+        except NoTokenizerError as exc:  # text asked of a model without a tokenizer
+            return error_response(bad_request(None, str(exc), NO_TOKENIZER))
         except web.HTTPRequestEntityTooLarge:
             limit = self.edge.config.max_body_bytes
             return error_response(
@@ -336,6 +339,7 @@ class Api:
     async def on_detokenize(self, request: web.Request) -> web.Response:
         body = await self.read_json(request)
         model, tokenizer = await self.edge.model_for(body)
+        refuse_text(tokenizer, "tokens", "detokenizing needs one")
         tokens = body.get("tokens")
         ok = isinstance(tokens, list) and all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size

@@ -61,6 +61,7 @@ class EdgeConfig:
     # slowloris) is closed after this long
     keepalive_timeout_s: float = 15.0
     body_timeout_s: float = 30.0  # a request body that takes longer to arrive is a 408
+    skip_tokenizer_init: bool = False  # serve every model without its tokenizer: token ids only
 
     def __post_init__(self) -> None:
         if self.max_pending < 1:
@@ -88,7 +89,9 @@ class Edge(Actor):
         self.limits = config.limits
         self.started = int(time.time())
         aliases = {config.model_name: config.models[0]} if config.model_name else {}
-        self.models = Models(aliases, fetch=lambda route: self.cluster.fetch_tokenizer(route))
+        self.models = Models(
+            aliases, lambda route: self.cluster.fetch_tokenizer(route), config.skip_tokenizer_init
+        )
         self.metrics = EdgeMetrics()
         keyring = Keyring(config.keys, "edge", self.edge_id) if config.keys else None
         self.cluster = Cluster(config.coordinator, self.edge_id, keyring, self.models.learn)
@@ -236,6 +239,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, (name, text) in seconds.items():
         parser.add_argument(flag, type=float, default=edge(name), dest=name, help=text)
     parser.add_argument(
+        "--skip-tokenizer-init",
+        action="store_true",
+        help="serve without tokenizers (vLLM's flag): prompts are token ids, outputs token ids",
+    )
+    parser.add_argument(
         "--edge-id",
         default="",
         help=f"with --keys: the edge key it runs as (default {DEFAULT_EDGE_NAME})",
@@ -261,6 +269,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         edge_id=args.edge_id,
         keepalive_timeout_s=args.keepalive_timeout_s,
         body_timeout_s=args.body_timeout_s,
+        skip_tokenizer_init=args.skip_tokenizer_init,
     )
 
 

@@ -16,6 +16,7 @@ from p3.nodes.cluster.generation import Generation, RequestFailed
 from p3.nodes.cluster.samples import make_samples
 from p3.nodes.edge.bodies import failure_error
 from p3.nodes.edge.errors import ApiError, bad_request
+from p3.nodes.edge.prompts import refuse_text
 from p3.nodes.edge.responses import new_id
 from p3.nodes.edge.schemas import Fields
 from p3.sampling_params import SamplingParams
@@ -36,6 +37,8 @@ async def embeddings(edge: Edge, body: Any) -> dict[str, Any]:
     model, tokenizer = await edge.model_for(body)
     if not edge.cluster.replicas(model):
         raise ApiError(503, f"no ready replica of model {body['model']!r}", code="no_replica")
+    if any(isinstance(i, str) for i in inputs):
+        refuse_text(tokenizer, "input", "a text input needs one; give token ids instead")
     prompts = [tokenizer.encode(i) if isinstance(i, str) else i for i in inputs]
     _check_context(edge, model, prompts, tokenizer.vocab_size)
     samples = make_samples(new_id("embd"), model, prompts, SamplingParams(max_tokens=1), tokenizer)
@@ -94,10 +97,10 @@ def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31
 
 
-def _check_context(edge: Edge, model: str, prompts: list[list[int]], vocab: int) -> None:
+def _check_context(edge: Edge, model: str, prompts: list[list[int]], vocab: int | None) -> None:
     max_len = edge.max_model_len(model)
     for ids in prompts:
-        if any(t >= vocab for t in ids):
+        if vocab is not None and any(t >= vocab for t in ids):  # None: the node checks them
             raise bad_request("input", f"input token ids must be below {vocab}")
         if not ids or len(ids) >= max_len:
             raise bad_request(

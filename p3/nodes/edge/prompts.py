@@ -2,7 +2,9 @@
 
 1. parse: the body into a validated ChatRequest / CompletionRequest (schemas.py);
 2. resolve: its model to the routed model string and tokenizer (Edge.model_for, models.py;
-   404 unknown, 503 no ready replica);
+   404 unknown, 503 no ready replica). A model without a tokenizer (a NoTokenizer) takes
+   token-id completions only: chat, a text prompt, echo, stop strings or a constraint is a
+   400 saying the model has no tokenizer;
 3. render: the chat template and the encoding into prompt ids (here), each prompt checked
    against the context: prompt + max_tokens beyond max_model_len is a 400 naming
    "messages"/"prompt" (the prompt alone is too long) or "max_tokens". A text of more than
@@ -30,8 +32,8 @@ from p3.nodes.edge.schemas import (
     parse_completion,
 )
 from p3.nodes.edge.tools import Tools, for_template
-from p3.sampling_params import SamplingParams
-from p3.tokenizer import Tokenizer
+from p3.sampling_params import InvalidParam, SamplingParams
+from p3.tokenizer import NoTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from p3.nodes.edge.edge import Edge
@@ -54,14 +56,16 @@ class Prepared:
 
     def responder(self, chat: bool) -> Responder:
         request = self.request
-        echo = echo_ids = None
-        if isinstance(request, CompletionRequest) and request.echo:
-            echo_ids = [ids for ids in self.prompt_ids for _ in range(request.n)]
-            echo = [self.tokenizer.decode(ids) for ids in echo_ids]
+        echo = echo_ids = returned_ids = None
+        if isinstance(request, CompletionRequest):
+            choice_ids = [ids for ids in self.prompt_ids for _ in range(request.n)]
+            if request.echo:
+                echo_ids, echo = choice_ids, [self.tokenizer.decode(ids) for ids in choice_ids]
+            returned_ids = choice_ids if request.return_token_ids else None
         logprobs = request.params.get("logprobs") if request is not None else None
         tools = request.tools if isinstance(request, ChatRequest) else None
         responder = Responder(
-            chat, self.model_name, self.tokenizer, logprobs, echo, echo_ids, tools
+            chat, self.model_name, self.tokenizer, logprobs, echo, echo_ids, tools, returned_ids
         )
         if self.params is not None:
             responder.skip_special_tokens = self.params.skip_special_tokens
@@ -76,12 +80,37 @@ async def prepare(edge: Edge, body: Any, chat: bool | None) -> Prepared:
     model, tokenizer = await edge.model_for({"model": request.model})
     if not edge.cluster.replicas(model):
         raise ApiError(503, f"no ready replica of model {request.model!r}", code="no_replica")
+    _check_untokenized(tokenizer, request)
     prompt_ids = await _render(tokenizer, request, _max_chars(edge, model))
     prepared = Prepared(request, chat, model, edge.models.api_name(model), tokenizer, prompt_ids)
     max_tokens = _check_context(edge, prepared)
     prepared.params = request.sampling_params(max_tokens)
+    try:
+        tokenizer.check_params(prepared.params)  # NoTokenizer: stop strings, constraints
+    except InvalidParam as exc:
+        raise bad_request(exc.name, str(exc), NO_TOKENIZER) from None
     _check_logit_bias(tokenizer, prepared.params)
     return prepared
+
+
+NO_TOKENIZER = "no_tokenizer"  # the 400's code when a model without a tokenizer is sent text
+
+
+def refuse_text(tokenizer: Tokenizer | NoTokenizer, param: str, what: str) -> None:
+    """A 400 naming param when the model has no tokenizer: what (needs one) is said why."""
+    if isinstance(tokenizer, NoTokenizer):
+        raise bad_request(param, str(tokenizer.refuse(what)), NO_TOKENIZER)
+
+
+def _check_untokenized(tokenizer: Tokenizer | NoTokenizer, request: Any) -> None:
+    """Without a tokenizer: no chat, no text prompt, no echo (vLLM's skip_tokenizer_init)."""
+    if isinstance(request, ChatRequest):
+        what = "chat messages need one to be rendered; send token ids to /v1/completions"
+        refuse_text(tokenizer, "messages", what)
+    elif any(isinstance(p, str) for p in request.prompts):
+        refuse_text(tokenizer, "prompt", "a text prompt needs one; give token ids instead")
+    elif request.echo:
+        refuse_text(tokenizer, "echo", "echo needs one to write the prompt's text")
 
 
 async def _prepare_tokenize(edge: Edge, body: Any) -> Prepared:
@@ -89,6 +118,7 @@ async def _prepare_tokenize(edge: Edge, body: Any) -> Prepared:
     f = Fields(body)
     model, tokenizer = await edge.model_for(body)
     if "messages" in body:
+        refuse_text(tokenizer, "messages", "chat messages need one to be rendered")
         request = parse_chat({**body, "model": model})
         param, text = "messages", request.messages
         add_generation_prompt = f.bool("add_generation_prompt", True)
@@ -99,6 +129,7 @@ async def _prepare_tokenize(edge: Edge, body: Any) -> Prepared:
         param, text = "prompt", f.str("prompt")
         if text is None:
             raise bad_request("prompt", "give a prompt (string) or messages")
+        refuse_text(tokenizer, "prompt", "a text prompt needs one to be tokenized")
         render = partial(_encode, tokenizer, text, f.bool("add_special_tokens", True))
     ids = await _render_text(_check_chars(param, text, _max_chars(edge, None)), render)
     return Prepared(None, False, model, edge.models.api_name(model), tokenizer, [ids])
@@ -177,8 +208,9 @@ def _chat_ids(
 def _completion_ids(
     tokenizer: Tokenizer, prompts: list[str | list[int]], off_loop: bool
 ) -> list[list[int]]:
-    if any(t >= tokenizer.vocab_size for p in prompts if not isinstance(p, str) for t in p):
-        raise bad_request("prompt", f"prompt token ids must be below {tokenizer.vocab_size}")
+    vocab = tokenizer.vocab_size  # None: not known here (the node checks the ids)
+    if vocab is not None and any(t >= vocab for p in prompts if not isinstance(p, str) for t in p):
+        raise bad_request("prompt", f"prompt token ids must be below {vocab}")
     return [_encode(tokenizer, p, True, off_loop) if isinstance(p, str) else p for p in prompts]
 
 
@@ -220,7 +252,6 @@ def _check_context(edge: Edge, prepared: Prepared) -> int | None:
 
 
 def _check_logit_bias(tokenizer: Tokenizer, params: SamplingParams) -> None:
-    if any(t >= tokenizer.vocab_size for t in params.logit_bias):
-        raise bad_request(
-            "logit_bias", f"logit_bias token ids must be below {tokenizer.vocab_size}"
-        )
+    vocab = tokenizer.vocab_size
+    if vocab is not None and any(t >= vocab for t in params.logit_bias):
+        raise bad_request("logit_bias", f"logit_bias token ids must be below {vocab}")

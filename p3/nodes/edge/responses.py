@@ -55,6 +55,7 @@ class Responder:
         echo_texts: list[str] | None = None,
         echo_ids: list[list[int]] | None = None,
         tools: Tools | None = None,
+        returned_ids: list[list[int]] | None = None,
     ):
         self.chat = chat
         self.tools = tools if tools is not None and tools.active and chat else None
@@ -66,6 +67,10 @@ class Responder:
         self.logprobs = logprobs  # None: off
         self.echo_texts = echo_texts  # completions with echo: the prompt text of each choice
         self.echo_ids = echo_ids  # and its token ids (echo with logprobs)
+        # completions with vLLM's return_token_ids: each choice's prompt ids, returned with
+        # the choice's output ids (streamed: on its first chunk, and each chunk's own ids)
+        self.returned_ids = returned_ids
+        self._ids_returned: set[int] = set()
         self.text_offsets: dict[int, int] = {}
         self.skip_special_tokens = True  # as the request's text: skipped ones take no room
         self._echoed: set[int] = set()  # streamed choices whose echo chunk is out
@@ -83,6 +88,11 @@ class Responder:
         return [self._chunk(i, self.echo_texts[i]) for i in range(num_choices)]
 
     @property
+    def returns_ids(self) -> bool:
+        """Every delta makes a chunk, its ids in it (text or not: a model without a tokenizer)."""
+        return self.returned_ids is not None
+
+    @property
     def _echo_logprobs_wanted(self) -> bool:
         return self.echo_texts is not None and self.logprobs is not None and not self.chat
 
@@ -97,11 +107,11 @@ class Responder:
                 echoed = self._echo_logprobs(delta.index, delta.prompt_logprobs)
                 chunk["choices"][0]["logprobs"] = echoed
                 echo = [chunk]
-            return echo + [
-                self._chunk(
-                    delta.index, delta.text, delta.logprobs, delta.finish_reason, delta.stop_reason
-                )
-            ]
+            chunk = self._chunk(
+                delta.index, delta.text, delta.logprobs, delta.finish_reason, delta.stop_reason
+            )
+            self._return_ids(chunk["choices"][0], delta.token_ids)
+            return [*echo, chunk]
         if self.tools is not None:
             return self._tool_chunks(delta)
         out = []
@@ -181,13 +191,25 @@ class Responder:
                 "finish_reason": finish,
             }
         echo = self.echo_texts[choice.index] if self.echo_texts else ""
-        return {
+        out = {
             "index": choice.index,
             "text": echo + choice.text,
             "logprobs": logprobs,
             "finish_reason": choice.finish_reason,
             "stop_reason": choice.stop_reason,
         }
+        self._return_ids(out, choice.token_ids)
+        return out
+
+    def _return_ids(self, choice: dict[str, Any], token_ids: list[int]) -> None:
+        """vLLM's return_token_ids: the choice's output ids, and its prompt's the first time."""
+        if self.returned_ids is None:
+            return
+        index = choice["index"]
+        first = index not in self._ids_returned
+        self._ids_returned.add(index)
+        choice["prompt_token_ids"] = self.returned_ids[index] if first else None
+        choice["token_ids"] = list(token_ids)
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -238,10 +260,10 @@ class Responder:
         tokens, offsets = [], []
         skipped = self.tokenizer.all_special_ids if self.skip_special_tokens else ()
         for entry in entries:
-            text = token_text(self.tokenizer, entry.token_id)
-            tokens.append(text)
+            text = self.tokenizer.token_text(entry.token_id)  # None: no tokenizer, no text
+            tokens.append(_shown(text, entry.token_id))
             offsets.append(offset)  # where the token's text starts in the choice's text
-            offset += 0 if entry.token_id in skipped else len(text)
+            offset += 0 if text is None or entry.token_id in skipped else len(text)
         self.text_offsets[index] = offset
         return {
             "tokens": tokens,
@@ -300,7 +322,13 @@ def usage(samples: list[Sample]) -> dict[str, Any]:
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+    return _shown(tokenizer.token_text(token_id), token_id)
+
+
+def _shown(text: str | None, token_id: int) -> str:
+    """A token as logprobs show it: its text, or without a tokenizer "token_id:N" (vLLM's
+    return_tokens_as_token_ids form)."""
+    return f"token_id:{token_id}" if text is None else text
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:

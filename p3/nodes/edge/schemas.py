@@ -71,6 +71,7 @@ class CompletionRequest(CommonRequest):
     prompts: list[str | list[int]] = field(default_factory=list)
     echo: bool = False
     logprobs: int | None = None
+    return_token_ids: bool = False  # vLLM's: each choice's prompt and output token ids
 
 
 class Fields:
@@ -141,6 +142,7 @@ def parse_completion(body: Any, limits: Limits = Limits()) -> CompletionRequest:
     request = CompletionRequest(**_common(f, limits), prompts=_prompts(f.body.get("prompt")))
     _check_samples(len(request.prompts), request.n, limits)
     request.echo = f.bool("echo")
+    request.return_token_ids = f.bool("return_token_ids")
     request.logprobs = f.int("logprobs", None, 0, MAX_TOP_LOGPROBS)
     if request.logprobs is not None:
         request.params["logprobs"] = request.logprobs

@@ -30,6 +30,7 @@ class NodeConfig:
     orphan_grace_s: float = 30.0  # a resumable stream whose edge went away goes on this long
     keys: str | None = None  # a `p3 keys generate` directory: CurveZMQ on every socket
     max_threads: int | None = None  # may compute with up to this many while host peers are down
+    skip_tokenizer_init: bool = False  # announce no tokenizer: edges send token ids only
 
     @property
     def model_name(self) -> str:

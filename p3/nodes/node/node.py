@@ -48,8 +48,6 @@ from p3.tokenizer import read_tokenizer_files, tokenizer_files_hash
 log = get_logger(__name__)
 
 
-
-
 class NodeFailed(RuntimeError):
     pass
 
@@ -279,7 +277,8 @@ class Node(Actor):
 
         def build_and_read_tokenizer() -> Engine:  # on the step thread, off the loop
             engine = build()
-            self._tokenizer = _tokenizer_files(engine.model_dir)
+            skip = self.config.skip_tokenizer_init
+            self._tokenizer = None if skip else _tokenizer_files(engine.model_dir)
             if engine.shard.is_leader:  # it samples: grammars' tokenizer now, not mid-serve
                 engine.grammars.warm()
             return engine
@@ -493,7 +492,8 @@ class Node(Actor):
 
 
 def _tokenizer_files(model_dir) -> tuple[str, dict[str, bytes]] | None:
-    """(hash, files) of the model's tokenizer, for edges to fetch; None without one."""
+    """(hash, files) of the model's tokenizer, for edges to fetch; None without one (edges
+    then send token ids only)."""
     try:
         files = read_tokenizer_files(model_dir)
     except OSError as exc:
