@@ -58,8 +58,12 @@ FAMILIES = {
     "qwen3-moe": lambda: tf.Qwen3MoeConfig(**SIZES, **MOE, num_experts=4, head_dim=16),
     "gemma": lambda: tf.GemmaConfig(**SIZES, head_dim=16),
     "gemma2": lambda: tf.Gemma2Config(
-        **SIZES, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24,
-        attn_logit_softcapping=5.0, final_logit_softcapping=8.0,
+        **SIZES,
+        head_dim=16,
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=8.0,
     ),  # fmt: skip
     "gemma3": lambda: tf.Gemma3TextConfig(
         **_sizes(num_hidden_layers=3),
@@ -88,26 +92,46 @@ FAMILIES = {
     "olmo": lambda: tf.OlmoConfig(**SIZES, clip_qkv=3.0),
     "olmo2": lambda: tf.Olmo2Config(**SIZES),
     "granite": lambda: tf.GraniteConfig(
-        **SIZES, embedding_multiplier=3.0, residual_multiplier=0.5,
-        attention_multiplier=0.2, logits_scaling=2.0,
+        **SIZES,
+        embedding_multiplier=3.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.2,
+        logits_scaling=2.0,
     ),  # fmt: skip
     "stablelm": lambda: tf.StableLmConfig(**SIZES, partial_rotary_factor=0.5, use_qkv_bias=True),
     "gpt-neox": lambda: tf.GPTNeoXConfig(
         **{k: v for k, v in SIZES.items() if k != "num_key_value_heads"}, rotary_pct=0.5
     ),
     "gpt2": lambda: tf.GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
     ),  # fmt: skip
     "starcoder2": lambda: tf.Starcoder2Config(**SIZES, sliding_window=WINDOW),
     "falcon": lambda: tf.FalconConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     ),  # fmt: skip
     "falcon-new": lambda: tf.FalconConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_kv_heads=2, new_decoder_architecture=True, bias=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        bias=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     ),  # fmt: skip
     "smollm3": lambda: tf.SmolLM3Config(**_sizes(num_hidden_layers=4), no_rope_layer_interval=2),
     "helium": lambda: tf.HeliumConfig(**SIZES, head_dim=16),

@@ -102,3 +102,26 @@ def test_batched_greedy_tokens_and_top_logprobs_match_transformers(family):
             got = torch.tensor([lp for _, lp in top])
             torch.testing.assert_close(got, row[ids], atol=1e-4, rtol=0, msg=f"step {step}")
             assert set(ids) == set(row.topk(TOP).indices.tolist())
+
+
+def test_q8_0_prefill_tracks_fp32(family):
+    """Every family's linears (experts' too) held as q8_0 blocks: logits stay near fp32's,
+    about as near as rounding the weights to q8_0 alone leaves them (a mis-wired block
+    layout gives an error near 1)."""
+    model_dir, ref = family
+    config = EngineConfig(dtype="float32", kv_cache_bytes=4 * 2**20, quantization="q8_0")
+    engine = Engine(model_dir, config)
+    held = [m for m in engine.runner.model.modules() if getattr(m, "quant", None) is not None]
+    assert len(held) >= 2 * len(engine.runner.model.layers) + 1
+    for i, p in enumerate(prompts()):
+        engine.add(Request(str(i), p, SamplingParams(max_tokens=1)))
+    engine._drain_inbox()
+    batch = engine.scheduler.schedule()
+    prepared = engine.runner.prepare(batch)
+    with torch.inference_mode():
+        hidden = engine.runner.model(prepared.input_ids, prepared.positions, prepared.ctx)
+        logits = engine.runner.model.compute_logits(hidden)
+        want = torch.cat([ref(torch.tensor([seq.token_ids])).logits[0] for seq in batch.seqs])
+    starts = zip(batch.seqs, _offsets(batch), strict=True)
+    got = torch.cat([logits[s : s + len(seq)] for seq, s in starts])
+    assert ((got - want).norm() / want.norm()).item() < 0.2

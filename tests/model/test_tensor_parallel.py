@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from .families import FAMILIES, make_family_model
 from .tiny import VOCAB, load_reference, make_tiny_model, reference_greedy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,10 +68,17 @@ def run_ranks(model_dir: Path, tp: int, pp: int, prompts: list[list[int]]) -> di
         ("llama-gqa-untied", 1, 2),  # one layer per stage
         ("qwen2-bias-tied", 1, 2),  # tied head: the last stage loads the embedding as its head
         ("llama-gqa-untied", 2, 2),  # both: two stages of two tp ranks
+        # families (tests/model/families.py): experts split, one all-reduce after them
+        ("qwen2-moe", 2, 1),
+        ("olmo2", 2, 1),  # q/k norms over the whole projection: mean squares all-reduced
+        ("phi", 2, 1),  # parallel layout, o_proj/down/head biases added once after reduce
+        ("gemma2", 2, 1),  # sandwich norms, soft-capping, sliding windows
+        ("falcon-new", 2, 1),  # grouped qkv split per kv head
     ],
 )
 def test_parallel_greedy_equals_transformers(tmp_path, config, tp, pp):
-    model_dir = make_tiny_model(tmp_path, config)
+    make = make_family_model if config in FAMILIES else make_tiny_model
+    model_dir = make(tmp_path, config)
     rng = random.Random(tp * 10 + pp)
     prompts = [[rng.randrange(3, VOCAB - 1) for _ in range(n)] for n in (5, 33, 1, 70)]
     got = run_ranks(model_dir, tp, pp, prompts)
