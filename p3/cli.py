@@ -47,6 +47,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.dst.endswith(".gguf") or args.outtype is not None:
+        from p3.weights.gguf_write import DEFAULT_OUTTYPE, export_gguf
+
+        outtype = args.outtype or DEFAULT_OUTTYPE
+        export_gguf(args.src, Path(args.dst), outtype, progress=not args.quiet)
+        print(f"converted {args.src} -> {args.dst} ({outtype})")
+        return 0
     from p3.weights.convert import convert
 
     convert(Path(args.src), Path(args.dst), progress=not args.quiet)
@@ -245,9 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template: plain completion")
     gen.set_defaults(func=cmd_generate)
 
-    conv = sub.add_parser("convert", help="GGUF or .bin checkpoint -> safetensors directory")
-    conv.add_argument("src")
-    conv.add_argument("dst")
+    conv = sub.add_parser(
+        "convert",
+        help="GGUF or .bin checkpoint -> safetensors directory; a model directory -> DST.gguf",
+    )
+    conv.add_argument("src", help=".gguf, .bin directory; for a .gguf DST: a model directory")
+    conv.add_argument("dst", help="a directory, or a .gguf file (llama.cpp's format) to write")
+    conv.add_argument(
+        "--outtype",
+        choices=("f32", "f16", "q8_0", "q4_0"),
+        default=None,
+        help="a .gguf DST's tensor type (default f16; norms and biases stay f32)",
+    )
     conv.add_argument("--quiet", action="store_true")
     conv.set_defaults(func=cmd_convert)
 

@@ -4,6 +4,7 @@ runnable(PATH) -> a path that runs: a copied tree whose shared-library symlinks 
     flattened into small text files naming their target (as in a read-only tools folder)
     is rebuilt once in a temporary directory with real links
 llama_bench(binary, gguf, threads) -> {"tg": tok/s batch-1 decode, "pp": tok/s prefill}
+    (64 and 128 tokens unless told)
 llama_server(binary, gguf, port, slots, threads) -> a running llama-server (Popen)
 """
 
@@ -43,8 +44,11 @@ def _is_flattened_link(path: Path) -> bool:
     return ".so" in path.name and (path.parent / target).is_file()
 
 
-def llama_bench(binary: str | Path, gguf: Path, threads: int, reps: int = 5) -> dict[str, float]:
-    """Batch-1 decode of 64 tokens and prefill of 128, tokens/s as llama-bench reports them."""
+def llama_bench(
+    binary: str | Path, gguf: Path, threads: int, reps: int = 5, prompt: int = 128, gen: int = 64
+) -> dict[str, float]:
+    """Batch-1 decode of `gen` tokens and prefill of `prompt`, tokens/s as llama-bench
+    reports them."""
     out = subprocess.run(
         [
             str(runnable(binary)),
@@ -53,9 +57,9 @@ def llama_bench(binary: str | Path, gguf: Path, threads: int, reps: int = 5) -> 
             "-t",
             str(threads),
             "-p",
-            "128",
+            str(prompt),
             "-n",
-            "64",
+            str(gen),
             "-r",
             str(reps),
             "-o",

@@ -5,7 +5,8 @@ stored as uint8 [rows, row bytes] under the Hugging Face name and listed in quan
 (see p3.kernels.quant for the layout); tensors of other types are dequantized to float32 with
 the `gguf` package (exactly as transformers' own GGUF loader does). A pytorch_model*.bin
 checkpoint is re-saved as safetensors. Either way config.json and the tokenizer files land
-beside the weights.
+beside the weights. GGUF architectures read: llama (q/k rows un-permuted) and qwen2. The other
+direction, a directory to a GGUF file, is p3.weights.gguf_write.
 """
 
 from __future__ import annotations
@@ -78,19 +79,21 @@ def convert_gguf(src: Path, dst: Path, progress: bool = True) -> None:
 
 
 def gguf_config(reader: Any) -> dict[str, Any]:
-    """A LlamaConfig-compatible dict from the GGUF metadata (llama architecture only)."""
-    arch = _gguf_value(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    if _gguf_value(reader, "llama.rope.scaling.type", "none") != "none":
+    """A config.json dict from the GGUF metadata (llama and qwen2 architectures)."""
+    from p3.weights.gguf_write import ROPE_FREQS, gguf_architecture
+
+    arch = gguf_architecture(_gguf_value(reader, "general.architecture"))
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    if _gguf_value(reader, f"{arch.name}.rope.scaling.type", "none") != "none":
         raise ValueError("GGUF files with RoPE scaling are not supported")
-    arch_value = lambda key, default=None: _gguf_value(reader, f"llama.{key}", default)
+    if ROPE_FREQS in tensor_names:
+        raise ValueError("GGUF files with a rope_freqs tensor (Llama-3 RoPE scaling) are not read")
+    arch_value = lambda key, default=None: _gguf_value(reader, f"{arch.name}.{key}", default)
     hidden, heads = arch_value("embedding_length"), arch_value("attention.head_count")
     rope_theta = float(arch_value("rope.freq_base", 10000.0))
-    tensor_names = {tensor.name for tensor in reader.tensors}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch.hf_architecture],
+        "model_type": arch.name,
         "vocab_size": arch_value("vocab_size") or _gguf_vocab_size(reader),
         "hidden_size": hidden,
         "intermediate_size": arch_value("feed_forward_length"),
@@ -103,7 +106,7 @@ def gguf_config(reader: Any) -> dict[str, Any]:
         "rms_norm_eps": _shortest_float32(arch_value("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "attention_bias": False,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": _gguf_value(reader, "tokenizer.ggml.bos_token_id"),
@@ -121,13 +124,25 @@ def hf_tensor_name(gguf_name: str) -> str:
         return f"model.layers.{layer[1]}.{GGUF_LAYER_TENSORS[layer[2]]}.{suffix}"
     if base in GGUF_GLOBAL_TENSORS:
         return f"{GGUF_GLOBAL_TENSORS[base]}.{suffix}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart")
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart")
 
 
 def undo_rope_permutation(weights: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp interleaves each head's rotary halves (rows 0,d/2,1,d/2+1,...); put them back."""
+    return _swap_within_heads(weights, num_heads, interleaved=True)
+
+
+def rope_permutation(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Each head's rotary halves interleaved as llama.cpp's "llama" wants them: the inverse of
+    undo_rope_permutation (rows of blocks move as rows of floats do)."""
+    return _swap_within_heads(weights, num_heads, interleaved=False)
+
+
+def _swap_within_heads(weights: np.ndarray, num_heads: int, interleaved: bool) -> np.ndarray:
+    """Rows of each head as [d/2, 2] (interleaved pairs) or [2, d/2] (halves), transposed."""
     half_dim = weights.shape[0] // num_heads // 2
-    per_head = weights.reshape(num_heads, half_dim, 2, *weights.shape[1:])
+    split = (half_dim, 2) if interleaved else (2, half_dim)
+    per_head = weights.reshape(num_heads, *split, *weights.shape[1:])
     return per_head.swapaxes(1, 2).reshape(weights.shape)
 
 
@@ -138,7 +153,11 @@ def _gguf_tensors(
     directly (recorded in kinds), float32 for the rest."""
     from gguf.quants import dequantize
 
+    from p3.weights.gguf_write import gguf_architecture
+
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    if not gguf_architecture(config["model_type"]).permute_qk:  # qwen2 rotates halves, as HF
+        heads = {}
     for tensor in tqdm(reader.tensors, desc="Reading GGUF tensors", disable=not progress):
         name = hf_tensor_name(tensor.name)
         kind = GGUF_BLOCK_KINDS.get(tensor.tensor_type.name)
