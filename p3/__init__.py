@@ -1,10 +1,18 @@
 """p3: a distributed LLM inference engine."""
 
+from p3.lora import LoRARequest
 from p3.outputs import CompletionOutput, RequestOutput
 from p3.sampling_params import SamplingParams
 from p3.structured import StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "LoRARequest",
+    "RequestOutput",
+    "SamplingParams",
+    "StructuredOutputsParams",
+]
 
 
 def __getattr__(name: str):

@@ -215,6 +215,9 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     quantization: str = "auto"  # p3.kernels.quant.QUANTIZATION_MODES
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+    enable_lora: bool = False  # LoRA adapters per request (p3.engine.lora)
+    max_loras: int = 4  # adapters held at once
+    max_lora_rank: int = 64
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -227,7 +230,8 @@ class EngineConfig:
                 f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got "
                 f"{self.kv_cache_dtype!r}"
             )
-        for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens"):
+        names = ("block_size", "kv_cache_bytes", "max_num_seqs", "max_num_batched_tokens")
+        for name in (*names, "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -10,6 +10,7 @@ from typing import Any
 from p3.config import EngineConfig
 from p3.engine.engine import Engine
 from p3.engine.sequence import Request, StepOutput
+from p3.lora import LoRARequest
 from p3.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -88,8 +89,11 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        outputs = self._add_all(prompts, sampling_params)
+        """lora_request: one adapter for every prompt, or one (or None: the base) per prompt;
+        they run batched together (the engine needs enable_lora=True)."""
+        outputs = self._add_all(prompts, sampling_params, lora_request)
         for _ in self._run(outputs):
             pass
         return list(outputs.values())
@@ -99,6 +103,7 @@ class LLM:
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
@@ -107,6 +112,7 @@ class LLM:
         return self.generate(
             [{"prompt": p, "prompt_token_ids": self._encode_chat(p)} for p in prompts],
             sampling_params,
+            lora_request,
         )
 
     def stream(
@@ -146,29 +152,44 @@ class LLM:
     def _encode_chat(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _add_all(self, prompts, sampling_params) -> dict[str, RequestOutput]:
+    def _add_all(self, prompts, sampling_params, lora_request=None) -> dict[str, RequestOutput]:
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        loras = lora_request
+        if loras is None or isinstance(loras, LoRARequest):
+            loras = [loras] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError("give one lora_request, or one (or None) per prompt")
         read = [prompt_ids(self.tokenizer, prompt) for prompt in prompts]
-        pairs = list(zip(read, params_list, strict=True))
-        for (_, ids), p in pairs:
+        triples = list(zip(read, params_list, loras, strict=True))
+        for (_, ids), p, lora in triples:
             self.tokenizer.check_params(p)  # without a tokenizer: nothing that needs text
-            self.engine.validate(Request("", ids, p))  # refuse the call before anything runs
+            self.engine.validate(Request("", ids, p, lora=lora))  # refuse before anything runs
         self._children: dict[str, tuple[RequestOutput, _Child]] = {}
-        outputs = [self._add_one(text, ids, p) for (text, ids), p in pairs]
+        try:
+            outputs = [self._add_one(text, ids, p, lora) for (text, ids), p, lora in triples]
+        except ValueError:  # an adapter that cannot load, or none free: nothing of it runs
+            for request_id in self._children:
+                self.engine.cancel(request_id)
+            while self.engine.has_unfinished():
+                self.engine.step()
+            raise
         return {out.request_id: out for out in outputs}
 
-    def _add_one(self, text: str | None, ids: list[int], params: SamplingParams) -> RequestOutput:
+    def _add_one(
+        self, text: str | None, ids: list[int], params: SamplingParams, lora=None
+    ) -> RequestOutput:
         out = RequestOutput(str(next(self._ids)), text, ids, [])
         for i in range(params.n):
             child = _Child(f"{out.request_id}-{i}", i, params, self.tokenizer, ids)
             out.outputs.append(child.out)
             self._children[child.request_id] = (out, child)
-            self.engine.add(Request(child.request_id, ids, params, child_seed(params.seed, i)))
+            seed = child_seed(params.seed, i)
+            self.engine.add(Request(child.request_id, ids, params, seed, lora=lora))
         return out
 
     def _run(self, outputs: dict[str, RequestOutput]) -> Iterator[tuple[_Child, str]]:

@@ -62,7 +62,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[tuple[int, int]] = []
-        prefix_hash = NO_HASH
+        prefix_hash = seq.hash_root
         for i in range((len(seq) - 1) // self.block_size):
             tokens = tuple(seq.block_tokens(i))
             prefix_hash = chain_hash(tokens, prefix_hash)
@@ -89,7 +89,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
-            prefix_hash = seq.block_hashes[-1] if seq.block_hashes else NO_HASH
+            prefix_hash = seq.block_hashes[-1] if seq.block_hashes else seq.hash_root
             tokens = tuple(seq.block_tokens(i))
             prefix_hash = chain_hash(tokens, prefix_hash)
             seq.block_hashes.append(prefix_hash)

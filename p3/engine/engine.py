@@ -81,8 +81,14 @@ class Engine:
             self.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.loras = None
+        if cfg.enable_lora:
+            from p3.engine.lora import LoRAManager
+
+            self.loras = LoRAManager(model_, mcfg, cfg.max_loras, cfg.max_lora_rank)
         self.seqs: dict[str, Sequence] = {}
-        self._inbox: deque[tuple[str, tuple | str]] = deque()  # ("add", (request, matcher))
+        # ("add", (request, matcher, lora key)) or ("cancel", request id)
+        self._inbox: deque[tuple[str, tuple | str]] = deque()
         self._pending_ids: set[str] = set()
         self._lock = threading.Lock()
         self._arrivals = 0
@@ -128,8 +134,9 @@ class Engine:
         with self._lock:
             if request.request_id in self._pending_ids:
                 raise ValueError(f"request_id {request.request_id!r} is already in the engine")
+            key = self.loras.acquire(request.lora) if request.lora is not None else None
             self._pending_ids.add(request.request_id)
-            self._inbox.append(("add", (request, matcher)))
+            self._inbox.append(("add", (request, matcher, key)))
 
     def cancel(self, request_id: str) -> None:
         """Stop a request wherever it is and free its KV blocks (unknown ids are ignored)."""
@@ -247,6 +254,8 @@ class Engine:
             raise ValueError("embeddings need a replica of one pipeline stage")
         if request.embed and request.output_token_ids:
             raise ValueError("an embedding request has no outputs to continue")
+        if request.lora is not None and self.loras is None:
+            raise ValueError("LoRA adapters are off: start the engine with enable_lora=True")
 
     def _drain_inbox(self) -> list[StepOutput]:
         aborted: list[StepOutput] = []
@@ -261,9 +270,9 @@ class Engine:
                 aborted.append(_abort_output(seq))
         return aborted
 
-    def _admit(self, request: Request, matcher) -> None:
+    def _admit(self, request: Request, matcher, lora_key: int | None) -> None:
         seq = Sequence(request, self.config.block_size, self._arrivals)
-        seq.matcher = matcher
+        seq.matcher, seq.lora_key = matcher, lora_key
         seq.lane = self._arrivals % self.num_lanes
         self._arrivals += 1
         self.seqs[seq.request_id] = seq
@@ -274,6 +283,8 @@ class Engine:
         del self.seqs[seq.request_id]
         with self._lock:
             self._pending_ids.discard(seq.request_id)
+            if seq.lora_key is not None:
+                self.loras.release(seq.lora_key)
 
     def _postprocess(
         self, batch: ScheduledBatch, sampled: list[Sequence], result: SampleResult | None

@@ -24,9 +24,13 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed: Tensor | None = None
         self.quant: QuantWeight | None = None
+        self.lora = None  # a p3.engine.lora.LinearLoRA when adapters may target it
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.apply_to(x, self.bias)
+        y = self.apply_to(x, self.bias)
+        if self.lora is not None and self.lora.step.groups:
+            y = self.lora(x, y)
+        return y
 
     def apply_to(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x W^T + bias, whichever form the weight is held in."""

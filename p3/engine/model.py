@@ -404,6 +404,7 @@ class Transformer(nn.Module):
         self.rope_tables: dict[str, Tensor] = {}
         self.anchor = nn.Parameter(torch.empty(0), requires_grad=False)  # device and dtype
         self._loop: LayerLoop | bool | None = None  # built on the first step (after the cache)
+        self.lora_step = None  # p3.engine.lora.LoRAStep when LoRA adapters are enabled
 
     def setup_rope(self) -> None:
         """Precompute cos/sin for every position, once: the model's RoPE, and the sliding
@@ -466,7 +467,7 @@ class Transformer(nn.Module):
         layer Llama's)."""
         if ctx.num_decode != x.shape[0] and ctx.token_block_tables is None:
             return None
-        if not self.cfg.llama_shaped:
+        if not self.cfg.llama_shaped or (self.lora_step is not None and self.lora_step.groups):
             return None
         if self._loop is None:
             from p3.engine.layer_loop import LayerLoop

@@ -159,7 +159,13 @@ class ModelRunner:
         the leader sends them to the leader); with keep_hidden, also those rows' final hidden
         states [S, D] (an embedding request's)."""
         prepared = self.tensors(plan)
-        hidden = self.model(prepared.input_ids, prepared.positions, prepared.ctx)
+        if self.model.lora_step is not None:
+            self.model.lora_step.groups = self._lora_groups(plan)
+        try:
+            hidden = self.model(prepared.input_ids, prepared.positions, prepared.ctx)
+        finally:
+            if self.model.lora_step is not None:
+                self.model.lora_step.groups = []
         if hidden is None or not plan.logits_indices:
             return None, None
         rows = hidden[prepared.logits_indices]
@@ -204,6 +210,7 @@ class ModelRunner:
         prompt_rows: list[tuple[Sequence, int]] = []
         prompt_indices: list[int] = []
         cu_seqlens = [0]
+        lora_segments: list[list[int]] = []
         for seq, num_new in decode + prefill:
             start = seq.num_computed_tokens
             if seq.prompt_logprobs is not None:  # rows predicting the next prompt token
@@ -218,6 +225,8 @@ class ModelRunner:
                 sampling_seqs.append(seq)
             if num_new > 1:
                 cu_seqlens.append(cu_seqlens[-1] + num_new)
+            if seq.lora_key is not None:
+                lora_segments.append([seq.lora_key, len(input_ids) - num_new, num_new])
         plan = StepPlan(
             input_ids=input_ids,
             positions=positions,
@@ -229,8 +238,20 @@ class ModelRunner:
             prefill_cached_lens=[s.num_computed_tokens for s, _ in prefill],
             prefill_block_tables=[s.block_table for s, _ in prefill],
             logits_indices=logits_indices + prompt_indices,
+            lora_segments=lora_segments,
         )
         return plan, sampling_seqs, prompt_rows
+
+    def _lora_groups(self, plan: StepPlan) -> list[tuple[int, Tensor | None]]:
+        """The step's tokens by adapter: rows of each (None when one adapter has them all)."""
+        rows: dict[int, list[int]] = {}
+        for key, start, count in plan.lora_segments:
+            rows.setdefault(key, []).extend(range(start, start + count))
+        total = len(plan.input_ids)
+        return [
+            (key, None if len(r) == total else self._tensor(r, torch.int64))
+            for key, r in rows.items()
+        ]
 
     def tensors(self, plan: StepPlan) -> PreparedBatch:
         token_tables, token_lens = self._token_tables(plan)

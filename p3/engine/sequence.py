@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+from p3.lora import LoRARequest
 from p3.outputs import FinishReason
 from p3.sampling_params import SamplingParams
 from p3.seeds import effective_seed
@@ -30,6 +31,7 @@ class Request:
     # an embedding, not a generation: the prompt's last hidden state, pooled (normalized),
     # once the prompt is computed; nothing is sampled
     embed: bool = False
+    lora: LoRARequest | None = None  # the adapter it runs under; None: the base model
 
 
 @dataclass(slots=True)
@@ -72,6 +74,14 @@ class Sequence:
         self.num_preemptions = 0
         self.matcher = None  # an llguidance LLMatcher when params carry a grammar (grammar.py)
         self.embed = request.embed
+        self.lora = request.lora
+        self.lora_key: int | None = None  # its adapter's key in the engine, once acquired
+        # the root of its prefix-cache hash chain: an adapter's KV is not the base's
+        self.hash_root = (
+            -1
+            if request.lora is None
+            else hash(("lora", request.lora.lora_int_id, request.lora.lora_path))
+        )
         self.embedding: list[float] | None = None  # pooled at the end of its prompt
         # (token, logprob, top k) of prompt tokens 1.. as prefill computes them
         self.prompt_logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = (

@@ -35,6 +35,7 @@ class StepPlan(msgspec.Struct, array_like=True, frozen=True, gc=False):
     prefill_cached_lens: list[int] = []
     prefill_block_tables: list[list[int]] = []
     logits_indices: list[int] = []
+    lora_segments: list[list[int]] = []  # [adapter key, first token, token count]
     stop: bool = False
 
 
