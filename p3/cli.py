@@ -26,6 +26,7 @@ from p3.nodes.node.config import NodeConfig
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from p3.llm import LLM
+    from p3.lora import LoRARequest
     from p3.sampling_params import SamplingParams
 
     skip = args.skip_tokenizer_init
@@ -37,7 +38,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.raw:
         text = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         prompt = {"prompt": text, "prompt_token_ids": llm.tokenizer.encode(text, False)}
-    for text in llm.stream(prompt, params):
+    if len(args.lora) > 1:
+        raise ValueError("p3 generate runs under one --lora at most")
+    lora = LoRARequest(args.lora[0][0], 1, args.lora[0][1]) if args.lora else None
+    for text in llm.stream(prompt, params, lora):
         sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -135,6 +139,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         keys=cluster_keys(args, "p3 node"),
         max_threads=args.max_threads,
         skip_tokenizer_init=args.skip_tokenizer_init,
+        loras=tuple(args.lora),
     )
     return run_actor(Node(config))
 

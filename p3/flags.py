@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from p3.config import EngineConfig, default_of
 from p3.nodes.coordinator.coordinator import CoordinatorConfig
@@ -97,6 +98,35 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
         help="no tokenizer (vLLM's flag; a model without tokenizer.json is served so anyway): "
         "prompts are token ids, outputs token ids with empty text",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        type=parse_lora,
+        default=[],
+        metavar="NAME=PATH",
+        help="a PEFT LoRA adapter served as model NAME (repeatable; implies --enable-lora)",
+    )
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="take LoRA adapters (also loaded at run time: POST /v1/load_lora_adapter)",
+    )
+    p.add_argument("--max-loras", type=int, default=engine("max_loras"), help="held at once")
+    p.add_argument("--max-lora-rank", type=int, default=engine("max_lora_rank"))
+
+
+def parse_lora(text: str) -> tuple[str, str]:
+    """NAME=PATH, the adapter's config read now: a bad one is one clear error at start."""
+    from p3.lora import read_adapter_config
+
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    try:
+        read_adapter_config(path)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name, str(Path(path).resolve())
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -115,6 +145,11 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--no-prefix-caching")
     if args.skip_tokenizer_init:
         argv.append("--skip-tokenizer-init")
+    for name, path in args.lora:
+        argv += ["--lora", f"{name}={path}"]
+    if args.enable_lora:
+        argv.append("--enable-lora")
+    argv += ["--max-loras", str(args.max_loras), "--max-lora-rank", str(args.max_lora_rank)]
     return argv
 
 
@@ -188,5 +223,9 @@ def engine_options(args: argparse.Namespace) -> dict:
         "max_model_len",
         "block_size",
         "enable_prefix_caching",
+        "max_loras",
+        "max_lora_rank",
     )
-    return {n: getattr(args, n) for n in names}
+    options = {n: getattr(args, n) for n in names}
+    options["enable_lora"] = bool(args.enable_lora or args.lora)
+    return options

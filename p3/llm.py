@@ -119,9 +119,10 @@ class LLM:
         self,
         prompt: PromptType,
         sampling_params: SamplingParams | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> Iterator[str]:
         """Text of the first sample as it is generated."""
-        outputs = self._add_all([prompt], sampling_params)
+        outputs = self._add_all([prompt], sampling_params, lora_request)
         for child, text in self._run(outputs):
             if child.out.index == 0 and text:
                 yield text

@@ -37,6 +37,12 @@ def threads_per_node(num_nodes: int) -> int:
 
 
 def serve(args: argparse.Namespace, engine_argv: list[str]) -> int:
+    if args.lora and len(args.model or [None]) > 1:
+        print("p3 serve: --lora takes one --model (its base)", file=sys.stderr)
+        return 2
+    if (args.lora or args.enable_lora) and args.tp * args.pp > 1:
+        print("p3 serve: LoRA runs on replicas of one node (--tp 1 --pp 1)", file=sys.stderr)
+        return 2
     for model in args.model or [None]:
         _prepare_model(model, args.skip_tokenizer_init)
     children: list[Child] = []

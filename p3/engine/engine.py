@@ -28,6 +28,7 @@ from p3.engine.sequence import Request, Sequence, StepOutput
 from p3.engine.stages import close_shard
 from p3.kernels.sampling import SampleResult
 from p3.log import get_logger
+from p3.lora import LoRARequest
 from p3.outputs import FinishReason
 from p3.weights.convert import read_quantization
 from p3.weights.files import load_config, resolve_model
@@ -137,6 +138,20 @@ class Engine:
             key = self.loras.acquire(request.lora) if request.lora is not None else None
             self._pending_ids.add(request.request_id)
             self._inbox.append(("add", (request, matcher, key)))
+
+    def load_lora(self, lora: LoRARequest) -> None:
+        """Load an adapter now (ValueError if it cannot run here): its first request then
+        finds it loaded. It may still be evicted for others past max_loras, and reloaded."""
+        if self.loras is None:
+            raise ValueError("LoRA adapters are off: start the engine with enable_lora=True")
+        with self._lock:
+            self.loras.release(self.loras.acquire(lora))
+
+    def retire_lora(self, lora_int_id: int) -> None:
+        """Drop an adapter once its running requests are done."""
+        if self.loras is not None:
+            with self._lock:
+                self.loras.retire(lora_int_id)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request wherever it is and free its KV blocks (unknown ids are ignored)."""

@@ -2,7 +2,9 @@
 tokens of each adapter in the step, x A^T B^T (B scaled by alpha / r) to its base output.
 
 The step's tokens are grouped by adapter (LoRAStep, set by the runner from the plan's
-segments); tokens of the bare base take no delta. This is vLLM's CPU path in spirit: a
+segments); tokens of the bare base take no delta. Each row's delta is its own pair of small
+matmuls (bmm), so it does not depend on the other rows of the step or on the thread count:
+a moved stream recomputed elsewhere gets the same bits. This is vLLM's CPU path in spirit: a
 gather of each adapter's rows and two small matmuls, rather than a merged copy of the weights
 per adapter, so one step mixes any adapters with the base.
 
@@ -49,9 +51,13 @@ class LinearLoRA:
             parts = self.adapters.get(key)
             if not parts:
                 continue
-            xr = x if rows is None else x.index_select(0, rows)
+            xr = (x if rows is None else x.index_select(0, rows)).unsqueeze(1)  # [n, 1, in]
+            n = xr.shape[0]
             for start, a, b in parts:
-                delta = (xr @ a.t()) @ b.t()
+                # one small matmul per row (bmm): a row's delta does not depend on the other
+                # rows of the step, so adapters keep the batch invariance failover relies on
+                delta = torch.bmm(torch.bmm(xr, a.t().expand(n, -1, -1)), b.t().expand(n, -1, -1))
+                delta = delta.squeeze(1)
                 end = start + b.shape[0]
                 if rows is None:
                     y[:, start:end] += delta
@@ -78,10 +84,12 @@ class LoRAManager:
                 module.lora = self.linears[name] = LinearLoRA(self.step)
         self.loaded: dict[int, LoRARequest] = {}  # key (lora_int_id) -> request, LRU order
         self.refs: dict[int, int] = {}
+        self.retired: set[int] = set()  # unloaded when their last request ends
 
     def acquire(self, lora: LoRARequest) -> int:
         """The adapter's key, loading it first if needed; ValueError if it cannot run here."""
         key = lora.lora_int_id
+        self.retired.discard(key)
         held = self.loaded.get(key)
         if held is not None:
             if held.lora_path != lora.lora_path or held.lora_name != lora.lora_name:
@@ -99,12 +107,22 @@ class LoRAManager:
 
     def release(self, key: int) -> None:
         self.refs[key] -= 1
+        if not self.refs[key] and key in self.retired:
+            self.unload(key)
+
+    def retire(self, key: int) -> None:
+        """Unload now if unused, else when its last request ends."""
+        if self.refs.get(key):
+            self.retired.add(key)
+        else:
+            self.unload(key)
 
     def unload(self, key: int) -> None:
         if self.refs.get(key):
             raise ValueError(f"adapter {key} is in use by {self.refs[key]} requests")
         self.loaded.pop(key, None)
         self.refs.pop(key, None)
+        self.retired.discard(key)
         for linear in self.linears.values():
             linear.adapters.pop(key, None)
 

@@ -15,10 +15,11 @@ from msgspec import Meta
 from p3.outputs import FinishReason
 from p3.structured import MAX_GRAMMAR_BYTES
 
-PROTOCOL_VERSION = 5  # 2: the load figures as one nested Load; 3: tokenizers over the wire;
+PROTOCOL_VERSION = 6  # 2: the load figures as one nested Load; 3: tokenizers over the wire;
 # 4: streams taken over from a live edge (TakenOver), threads lent by dead peers (Threads);
 # 5: structured outputs (WireSamplingParams.grammar: an older node would ignore it) and
-# embeddings (Submit.embed, TokenDelta.embedding)
+# embeddings (Submit.embed, TokenDelta.embedding); 6: LoRA adapters (Submit.lora, the
+# adapters a node holds in Ready/Heartbeat/Route, LoadAdapter/UnloadAdapter/AdapterDone)
 
 # Why a node refused a Submit (Rejected.code). Nothing was generated, so the edge may retry:
 # bad_request fails the request (HTTP 400: the client's fault, every node would refuse it);
@@ -34,6 +35,8 @@ StopMode = Literal["drain", "abort"]
 # dropped and counted like any malformed frame (the edge checks a client's numbers first).
 TokenId = Annotated[int, Meta(ge=0, lt=1 << 31)]
 Count = Annotated[int, Meta(ge=0, lt=1 << 31)]
+AdapterName = Annotated[str, Meta(max_length=256)]
+MAX_ADAPTERS = 1024  # names a node may announce
 
 
 class Msg(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=True):
@@ -103,6 +106,7 @@ class Ready(Msg, tag="ready"):
     replica_size: int = 1  # tp x pp nodes
     kv_cache_dtype: str = ""  # what its KV cache holds: "auto" (the model dtype) or "int8"
     tokenizer_hash: str = ""  # of its tokenizer files (edges fetch them with GetTokenizer)
+    adapters: Annotated[list[AdapterName], Meta(max_length=MAX_ADAPTERS)] = []  # LoRA, by name
 
 
 class Load(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -130,6 +134,8 @@ class Heartbeat(Msg, tag="heartbeat"):
     # how long the step under way may take, by the node's own measured speed and its token
     # budget (0: no measure yet): a step slower than hung_after_s is not a hang below this
     step_allowance_s: float = 0.0
+    # the LoRA adapters it holds now (they come and go: load_lora_adapter), by name
+    adapters: Annotated[list[AdapterName], Meta(max_length=MAX_ADAPTERS)] = []
 
 
 def expected_output_tokens(max_tokens: int | None) -> int:
@@ -243,6 +249,7 @@ class Route(Msg, tag="route"):
     replica_rank: int = 0  # > 0: a shard of rank 0's replica, listed but never routed to
     load: Load = Load()  # as its latest heartbeat said
     tokenizer_hash: str = ""  # as its Ready said
+    adapters: list[str] = []  # the LoRA adapters it holds, as its latest heartbeat said
 
 
 class Routes(Msg, tag="routes"):
@@ -272,6 +279,7 @@ class Submit(Msg, tag="submit"):
     stream_id: str = ""
     resume: bytes = b""
     embed: bool = False  # the prompt's embedding (TokenDelta.embedding), nothing generated
+    lora: AdapterName = ""  # the LoRA adapter it runs under, by name ("": the base model)
 
 
 class Cancel(Msg, tag="cancel"):
@@ -297,7 +305,21 @@ class Adopt(Msg, tag="adopt"):
     stream_id: str
 
 
-ToNodeFromEdge = Submit | Cancel | Ping | GetTokenizer | Adopt
+class LoadAdapter(Msg, tag="load_adapter"):
+    """Hold this LoRA adapter (a PEFT directory on the node's host) under this name: the
+    node loads and checks it, answers AdapterDone, and announces it in its heartbeats."""
+
+    name: AdapterName
+    path: Annotated[str, Meta(max_length=4096)]
+
+
+class UnloadAdapter(Msg, tag="unload_adapter"):
+    """Stop taking requests for this adapter (those running finish under it)."""
+
+    name: AdapterName
+
+
+ToNodeFromEdge = Submit | Cancel | Ping | GetTokenizer | Adopt | LoadAdapter | UnloadAdapter
 
 
 # -- node -> edge ------------------------------------------------------------------------------
@@ -368,4 +390,14 @@ class TakenOver(Msg, tag="taken_over"):
     request_ids: list[str] = []
 
 
-ToEdgeFromNode = Tokens | Rejected | Pong | TokenizerFiles | Adopted | TakenOver
+class AdapterDone(Msg, tag="adapter_done"):
+    """A LoadAdapter or UnloadAdapter carried out (ok), or why not."""
+
+    name: str
+    ok: bool
+    error: str = ""
+    node_id: str = ""
+    loaded: bool = True  # what was asked: load (True) or unload
+
+
+ToEdgeFromNode = Tokens | Rejected | Pong | TokenizerFiles | Adopted | TakenOver | AdapterDone

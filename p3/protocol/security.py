@@ -254,7 +254,17 @@ ACCEPTS: dict[str, dict[str, tuple[str, ...]]] = {
         "node": ("Hello", "Ready", "Heartbeat", "Fatal", "Goodbye", "Rendezvous"),
         "edge": ("EdgeHello",),
     },
-    "node": {"edge": ("Submit", "Cancel", "Ping", "GetTokenizer", "Adopt")},
+    "node": {
+        "edge": (
+            "Submit",
+            "Cancel",
+            "Ping",
+            "GetTokenizer",
+            "Adopt",
+            "LoadAdapter",
+            "UnloadAdapter",
+        ),
+    },
 }
 
 

@@ -242,8 +242,9 @@ class Generation:
         under way (MovesUnderWay), then the least loaded; one with no token yet, like a
         fresh request (the cluster's pick). False if no replica took it."""
         if sample.num_output_tokens:
-            model = sample.journal.model
-            candidates = [r for r in self.cluster.replicas(model) if r.node_id not in exclude]
+            journal = sample.journal
+            replicas = self.cluster.replicas(journal.model, journal.lora)
+            candidates = [r for r in replicas if r.node_id not in exclude]
             if candidates:
                 target = min(candidates, key=lambda r: (
                     self._moves.tokens(r.node_id), self.cluster.load(r), random.random()

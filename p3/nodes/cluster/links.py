@@ -122,6 +122,7 @@ class Cluster:
         self.dead_nodes: dict[str, float] = {}  # declared dead and not routed since: when
         self._unlinkable: set[str] = set()  # routed nodes whose key this edge has not
         self._tokenizer_waiters: dict[tuple[str, str], asyncio.Future[dict[str, bytes]]] = {}
+        self._adapter_waiters: dict[tuple[str, str], asyncio.Future[m.AdapterDone]] = {}
         self._adopting: dict[str, Adopting] = {}  # stream id -> what its nodes sent so far
         # adopted samples' deltas that came before the sample was attached here
         self._held: dict[str, list[tuple[m.TokenDelta, str, float, int]]] = {}
@@ -187,6 +188,10 @@ class Cluster:
                         self._deliver(request_id, taken, link.node_id)
                 case m.Adopted() as adopted:
                     self.on_adopted(link.node_id, adopted)
+                case m.AdapterDone() as done:
+                    waiter = self._adapter_waiters.pop((link.node_id, done.name), None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(done)
                 case m.TokenizerFiles() as files:
                     waiter = self._tokenizer_waiters.pop((link.node_id, files.tokenizer_hash), None)
                     if waiter is not None and not waiter.done():
@@ -380,20 +385,52 @@ class Cluster:
         reports count more tokens processed (a busy node's queue moves: it is not stuck)."""
         return time.monotonic() - self.progress_at.get(node_id, float("-inf")) < seconds
 
-    def replicas(self, model: str) -> list[m.Route]:
-        return [r for r in self.routes.values() if r.model == model]
+    def replicas(self, model: str, lora: str = "") -> list[m.Route]:
+        """The routed replicas of model (holding the LoRA adapter lora, if one is named)."""
+        return [
+            r for r in self.routes.values() if r.model == model and (not lora or lora in r.adapters)
+        ]
+
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapter name -> the model its replicas serve it on."""
+        return {name: r.model for r in self.routes.values() for name in r.adapters}
+
+    async def tell_adapter(
+        self, routes: list[m.Route], msg: m.LoadAdapter | m.UnloadAdapter, timeout_s: float
+    ) -> list[m.AdapterDone]:
+        """Send an adapter load or unload to these nodes; their answers (a node that does not
+        answer in time counts as a failure)."""
+        waiters = []
+        for route in routes:
+            future = asyncio.get_running_loop().create_future()
+            self._adapter_waiters[(route.node_id, msg.name)] = future
+            link = self.links.get(route.node_id)
+            if link is None or not wire.send(link.socket, msg):
+                future.set_result(m.AdapterDone(msg.name, False, "unreachable", route.node_id))
+            waiters.append((route.node_id, future))
+        answers = []
+        for node_id, future in waiters:
+            try:
+                answers.append(await asyncio.wait_for(future, timeout_s))
+            except TimeoutError:
+                answers.append(m.AdapterDone(msg.name, False, "no answer in time", node_id))
+            finally:
+                self._adapter_waiters.pop((node_id, msg.name), None)
+        return answers
 
     def load(self, route: m.Route) -> int:
         """Tokens of work the replica has left: its last report (every edge's requests) plus
         what this edge sent it since (optimistic local increments between tables)."""
         return route.load.num_tokens_to_do + self.sent_load.get(route.node_id, 0)
 
-    def pick(self, model: str, exclude: set[str] = frozenset()) -> m.Route | None:
+    def pick(
+        self, model: str, exclude: set[str] = frozenset(), lora: str = ""
+    ) -> m.Route | None:
         """The least-loaded ready replica of model, or None. Loads within LOAD_GRAIN tokens
         of each other count as equal (a request's worth: finer differences are noise of
         timing); among those, the replica given the least work in all (processed + left), so
         that over time the work evens out too; then at random."""
-        candidates = [r for r in self.replicas(model) if r.node_id not in exclude]
+        candidates = [r for r in self.replicas(model, lora) if r.node_id not in exclude]
         if not candidates:
             return None
         return min(
@@ -412,7 +449,8 @@ class Cluster:
         """Send a sample to the least-loaded replica not excluded (default: not tried yet);
         False if none is left."""
         journal = sample.journal
-        route = self.pick(journal.model, journal.tried_nodes if exclude is None else exclude)
+        tried = journal.tried_nodes if exclude is None else exclude
+        route = self.pick(journal.model, tried, journal.lora)
         if route is None:
             return False
         journal.node_id, journal.epoch = route.node_id, route.epoch

@@ -66,6 +66,7 @@ class Journal:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     embed: bool = False  # the prompt's embedding, not a generation
+    lora: str = ""  # the LoRA adapter it runs under: only replicas holding it take it
 
     def submit_message(self) -> m.Submit:
         """Submit, or resubmit after a move: the outputs so far travel along, so the new node
@@ -80,6 +81,7 @@ class Journal:
             self.stream_id,
             self.resume(self) if self.resume is not None else b"",
             self.embed,
+            self.lora,
         )
 
 
@@ -173,14 +175,18 @@ def make_samples(
     prompts: list[list[int]],
     params: SamplingParams,
     tokenizer: Tokenizer,
+    lora: str = "",
 ) -> list[Sample]:
-    """n samples per prompt, ids `<id>-<i>`, seeds child_seed(seed, i) from one effective seed."""
+    """n samples per prompt, ids `<id>-<i>`, seeds child_seed(seed, i) from one effective seed;
+    lora: the adapter they run under ("": the base)."""
     seed = effective_seed(params.seed)
     wire = to_wire(params)
     samples = []
     for p, prompt_ids in enumerate(prompts):
         for i in range(params.n):
             index = p * params.n + i
-            journal = Journal(f"{request_id}-{index}", model, prompt_ids, wire, child_seed(seed, i))
+            journal = Journal(
+                f"{request_id}-{index}", model, prompt_ids, wire, child_seed(seed, i), lora=lora
+            )
             samples.append(Sample(index, journal, tokenizer, params))
     return samples

@@ -229,6 +229,10 @@ class Coordinator(Actor):
         if member.status is not before:
             log.info("coordinator.node_draining", node_id=member.node_id, epoch=member.epoch)
             self._mark_changed()
+        if member.adapters_changed:  # edges route adapter requests by these: tell them now
+            member.adapters_changed = False
+            log.info("coordinator.adapters", node_id=member.node_id, adapters=hb.adapters)
+            self._mark_changed()
 
     def on_fatal(self, identity: bytes, fatal: m.Fatal) -> None:
         member = self._current(identity, fatal.node_id, fatal.epoch)

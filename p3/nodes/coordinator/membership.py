@@ -58,6 +58,7 @@ class Member:
     placed: bool = True  # False: waiting for a replica to be formed around it
     dead_at: float = 0.0
     threads_granted: int = 0  # as last told (Threads); at Hello, its own
+    adapters_changed: bool = False  # its heartbeat names other LoRA adapters than before
 
     @property
     def is_live(self) -> bool:
@@ -80,6 +81,7 @@ class Member:
             replica_rank=self.replica_rank,
             load=load,
             tokenizer_hash=ready.tokenizer_hash,
+            adapters=list(self.heartbeat.adapters if self.heartbeat else ready.adapters),
         )
 
 
@@ -194,6 +196,8 @@ class Membership:
     def record_heartbeat(self, member: Member, hb: m.Heartbeat) -> NodeStatus:
         """Note a heartbeat; returns the status before it (draining changes are a change)."""
         before = member.status
+        if member.heartbeat is not None and member.heartbeat.adapters != hb.adapters:
+            member.adapters_changed = True
         member.heartbeat = hb
         member.last_heard_at = self.clock()
         if hb.draining and member.status is NodeStatus.READY:

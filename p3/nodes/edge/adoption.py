@@ -165,6 +165,7 @@ def _sample(submit: m.Submit, prepared, index: int) -> Sample:
         submit.params,
         submit.seed,
         stream_id=submit.stream_id,
+        lora=submit.lora,
     )
     return Sample(index, journal, prepared.tokenizer, prepared.params)
 

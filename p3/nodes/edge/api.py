@@ -19,6 +19,7 @@ from aiohttp import web
 from p3.log import get_logger, log_exception
 from p3.nodes.cluster.generation import Generation, HandedOver, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
+from p3.nodes.edge import adapters
 from p3.nodes.edge.adoption import adopt, append_chunk, emit, resume_context
 from p3.nodes.edge.bodies import failure_error, json_response, key_ok, read_json
 from p3.nodes.edge.embeddings import embeddings
@@ -53,6 +54,8 @@ def make_app(edge: Edge) -> web.Application:
     app.router.add_post("/v1/responses", api.on_responses)
     app.router.add_get("/v1/models", api.on_models)
     app.router.add_get("/v1/models/{model:.+}", api.on_model)
+    app.router.add_post("/v1/load_lora_adapter", api.on_load_lora)
+    app.router.add_post("/v1/unload_lora_adapter", api.on_unload_lora)
     app.router.add_post("/tokenize", api.on_tokenize)
     app.router.add_post("/detokenize", api.on_detokenize)
     app.router.add_get("/health", api.on_health)
@@ -130,6 +133,7 @@ class Api:
                 prepared.prompt_ids,
                 prepared.params,
                 prepared.tokenizer,
+                prepared.lora,
             )
             num_samples = self._admit(len(samples))
             responder = prepared.responder(chat=prepared.chat)
@@ -320,8 +324,13 @@ class Api:
         return await read_json(request, self.edge.config.body_timeout_s)
 
     async def on_models(self, request: web.Request) -> web.Response:
-        data = [self.edge.model_card(name) for name in self.edge.models.names()]
-        return json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": self.edge.model_cards()})
+
+    async def on_load_lora(self, request: web.Request) -> web.Response:
+        return await adapters.load_lora_adapter(self.edge, await self.read_json(request))
+
+    async def on_unload_lora(self, request: web.Request) -> web.Response:
+        return await adapters.unload_lora_adapter(self.edge, await self.read_json(request))
 
     async def on_model(self, request: web.Request) -> web.Response:
         card = self.edge.model_card(request.match_info["model"])
@@ -385,6 +394,7 @@ def _node_json(cluster, route) -> dict[str, Any]:
         "replica": route.replica,
         "replica_rank": route.replica_rank,
         "max_model_len": route.max_model_len,
+        "adapters": route.adapters,
         "load": {
             **msgspec.structs.asdict(route.load),
             "num_kv_blocks": route.num_kv_blocks,

@@ -108,7 +108,7 @@ class Edge(Actor):
         name = Fields(body).str("model")
         if not name:
             raise ApiError(400, "model is required", "model", "missing_required_parameter")
-        model = self.models.resolve(name)
+        model = self.models.resolve(name) or self.cluster.adapters().get(name)
         if model is None:
             raise ApiError(404, f"the model {name!r} does not exist", "model", "model_not_found")
         try:
@@ -117,8 +117,28 @@ class Edge(Actor):
             message = f"the tokenizer of model {name!r} is not available: {exc}"
             raise ApiError(503, message, code="no_replica") from None
 
+    def adapter_of(self, name: str) -> str:
+        """The LoRA adapter a request's model names ("" when it names a model)."""
+        return name if self.models.resolve(name) is None and name in self.cluster.adapters() else ""
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """/v1/models: every served model, then every LoRA adapter (its parent named)."""
+        cards = [self.model_card(name) for name in self.models.names()]
+        return cards + [self.model_card(name) for name in sorted(self.cluster.adapters())]
+
     def model_card(self, name: str) -> dict[str, Any] | None:
-        """/v1/models' entry for a served model's name (or alias); None if not served."""
+        """/v1/models' entry for a served model's name (or alias), or a LoRA adapter's (with
+        its parent, as vLLM lists them); None if not served."""
+        if base := self.cluster.adapters().get(name) if self.adapter_of(name) else None:
+            return {
+                "id": name,
+                "object": "model",
+                "created": self.started,
+                "owned_by": "p3",
+                "root": name,
+                "parent": self.models.api_name(base),
+                "max_model_len": self.max_model_len(base),
+            }
         root = self.models.resolve(name)
         if root is None or self.models.api_name(root) not in self.models.names():
             return None

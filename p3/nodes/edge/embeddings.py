@@ -35,13 +35,15 @@ async def embeddings(edge: Edge, body: Any) -> dict[str, Any]:
         raise bad_request("encoding_format", "encoding_format must be 'float' or 'base64'")
     dimensions = f.int("dimensions", None, 1, 1 << 20)
     model, tokenizer = await edge.model_for(body)
-    if not edge.cluster.replicas(model):
+    lora = edge.adapter_of(body["model"])
+    if not edge.cluster.replicas(model, lora):
         raise ApiError(503, f"no ready replica of model {body['model']!r}", code="no_replica")
     if any(isinstance(i, str) for i in inputs):
         refuse_text(tokenizer, "input", "a text input needs one; give token ids instead")
     prompts = [tokenizer.encode(i) if isinstance(i, str) else i for i in inputs]
     _check_context(edge, model, prompts, tokenizer.vocab_size)
-    samples = make_samples(new_id("embd"), model, prompts, SamplingParams(max_tokens=1), tokenizer)
+    params = SamplingParams(max_tokens=1)
+    samples = make_samples(new_id("embd"), model, prompts, params, tokenizer, lora)
     for sample in samples:
         sample.journal.embed = True
     generation = Generation(edge.cluster, samples, edge.config.token_timeout_s)

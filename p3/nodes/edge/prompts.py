@@ -53,6 +53,7 @@ class Prepared:
     tokenizer: Tokenizer
     prompt_ids: list[list[int]]
     params: SamplingParams | None = None
+    lora: str = ""  # the LoRA adapter the request names ("": the model itself)
 
     def responder(self, chat: bool) -> Responder:
         request = self.request
@@ -78,11 +79,13 @@ async def prepare(edge: Edge, body: Any, chat: bool | None) -> Prepared:
         return await _prepare_tokenize(edge, body)
     request = parse_chat(body, edge.limits) if chat else parse_completion(body, edge.limits)
     model, tokenizer = await edge.model_for({"model": request.model})
-    if not edge.cluster.replicas(model):
+    lora = edge.adapter_of(request.model)
+    if not edge.cluster.replicas(model, lora):
         raise ApiError(503, f"no ready replica of model {request.model!r}", code="no_replica")
     _check_untokenized(tokenizer, request)
     prompt_ids = await _render(tokenizer, request, _max_chars(edge, model))
-    prepared = Prepared(request, chat, model, edge.models.api_name(model), tokenizer, prompt_ids)
+    name = request.model if lora else edge.models.api_name(model)
+    prepared = Prepared(request, chat, model, name, tokenizer, prompt_ids, lora=lora)
     max_tokens = _check_context(edge, prepared)
     prepared.params = request.sampling_params(max_tokens)
     try:

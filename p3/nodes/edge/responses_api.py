@@ -350,7 +350,12 @@ async def serve(api: Api, request: web.Request) -> web.StreamResponse:
     except ApiError as exc:
         raise responses_param(exc) from None
     samples = make_samples(
-        new_id("req"), prepared.model, prepared.prompt_ids, prepared.params, prepared.tokenizer
+        new_id("req"),
+        prepared.model,
+        prepared.prompt_ids,
+        prepared.params,
+        prepared.tokenizer,
+        prepared.lora,
     )
     tools = prepared.request.tools
     builder = ResponseBuilder(body, prepared.model_name, tools, prepared.tokenizer.chat_template)

@@ -31,6 +31,7 @@ class NodeConfig:
     keys: str | None = None  # a `p3 keys generate` directory: CurveZMQ on every socket
     max_threads: int | None = None  # may compute with up to this many while host peers are down
     skip_tokenizer_init: bool = False  # announce no tokenizer: edges send token ids only
+    loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters held from the start: (name, path)
 
     @property
     def model_name(self) -> str:

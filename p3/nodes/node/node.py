@@ -35,6 +35,7 @@ from p3.log import get_logger
 from p3.nodes.actor.base import Actor
 from p3.nodes.coordinator import placement
 from p3.nodes.node import reports
+from p3.nodes.node.adapters import NodeAdapters
 from p3.nodes.node.config import NodeConfig, advertised_address
 from p3.nodes.node.inflight import InFlight, InFlightTable
 from p3.nodes.node.rejoin import Rejoin
@@ -92,6 +93,7 @@ class Node(Actor):
         self._rejoin = Rejoin()
         self._failure: BaseException | None = None  # set with state FAILED
         self._failed = asyncio.Event()
+        self.adapters = NodeAdapters(config.node_id, self._send_edge)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -262,7 +264,9 @@ class Node(Actor):
 
     def _send_ready(self) -> None:
         hashed = self._tokenizer[0] if self._tokenizer else ""
-        ready = reports.ready(self.name, self.epoch, self.config, self.engine, hashed)
+        ready = reports.ready(
+            self.name, self.epoch, self.config, self.engine, hashed, self.adapters.names()
+        )
         wire.send(self._coordinator, ready)
 
     # -- the engine -------------------------------------------------------------------------
@@ -277,6 +281,7 @@ class Node(Actor):
 
         def build_and_read_tokenizer() -> Engine:  # on the step thread, off the loop
             engine = build()
+            self.adapters.preload(engine, self.config.loras)
             skip = self.config.skip_tokenizer_init
             self._tokenizer = None if skip else _tokenizer_files(engine.model_dir)
             if engine.shard.is_leader:  # it samples: grammars' tokenizer now, not mid-serve
@@ -371,6 +376,10 @@ class Node(Actor):
                     self._send_edge(edge, m.Pong(nonce, self.name, self.epoch))
                 case m.Adopt(stream_id=stream_id):
                     self.on_adopt(edge, stream_id)
+                case m.LoadAdapter():
+                    self.adapters.on_load(edge, msg, self.engine)
+                case m.UnloadAdapter():
+                    self.adapters.on_unload(edge, msg, self.engine)
                 case m.GetTokenizer(tokenizer_hash=wanted):
                     ours = self._tokenizer is not None and self._tokenizer[0] == wanted
                     files = self._tokenizer[1] if ours else {}
@@ -381,6 +390,9 @@ class Node(Actor):
         if refusal is None:
             try:
                 params = from_wire(submit.params)
+                lora = self.adapters.request_for(submit.lora) if submit.lora else None
+                if submit.lora and lora is None:
+                    raise ValueError(f"LoRA adapter {submit.lora!r} is not loaded on this node")
                 request = Request(
                     submit.request_id,
                     submit.prompt_token_ids,
@@ -388,6 +400,7 @@ class Node(Actor):
                     submit.seed,
                     tuple(submit.output_token_ids),
                     embed=submit.embed,
+                    lora=lora,
                 )
                 self.engine.add(request)
             except (ValueError, TypeError, OverflowError) as exc:  # a peer's numbers, not ours

@@ -54,7 +54,12 @@ def threads(config: NodeConfig) -> tuple[int, int]:
 
 
 def ready(
-    node_id: str, epoch: int, config: NodeConfig, engine: Engine, tokenizer_hash: str = ""
+    node_id: str,
+    epoch: int,
+    config: NodeConfig,
+    engine: Engine,
+    tokenizer_hash: str = "",
+    adapters: list[str] = (),
 ) -> m.Ready:
     return m.Ready(
         node_id=node_id,
@@ -68,6 +73,7 @@ def ready(
         replica_size=engine.shard.world_size,
         kv_cache_dtype=engine.config.kv_cache_dtype,
         tokenizer_hash=tokenizer_hash,
+        adapters=adapters,
     )
 
 
@@ -84,6 +90,7 @@ def heartbeat(node: Node) -> m.Heartbeat:
         busy=bool(len(node.inflight)) or stepper.in_step,
         draining=node.draining,
         step_allowance_s=stepper.speed.allowance_s(engine.config.max_num_batched_tokens),
+        adapters=node.adapters.names(),
         load=m.Load(
             num_free_blocks=engine.num_free_blocks,
             num_waiting=engine.num_waiting,
