@@ -215,6 +215,11 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     quantization: str = "auto"  # p3.kernels.quant.QUANTIZATION_MODES
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+    # StreamingLLM: each sequence keeps its first attention_sinks tokens and its latest ones,
+    # at most sliding_window, in its KV cache, so it generates past the model's context with
+    # bounded KV (Sequence.window_view). None: off
+    sliding_window: int | None = None
+    attention_sinks: int = 4
     enable_lora: bool = False  # LoRA adapters per request (p3.engine.lora)
     max_loras: int = 4  # adapters held at once
     max_lora_rank: int = 64
@@ -234,6 +239,10 @@ class EngineConfig:
         for name in (*names, "max_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.sliding_window is not None and self.sliding_window < 2:
+            raise ValueError(f"sliding_window must be at least 2, got {self.sliding_window}")
+        if self.attention_sinks < 0:
+            raise ValueError(f"attention_sinks must be >= 0, got {self.attention_sinks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 

@@ -91,6 +91,15 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
     p.add_argument("--max-num-batched-tokens", type=int, default=engine("max_num_batched_tokens"))
     p.add_argument("--max-model-len", type=int, default=engine("max_model_len"))
     p.add_argument("--block-size", type=int, default=engine("block_size"))
+    p.add_argument(
+        "--sliding-window",
+        type=int,
+        default=None,
+        metavar="W",
+        help="StreamingLLM: each sequence keeps its first --attention-sinks tokens and its "
+        "latest W//2 to W in its KV cache, so it goes on past the model's context",
+    )
+    p.add_argument("--attention-sinks", type=int, default=engine("attention_sinks"), metavar="S")
     p.add_argument("--no-prefix-caching", action="store_false", dest="enable_prefix_caching")
     p.add_argument(
         "--skip-tokenizer-init",
@@ -141,6 +150,9 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--device", args.device]
     if args.max_model_len:
         argv += ["--max-model-len", str(args.max_model_len)]
+    if args.sliding_window:
+        argv += ["--sliding-window", str(args.sliding_window)]
+        argv += ["--attention-sinks", str(args.attention_sinks)]
     if not args.enable_prefix_caching:
         argv.append("--no-prefix-caching")
     if args.skip_tokenizer_init:
@@ -225,6 +237,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         "enable_prefix_caching",
         "max_loras",
         "max_lora_rank",
+        "sliding_window",
+        "attention_sinks",
     )
     options = {n: getattr(args, n) for n in names}
     options["enable_lora"] = bool(args.enable_lora or args.lora)

@@ -37,6 +37,10 @@ from p3.weights.read import iter_state_dict
 log = get_logger(__name__)
 
 
+# the context an engine under a streaming window takes: any length (its view is bounded)
+STREAMING_CONTEXT = 1 << 30
+
+
 class Engine:
     def __init__(
         self,
@@ -75,6 +79,7 @@ class Engine:
             blocks,
         )
         self.runner = ModelRunner(model_, mcfg, cfg, self.num_kv_blocks, self.eos_token_ids)
+        self.window = self._streaming_window(cfg)
         self.grammars = self.runner.grammars = Grammars(
             self.model_dir, mcfg.vocab_size, self.eos_token_ids
         )
@@ -269,6 +274,9 @@ class Engine:
             raise ValueError("embeddings need a replica of one pipeline stage")
         if request.embed and request.output_token_ids:
             raise ValueError("an embedding request has no outputs to continue")
+        windowed = self.window is not None and len(ids) >= sum(self.window)
+        if windowed and request.params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs need the whole prompt in the sliding window")
         if request.lora is not None and self.loras is None:
             raise ValueError("LoRA adapters are off: start the engine with enable_lora=True")
 
@@ -285,8 +293,24 @@ class Engine:
                 aborted.append(_abort_output(seq))
         return aborted
 
+    def _streaming_window(self, cfg: EngineConfig) -> tuple[int, int] | None:
+        """(sinks, window) under --sliding-window; the context is then unbounded: what the
+        model sees stays within its own (the view, Sequence.stream_within)."""
+        if cfg.sliding_window is None:
+            return None
+        sinks, window = cfg.attention_sinks, cfg.sliding_window
+        if sinks + window > self.max_model_len:
+            raise ValueError(
+                f"attention_sinks + sliding_window ({sinks} + {window}) exceed this model's "
+                f"context of {self.max_model_len}"
+            )
+        self.max_model_len = STREAMING_CONTEXT
+        return sinks, window
+
     def _admit(self, request: Request, matcher, lora_key: int | None) -> None:
         seq = Sequence(request, self.config.block_size, self._arrivals)
+        if self.window is not None:
+            seq.stream_within(*self.window)
         seq.matcher, seq.lora_key = matcher, lora_key
         seq.lane = self._arrivals % self.num_lanes
         self._arrivals += 1
@@ -332,6 +356,8 @@ class Engine:
             out.finish_reason = self._finish_reason(seq, token)
             if out.finish_reason:
                 self._finish(seq, out.finish_reason)
+            elif seq.needs_rewindow():
+                self.scheduler.rewindow(seq)
             outputs.append(out)
         return outputs
 

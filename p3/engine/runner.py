@@ -311,7 +311,7 @@ class ModelRunner:
         return SampleRow(
             params=params,
             seed=seq.seed,
-            position=len(seq),
+            position=seq.num_tokens,  # in the whole stream, not its window's view
             prompt_token_ids=seq.prompt_token_ids if params.needs_history else (),
             output_token_ids=seq.output_token_ids if history else (),
             eos_token_ids=self.eos_token_ids,

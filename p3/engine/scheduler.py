@@ -129,6 +129,18 @@ class Scheduler:
         self.block_manager.free_sequence(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
+    def rewindow(self, seq: Sequence) -> None:
+        """A streaming sequence whose window's view dropped back: its KV goes, and it waits
+        at the head of the queue to compute its new view (a moved stream's priority)."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free_sequence(seq)
+        seq.apply_window()
+        seq.reset_for_recompute(preempted=False)
+        self.waiting.appendleft(seq)
+
     def _schedule_running(
         self, batch: ScheduledBatch, budget: int, lane: int | None, seqs: list[Sequence]
     ) -> int:

@@ -59,9 +59,13 @@ class Sequence:
         self.request_id = request.request_id
         self.params = request.params
         self.seed = _effective_seed(request)
-        self.token_ids = list(request.prompt_token_ids)
-        self.num_prompt_tokens = len(self.token_ids)
-        self.token_ids += request.output_token_ids
+        self.all_token_ids = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.all_token_ids)
+        self.all_token_ids += request.output_token_ids
+        # what the model sees: every token, or under a streaming window its view of them
+        self.token_ids = self.all_token_ids
+        self.window: tuple[int, int] | None = None  # (sinks, window) when streaming
+        self.view_start: int | None = None  # the view: sinks, then tokens from here on
         self.block_size = block_size
         self.arrival = arrival
         self.lane = 0  # the pipeline micro-batch it rides in (engine.py)
@@ -92,16 +96,46 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_tokens(self) -> int:
+        """Prompt and outputs, all of them (len(seq) is what the model sees of them)."""
+        return len(self.all_token_ids)
+
+    @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.all_token_ids) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.all_token_ids[self.num_prompt_tokens :]
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        return self.all_token_ids[: self.num_prompt_tokens]
+
+    @property
+    def is_windowed(self) -> bool:
+        return self.token_ids is not self.all_token_ids
+
+    def stream_within(self, sinks: int, window: int) -> None:
+        """StreamingLLM: from now on the model sees at most sinks + window tokens (see
+        window_view); the view is applied now if the tokens already exceed it."""
+        self.window = (sinks, window)
+        self.apply_window()
+
+    def needs_rewindow(self) -> bool:
+        """Its view has just dropped back (its KV must be computed again, at new positions)."""
+        if self.window is None:
+            return False
+        view = window_view(len(self.all_token_ids), *self.window)
+        return (view[1] if view else None) != self.view_start
+
+    def apply_window(self) -> None:
+        """Take the view of the tokens so far (its KV must be computed again from scratch)."""
+        if self.window is not None:
+            view = window_view(len(self.all_token_ids), *self.window)
+            if view is not None:
+                sinks, self.view_start = view
+                self.token_ids = self.all_token_ids[:sinks] + self.all_token_ids[self.view_start :]
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -115,17 +149,34 @@ class Sequence:
         return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
 
     def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if self.is_windowed:
+            self.token_ids.append(token_id)
 
-    def reset_for_recompute(self) -> None:
-        """Preempted: its blocks are gone; it starts again from its tokens so far."""
+    def reset_for_recompute(self, preempted: bool = True) -> None:
+        """Preempted (or its window's view dropped back): its blocks are gone; it starts
+        again from its tokens so far."""
         if self.prompt_logprobs is not None:
             self.prompt_logprobs = []  # computed again with the prompt
         self.block_table = []
         self.block_hashes = []
         self.num_computed_tokens = self.num_cached_tokens = 0
         self.status = Status.WAITING
-        self.num_preemptions += 1
+        self.num_preemptions += preempted
+
+
+def window_view(num_tokens: int, sinks: int, window: int) -> tuple[int, int] | None:
+    """StreamingLLM's view of num_tokens tokens: None while they fit in sinks + window; else
+    the first `sinks` tokens and the tokens from `start` on. Each time the view fills up it
+    drops back to sinks + window // 2 (the KV is computed again then, at the view's own
+    positions: so RoPE never sees a position past sinks + window), hence between window // 2
+    and window latest tokens: a function of num_tokens alone, so a stream moved to another
+    node, which rebuilds its view from its tokens, sees exactly what it saw before."""
+    if num_tokens < sinks + window:
+        return None
+    half = max(1, window // 2)
+    tail = half + (num_tokens - sinks - half) % (window - half)
+    return min(sinks, num_tokens), num_tokens - tail
 
 
 def _effective_seed(request: Request) -> int:
