@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from p3.config import ModelConfig
+from typing import Any
 
 Hf = dict[str, Any]
 
@@ -482,7 +479,3 @@ def rope_scaling(params: Hf, hf: Hf):
     raise ValueError(
         f"unsupported rope scaling {kind!r}; p3 supports default, llama3, linear and longrope"
     )
-
-
-def describe(cfg: ModelConfig) -> str:
-    return f"{cfg.architecture} ({cfg.num_layers} layers, hidden {cfg.hidden_size})"
