@@ -17,6 +17,13 @@ probability).
 SmolLM2's tokenizer written in f32: qwen2 (q/k/v biases, rows not permuted) and Llama-3 RoPE
 scaling (the rope_freqs tensor), each against p3 with quantization none.
 
+--families does the same for the tiny random model of every family p3 writes
+(tests/model/families.py, with the switch tests/model/test_gguf_families.py VARIANTS sets
+where the tiny one differs from what llama.cpp runs), with SmolLM2's whole vocabulary and
+tokenizer, and ends with a table: does llama-server load the file, do its 32 greedy tokens
+agree with p3's, and where not, the first index that differs. Only those families, without
+the default model's benchmarks: --families NAME ... picks some.
+
 Exit status 0 when every comparison agrees. p3 never depends on llama.cpp; this script does.
 """
 
@@ -45,7 +52,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens compared")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="also qwen2 and Llama-3 RoPE scaling")
+    parser.add_argument(
+        "--families", nargs="*", metavar="NAME", help="only every family's tiny model (or these)"
+    )
     args = parser.parse_args()
+    if args.families is not None:
+        return check_families(args)
 
     from llama_cpp import llama_bench
 
@@ -95,6 +107,15 @@ TOP = 3  # probabilities shown where the tokens first differ
 
 def compare_greedy(args, gguf: Path, model_dir: Path, quantization: str, prompt_ids, tokenizer):
     """llama-server's greedy tokens for prompt_ids beside p3's on model_dir; True if equal."""
+    differ, _ = greedy_difference(args, gguf, model_dir, quantization, prompt_ids, tokenizer)
+    return differ is None
+
+
+def greedy_difference(
+    args, gguf: Path, model_dir: Path, quantization: str, prompt_ids, tokenizer
+) -> tuple[int | None, float]:
+    """compare_greedy's comparison, printed: the first index where the tokens differ (None
+    when they agree), and how far apart both sides' top probabilities are at most."""
     from llama_cpp import llama_server
 
     from p3 import LLM, SamplingParams
@@ -118,16 +139,32 @@ def compare_greedy(args, gguf: Path, model_dir: Path, quantization: str, prompt_
     if differ is None and len(ours) != len(theirs):
         differ = min(len(ours), len(theirs))
     label = f"{gguf.name} vs p3 (quantization {quantization})"
+    our_top = [{t: math.exp(lp.logprob) for t, lp in step.items()} for step in out.logprobs]
+    gap = max(
+        (abs(p - mine[t]) for mine, step in zip(our_top, their_top, strict=False)
+         for t, p in step.items() if t in mine),
+        default=float("nan"),
+    )  # fmt: skip
     if differ is None:
-        print(f"{label}: {len(ours)}/{len(theirs)} greedy tokens agree", flush=True)
+        print(
+            f"{label}: {len(ours)}/{len(theirs)} greedy tokens agree, top-{TOP} probabilities "
+            f"within {gap:.1e}",
+            flush=True,
+        )
         print(f"  {tokenizer.decode(ours)!r}")
-        return True
+        return None, gap
     print(f"{label}: tokens differ first at index {differ} of {len(ours)}", flush=True)
     print(f"  p3:        {tokenizer.decode(ours)!r}\n  llama.cpp: {tokenizer.decode(theirs)!r}")
     if differ < min(len(ours), len(theirs)):
-        our_top = {t: round(math.exp(lp.logprob), 4) for t, lp in out.logprobs[differ].items()}
-        print(f"  there, p3's top {TOP} {our_top}, llama.cpp's {their_top[differ]}")
-    return False
+        print(
+            f"  there, p3's top {TOP} {rounded(our_top[differ])}, "
+            f"llama.cpp's {rounded(their_top[differ])}"
+        )
+    return differ, gap
+
+
+def rounded(probabilities: dict[int, float]) -> dict[int, float]:
+    return {token: round(p, 4) for token, p in probabilities.items()}
 
 
 def completion(port: int, prompt_ids: list[int], n: int) -> tuple[list[int], list[dict]]:
@@ -149,10 +186,97 @@ def completion(port: int, prompt_ids: list[int], n: int) -> tuple[list[int], lis
     with urllib.request.urlopen(request, timeout=300) as response:
         answer = json.loads(response.read())
     top = [
-        {p["id"]: round(math.exp(p["logprob"]), 4) for p in step["top_logprobs"]}
+        {p["id"]: math.exp(p["logprob"]) for p in step["top_logprobs"]}
         for step in answer.get("completion_probabilities", [])
     ]
     return list(answer["tokens"]), top
+
+
+def check_families(args) -> int:
+    """Every family's tiny model, with SmolLM2's tokenizer, written in f32 and run by
+    llama-server beside p3 (quantization none); a table of what happened."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from p3.tokenizer import Tokenizer
+    from p3.weights.files import resolve_model
+    from tests.model.families import FAMILIES
+    from tests.model.test_gguf_families import EXPORTED, family_model
+
+    model_dir = resolve_model(None)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}])
+    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    names = args.families or EXPORTED
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="p3-gguf-families-") as tmp:
+        for name in names:
+            if name not in FAMILIES:
+                raise SystemExit(f"unknown family {name!r}; known: {', '.join(EXPORTED)}")
+            switches, label = {}, name
+            while switches is not None:
+                print(f"--- {label}", flush=True)
+                tiny_dir = family_model(
+                    Path(tmp) / label, name, model_dir, vocab_size=tokenizer.vocab_size, **switches
+                )
+                # llama.cpp gives models named like Phi-3 its SentencePiece tokens' attributes
+                tiny_dir = tiny_dir.rename(tiny_dir.with_name("tiny"))
+                outcome = llama_cpp_outcome(args, tiny_dir, Path(tmp), prompt_ids, tokenizer)
+                rows.append((label, outcome))
+                again = None if switches else as_llama_cpp_runs(tiny_dir)
+                shutil.rmtree(tiny_dir.parent)
+                described = " and ".join(SWITCHES[key] for key in again or ())
+                switches, label = again, f"{name} as llama.cpp runs it ({described})"
+    width = max(len(label) for label, _ in rows) + 1
+    print(f"\n{'family':{width}} llama.cpp ({args.tokens} greedy tokens beside p3's)")
+    for label, outcome in rows:
+        print(f"{label:{width}} {outcome}")
+    return 0 if all("agree" in outcome for _, outcome in rows) else 1
+
+
+def llama_cpp_outcome(args, tiny_dir: Path, tmp: Path, prompt_ids, tokenizer) -> str:
+    """tiny_dir written in f32 and compared: what llama.cpp did with it, in a few words."""
+    from p3.weights.gguf_write import export_gguf
+
+    gguf = export_gguf(tiny_dir, tmp / "tiny.gguf", "f32", progress=False)
+    try:
+        differ, gap = greedy_difference(args, gguf, tiny_dir, "none", prompt_ids, tokenizer)
+    except RuntimeError as exc:  # llama-server would not load it
+        return f"refused: {exc}; {server_log_tail()}"
+    finally:
+        gguf.unlink()
+    if differ is None:
+        return f"loads, tokens agree (top-{TOP} probabilities within {gap:.0e})"
+    return f"loads, tokens differ from index {differ}"
+
+
+SWITCHES = {"sliding_window": "no window", "rope_parameters": "long factors only"}
+
+
+def as_llama_cpp_runs(model_dir: Path) -> dict | None:
+    """Config switches that make p3 run the model as llama.cpp runs its file, where the file
+    says what llama.cpp's architecture does not do (None: nothing such): a sliding window it
+    ignores; LongRoPE's short factors, which llama.cpp takes only for a context no longer
+    than original_max_position_embeddings (llama-server's is longer), not per position."""
+    from p3.config import ModelConfig
+    from p3.weights.files import load_config
+    from p3.weights.gguf_write import family_for
+
+    config = load_config(model_dir)
+    cfg, switches = ModelConfig.from_hf(config), {}
+    if any(cfg.windows) and not family_for(config).default_swa_period:
+        switches["sliding_window"] = None
+    if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
+        rope = config["rope_parameters"]
+        switches["rope_parameters"] = {**rope, "short_factor": rope["long_factor"]}
+    return switches or None
+
+
+def server_log_tail(lines: int = 3) -> str:
+    """The last lines of the newest llama-server log (scripts/llama_cpp.py writes one)."""
+    logs = sorted(Path(tempfile.gettempdir()).glob("llama-server-*.log"), key=os.path.getmtime)
+    if not logs:
+        return "no log"
+    tail = logs[-1].read_text(errors="replace").strip().splitlines()[-lines:]
+    return " | ".join(line.strip() for line in tail)
 
 
 def tiny_configs(vocab_size: int) -> dict:

@@ -5,8 +5,11 @@ stored as uint8 [rows, row bytes] under the Hugging Face name and listed in quan
 (see p3.kernels.quant for the layout); tensors of other types are dequantized to float32 with
 the `gguf` package (exactly as transformers' own GGUF loader does). A pytorch_model*.bin
 checkpoint is re-saved as safetensors. Either way config.json and the tokenizer files land
-beside the weights. GGUF architectures read: llama (q/k rows un-permuted) and qwen2. The other
-direction, a directory to a GGUF file, is p3.weights.gguf_write.
+beside the weights. GGUF architectures read: every one p3.weights.gguf_write writes (llama,
+with Mistral and Mixtral; qwen2, qwen3, qwen2moe, qwen3moe, gemma, gemma2, gemma3, phi3, phi2,
+olmo, olmo2, granite, stablelm, gptneox, gpt2, starcoder2, falcon, smollm3), through the same
+tables: each writer's transform (q/k rows permuted, fused q/k/v reordered, Gemma's norms + 1,
+GPT-2's transpose, experts stacked) undone, the family's own Hugging Face names and config.
 """
 
 from __future__ import annotations
@@ -30,23 +33,6 @@ MAX_SHARD_BYTES = 2 * 1024**3
 GGUF_BLOCK_KINDS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 BIN_WEIGHTS = re.compile(r"pytorch_model.*\.bin(\.index\.json)?")
 SAFETENSORS_WEIGHTS = re.compile(r".*\.safetensors(\.index\.json)?")
-
-GGUF_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-GGUF_GLOBAL_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
 
 
 def convert(src: Path, dst: Path, progress: bool = True) -> None:
@@ -75,56 +61,52 @@ def convert_gguf(src: Path, dst: Path, progress: bool = True) -> None:
     write_quantization(dst, kinds, source="gguf")
     write_json(dst / "config.json", config)
     write_json(dst / "generation_config.json", _generation_config(config))
-    _save_gguf_tokenizer(src, dst, add_bos=_gguf_value(reader, "tokenizer.ggml.add_bos_token"))
+    add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token")
+    _save_gguf_tokenizer(src, dst, add_bos, _gguf_value(reader, "general.architecture"))
 
 
 def gguf_config(reader: Any) -> dict[str, Any]:
-    """A config.json dict from the GGUF metadata (llama and qwen2 architectures)."""
-    from p3.weights.gguf_write import ROPE_FREQS, gguf_architecture
+    """A config.json dict from the GGUF metadata, for any architecture
+    p3.weights.gguf_write.FAMILIES writes (the tables are shared: reading undoes writing)."""
+    from p3.weights.gguf_write import ROPE_FACTORS, ROPE_FREQS, gguf_family, hf_config_from_gguf
 
-    arch = gguf_architecture(_gguf_value(reader, "general.architecture"))
-    tensor_names = {tensor.name for tensor in reader.tensors}
-    if _gguf_value(reader, f"{arch.name}.rope.scaling.type", "none") != "none":
-        raise ValueError("GGUF files with RoPE scaling are not supported")
-    if ROPE_FREQS in tensor_names:
+    arch = _gguf_value(reader, "general.architecture")
+    meta = gguf_metadata(reader, arch)
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    if ROPE_FREQS in tensors:
         raise ValueError("GGUF files with a rope_freqs tensor (Llama-3 RoPE scaling) are not read")
-    arch_value = lambda key, default=None: _gguf_value(reader, f"{arch.name}.{key}", default)
-    hidden, heads = arch_value("embedding_length"), arch_value("attention.head_count")
-    rope_theta = float(arch_value("rope.freq_base", 10000.0))
+    for name in ROPE_FACTORS:
+        if name in tensors:  # LongRoPE's factors: config, not weights
+            meta[name.removesuffix(".weight")] = np.asarray(tensors[name].data).tolist()
+    family = gguf_family(arch, meta)
+    config = hf_config_from_gguf(family, meta, set(tensors))
+    config["vocab_size"] = int(tensors["token_embd.weight"].data.shape[0])
+    tied = _head_is_embedding(tensors)
+    if config.get("tie_word_embeddings") and not tied:
+        raise ValueError(f"a {arch} GGUF file with its own output.weight: {arch} ties its head")
+    config["tie_word_embeddings"] = tied
+    for token, gguf_token in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        config[f"{token}_token_id"] = _gguf_value(reader, f"tokenizer.ggml.{gguf_token}_token_id")
+    return config
+
+
+def gguf_metadata(reader: Any, arch: str) -> dict[str, Any]:
+    """The file's "<arch>.*" keys, without "<arch>."."""
+    prefix = f"{arch}."
     return {
-        "architectures": [arch.hf_architecture],
-        "model_type": arch.name,
-        "vocab_size": arch_value("vocab_size") or _gguf_vocab_size(reader),
-        "hidden_size": hidden,
-        "intermediate_size": arch_value("feed_forward_length"),
-        "num_hidden_layers": arch_value("block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": arch_value("attention.head_count_kv", heads),
-        "head_dim": arch_value("attention.key_length", hidden // heads),
-        "hidden_act": "silu",
-        "max_position_embeddings": arch_value("context_length"),
-        "rms_norm_eps": _shortest_float32(arch_value("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "mlp_bias": False,
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": _gguf_value(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _gguf_value(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _gguf_value(reader, "tokenizer.ggml.padding_token_id"),
-        "torch_dtype": "float32",
+        key.removeprefix(prefix): field.contents()
+        for key, field in reader.fields.items()
+        if key.startswith(prefix)
     }
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
-    base, suffix = gguf_name.rsplit(".", 1)
-    layer = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if layer and layer[2] in GGUF_LAYER_TENSORS:
-        return f"model.layers.{layer[1]}.{GGUF_LAYER_TENSORS[layer[2]]}.{suffix}"
-    if base in GGUF_GLOBAL_TENSORS:
-        return f"{GGUF_GLOBAL_TENSORS[base]}.{suffix}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart")
+def _head_is_embedding(tensors: dict[str, Any]) -> bool:
+    """No output.weight (llama.cpp's tied head), or one that is token_embd's copy (written
+    where an architecture needs the tensor)."""
+    head, embedding = tensors.get("output.weight"), tensors["token_embd.weight"]
+    if head is None:
+        return True
+    return head.tensor_type == embedding.tensor_type and np.array_equal(head.data, embedding.data)
 
 
 def undo_rope_permutation(weights: np.ndarray, num_heads: int) -> np.ndarray:
@@ -149,27 +131,36 @@ def _swap_within_heads(weights: np.ndarray, num_heads: int, interleaved: bool) -
 def _gguf_tensors(
     reader: Any, config: dict, progress: bool, kinds: dict[str, str]
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor under its HF name: blocks as they are for the kinds p3 multiplies
-    directly (recorded in kinds), float32 for the rest."""
+    """Every tensor under its HF name, the writer's transforms undone (q/k rows, fused q/k/v
+    order, Gemma's norms, GPT-2's transpose, stacked experts split): blocks as they are for
+    the kinds p3 multiplies directly (recorded in kinds) where only rows move, float32 for
+    the rest."""
     from gguf.quants import dequantize
 
-    from p3.weights.gguf_write import gguf_architecture
+    from p3.config import ModelConfig
+    from p3.weights.gguf_write import ROPE_FACTORS, family_for
 
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    if not gguf_architecture(config["model_type"]).permute_qk:  # qwen2 rotates halves, as HF
-        heads = {}
+    family, cfg = family_for(config), ModelConfig.from_hf(config)
+    experts = cfg.moe.num_experts if cfg.moe else 0
+    skipped = set(ROPE_FACTORS) | ({"output.weight"} if config["tie_word_embeddings"] else set())
     for tensor in tqdm(reader.tensors, desc="Reading GGUF tensors", disable=not progress):
-        name = hf_tensor_name(tensor.name)
+        if tensor.name in skipped:
+            continue
+        names = family.hf_tensors(tensor.name, config, experts)
+        transforms = [family.transform(name, cfg) for name in names]
         kind = GGUF_BLOCK_KINDS.get(tensor.tensor_type.name)
-        if kind is not None and len(tensor.data.shape) == 2:
-            weights = np.asarray(tensor.data, dtype=np.uint8)  # [rows, row bytes]
-            kinds[name] = kind
+        rows_only = all(t.moves_rows_only for t in transforms)
+        stacked = len(names) > 1
+        blocks = kind is not None and rows_only and len(tensor.data.shape) == 2 + stacked
+        if blocks:
+            weights = np.array(tensor.data, dtype=np.uint8)  # [(experts,) rows, row bytes]
         else:
             weights = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        projection = name.split(".")[-2]
-        if projection in heads:  # a permutation of rows: blocks move with their row
-            weights = undo_rope_permutation(weights, heads[projection])
-        yield name, torch.from_numpy(np.ascontiguousarray(weights))
+        parts = list(weights) if stacked else [weights]
+        for name, transform, part in zip(names, transforms, parts, strict=True):
+            if blocks:
+                kinds[name] = kind
+            yield name, torch.from_numpy(transform.undo(part))
 
 
 def write_quantization(dst: Path, kinds: dict[str, str], source: str) -> None:
@@ -198,25 +189,20 @@ def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def _gguf_vocab_size(reader: Any) -> int:
-    return len(reader.get_field("tokenizer.ggml.tokens").data)
-
-
-def _shortest_float32(value: float) -> float:
-    """GGUF stores float32: 9.999999747378752e-06 -> 1e-05, the same float32, as written in HF."""
-    return float(str(np.float32(value)))
-
-
 def _generation_config(config: dict) -> dict[str, Any]:
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     return {key: config[key] for key in keys if config.get(key) is not None}
 
 
-def _save_gguf_tokenizer(src: Path, dst: Path, add_bos: bool | None) -> None:
-    """transformers builds tokenizer.json and the chat template from the GGUF metadata."""
-    from transformers import AutoTokenizer
+def _save_gguf_tokenizer(src: Path, dst: Path, add_bos: bool | None, arch: str) -> None:
+    """transformers builds tokenizer.json and the chat template from the GGUF metadata (its
+    generic fast tokenizer for architectures whose GGUF config transformers does not read)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, local_files_only=True)
+    known = arch in GGUF_SUPPORTED_ARCHITECTURES or arch in ("qwen2moe", "qwen3moe")
+    cls = AutoTokenizer if known else PreTrainedTokenizerFast
+    tokenizer = cls.from_pretrained(src.parent, gguf_file=src.name, local_files_only=True)
     tokenizer.save_pretrained(dst)
     _tidy_tokenizer_config(dst / "tokenizer_config.json", tokenizer.chat_template, add_bos)
     _compact_merges(dst / "tokenizer.json")
