@@ -1,5 +1,5 @@
 """The one entry point: p3 serve | coordinator | node | edge | generate | convert | quantize |
-info."""
+finetune | info."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from p3.config import EngineConfig, default_of
+from p3.finetune import add_arguments as add_finetune_args
 from p3.flags import (
     add_cluster_args,
     add_engine_args,
@@ -73,6 +74,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     dst = quantize_checkpoint(args.src, Path(args.dst), args.quantization)
     print(f"quantized {args.src} ({args.quantization}) -> {dst}")
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from p3.finetune.train import finetune_from_args
+
+    return finetune_from_args(args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -277,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("dst")
     quant.add_argument("--quantization", default="q8_0", choices=("int8", "q8_0", "q4_0", "q4_1"))
     quant.set_defaults(func=cmd_quantize)
+
+    tune = sub.add_parser("finetune", help="train a LoRA adapter (PEFT format) on JSONL data")
+    add_finetune_args(tune)
+    tune.set_defaults(func=cmd_finetune)
 
     info = sub.add_parser("info", help="this machine's processor and the kernels p3 picks here")
     info.add_argument("--device", default=None, help="cpu, cuda (default: cuda if present)")
