@@ -111,8 +111,18 @@ def test_greedy_batch_of_different_lengths(tiny):
     assert got == expected(ref, batch_prompts)
 
 
+# the scheduling cases are about the scheduler, not the architecture: two configs suffice
+SCHEDULING = ("llama-uneven", "qwen2-bias-tied")
+
+
+def scheduling_only(model_dir) -> None:
+    if model_dir.name not in SCHEDULING:
+        pytest.skip("scheduling cases run on " + ", ".join(SCHEDULING))
+
+
 def test_greedy_with_requests_joining_mid_flight(tiny):
     model_dir, ref = tiny
+    scheduling_only(model_dir)
     batch_prompts = prompts()
     reqs = requests_for(batch_prompts)
     got = run_to_end(fp32_engine(model_dir), reqs[:2], join_after={3: reqs[2:4], 9: reqs[4:]})
@@ -122,6 +132,7 @@ def test_greedy_with_requests_joining_mid_flight(tiny):
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_greedy_with_shared_prefixes(tiny, prefix_caching):
     model_dir, ref = tiny
+    scheduling_only(model_dir)
     common = prompts(seed=1, lengths=(37,))[0]
     batch_prompts = [common + tail for tail in prompts(seed=2, lengths=(3, 20, 1))] + [common]
     engine = fp32_engine(model_dir, enable_prefix_caching=prefix_caching)
@@ -133,6 +144,7 @@ def test_greedy_with_shared_prefixes(tiny, prefix_caching):
 
 def test_greedy_with_small_chunked_prefill(tiny):
     model_dir, ref = tiny
+    scheduling_only(model_dir)
     batch_prompts = prompts()
     engine = fp32_engine(model_dir, max_num_batched_tokens=7)
     assert run_to_end(engine, requests_for(batch_prompts)) == expected(ref, batch_prompts)
@@ -140,6 +152,7 @@ def test_greedy_with_small_chunked_prefill(tiny):
 
 def test_greedy_under_preemption_by_tiny_kv_budget(tiny):
     model_dir, ref = tiny
+    scheduling_only(model_dir)
     batch_prompts = prompts()
     per_block = 2 * 2 * 16 * engine_kv_width(model_dir) * 4
     engine = Engine(model_dir, EngineConfig(dtype="float32", kv_cache_bytes=12 * per_block))

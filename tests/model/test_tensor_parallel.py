@@ -70,7 +70,6 @@ def run_ranks(model_dir: Path, tp: int, pp: int, prompts: list[list[int]]) -> di
         ("llama-gqa-untied", 2, 2),  # both: two stages of two tp ranks
         # families (tests/model/families.py): experts split, one all-reduce after them
         ("qwen2-moe", 2, 1),
-        ("olmo2", 2, 1),  # q/k norms over the whole projection: mean squares all-reduced
         ("phi", 2, 1),  # parallel layout, o_proj/down/head biases added once after reduce
     ],
 )
