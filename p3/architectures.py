@@ -229,10 +229,6 @@ def _gemma3(hf: Hf, fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _phi3(hf: Hf, fields: dict[str, Any]) -> dict[str, Any]:
-    return {}
-
-
 def _phi(hf: Hf, fields: dict[str, Any]) -> dict[str, Any]:
     if hf.get("qk_layernorm"):
         raise ValueError("Phi with qk_layernorm is not supported")
@@ -382,7 +378,6 @@ READERS: dict[str, Callable[[Hf, dict[str, Any]], dict[str, Any]]] = {
     "gemma": _gemma,
     "gemma2": _gemma2,
     "gemma3_text": _gemma3,
-    "phi3": _phi3,
     "phi": _phi,
     "olmo": _olmo,
     "olmo2": _olmo2,

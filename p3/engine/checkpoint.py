@@ -88,13 +88,9 @@ def canonical_tensors(
     """(canonical name, tensor) for every checkpoint tensor p3 may read."""
     rules = COMPILED.get(cfg.architecture, [])
     transposed = TRANSPOSED.get(cfg.architecture)
-    for name, tensor in tensors:
-        if name.startswith("lm_head.") and name.endswith("_scale"):
-            continue
+    for name, tensor in tensors:  # names nothing places (buffers, extras) load_weights ignores
         for pattern, repl in rules:
             name = pattern.sub(repl, name)
-        if name.startswith("transformer."):  # GPT-2's attention bias buffers and the like
-            continue
         if transposed is not None and transposed.search(name):
             tensor = tensor.t()
         if cfg.rope_interleaved and INTERLEAVED.search(name):
@@ -105,8 +101,6 @@ def canonical_tensors(
             half = tensor.shape[0] // 2
             yield name.replace("gate_up_proj", "gate_proj"), tensor.narrow(0, 0, half)
             yield name.replace("gate_up_proj", "up_proj"), tensor.narrow(0, half, half)
-        elif name.endswith(".attn.masked_bias") or name.endswith(".attn.bias"):
-            continue
         else:
             yield name, tensor
 

@@ -421,10 +421,6 @@ class Transformer(nn.Module):
                 cfg.local_rope_theta, cfg.rope_dim, None, self.max_len, device, dtype
             )
 
-    @property
-    def cos_sin(self) -> Tensor:
-        return self.rope_tables["global"]
-
     def forward(self, input_ids: Tensor, positions: Tensor, ctx: AttentionContext) -> Tensor | None:
         """The final hidden states [T, D]; None on a pipeline stage before the last (it sends
         its output on instead)."""

@@ -63,7 +63,7 @@ def test_fused_add_rms_norm_matches_torch(dtype, tokens, hidden):
 
 def rope_case(dtype, tokens, heads, kv_heads, head_dim, num_blocks=40, block_size=16):
     qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, scale=2)
-    table = randn(2, 4096, head_dim, dtype=dtype, seed=1)  # stands in for Transformer.cos_sin
+    table = randn(2, 4096, head_dim, dtype=dtype, seed=1)  # a Transformer.rope_tables entry
     positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(2))
     cos, sin = table[:, positions].unsqueeze(2)  # [T, 1, hd] each, as the model slices them
     slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(3))
