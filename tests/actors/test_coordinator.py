@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 
+from p3.nodes.coordinator.coordinator import Coordinator, CoordinatorConfig
 from p3.protocol import messages as m
 from p3.protocol import wire
 from tests.actors.conftest import HEARTBEAT_INTERVAL_S
@@ -140,3 +142,38 @@ async def test_a_malformed_frame_leaves_the_coordinator_serving(fake_node, coord
     welcome = await join(peer)
     assert welcome.epoch >= 1
     assert coordinator.is_running
+
+
+async def test_a_rank_of_a_replica_gone_down_is_shut_down_not_kept_as_a_spare(running, edge):
+    """A rank whose replica was declared down (it was only slow) may still say Hello with
+    its old place: its shard is joined to peers that are gone, so it cannot take a new
+    Place; the coordinator shuts it down (to come back fresh) rather than make it a spare
+    that a new replica would wait for."""
+    config = CoordinatorConfig(heartbeat_interval_s=HEARTBEAT_INTERVAL_S, tp_size=2)
+    coordinator = await running.start(Coordinator(config))
+    peers = [Peer(edge.ctx, coordinator.address, n, wire.node_from_coordinator()) for n in "xy"]
+    try:
+        hello = m.Hello(m.PROTOCOL_VERSION, "x", "h", 7, "tcp://h:1", m.Capacity(), "tiny")
+        epochs = []
+        for peer in peers:
+            peer.send(msgspec.structs.replace(hello, node_id=peer.identity))
+            epochs.append((await peer.recv()).epoch)
+        place = await peers[0].recv()  # x is rank 0
+        assert isinstance(place, m.Place) and place.replica_rank == 0
+        for rank, peer in enumerate(peers):  # both ready, then silent: the replica is down
+            peer.send(m.Ready(peer.identity, epochs[rank], "tiny", 100, 16, 512, 0.1,
+                              replica_rank=rank, replica_size=2))  # fmt: skip
+        async with asyncio.timeout(5):
+            while coordinator.membership.members["x"].is_live:
+                await asyncio.sleep(0.01)
+        peers[0].send(msgspec.structs.replace(
+            hello, epoch=place.epoch, replica=place.replica, replica_rank=0, replica_size=2
+        ))  # fmt: skip
+        while not isinstance(answer := await peers[0].recv(), m.Shutdown):
+            assert not isinstance(answer, m.Welcome), answer
+        assert answer.mode == "abort"
+        assert not coordinator.membership.members["x"].is_live  # and nothing is formed with it
+        assert coordinator.membership.form_groups() == []
+    finally:
+        for peer in peers:
+            peer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from p3.nodes.coordinator.membership import (
     FORGET_DEAD_AFTER_S,
+    JITTER_CAP,
     JOINING_TIMEOUT_S,
     Membership,
     Verdict,
@@ -40,6 +41,50 @@ def test_a_loading_node_gets_longer_before_it_is_dead():
     assert members.find_dead() == []
     clock.now += JOINING_TIMEOUT_S
     assert [mb.node_id for mb, _ in members.find_dead()] == ["n1"]
+
+
+def ready_member(members, clock, gaps_s):
+    member = members.register(b"n1", m.Hello(m.PROTOCOL_VERSION, "n1"))
+    members.mark_ready(member, m.Ready("n1", member.epoch))
+    for gap_s in gaps_s:
+        clock.now += gap_s
+        members.record_heartbeat(member, m.Heartbeat("n1", member.epoch))
+    return member
+
+
+def test_a_node_seen_late_gets_more_silence_but_never_past_the_cap():
+    members, clock = table()
+    ready_member(members, clock, [0.1] * 5)  # punctual: the configured 0.3 s
+    clock.now += 0.31
+    assert len(members.find_dead()) == 1
+    members, clock = table()
+    ready_member(members, clock, [0.1, 0.4, 0.1])  # one heartbeat 0.3 s late: 1.5 x 0.4 s
+    clock.now += 0.55
+    assert members.find_dead() == []
+    clock.now += 0.1
+    assert len(members.find_dead()) == 1
+    members, clock = table()
+    ready_member(members, clock, [2.0, 0.1])  # a long stall: still the cap
+    clock.now += JITTER_CAP * 0.3 + 0.01
+    assert len(members.find_dead()) == 1
+
+
+def test_a_late_gap_is_forgotten_once_out_of_the_window():
+    members, clock = table()
+    ready_member(members, clock, [0.5] + [0.1] * 32)
+    clock.now += 0.31
+    assert len(members.find_dead()) == 1
+
+
+def test_the_coordinators_own_stall_is_excused():
+    members, clock = table()
+    ready_member(members, clock, [0.1])
+    clock.now += 0.25
+    members.excuse(0.2)  # the coordinator's loop ran 0.2 s late
+    clock.now += 0.2
+    assert members.find_dead() == []  # 0.45 s since its heartbeat, 0.25 s of it observed
+    clock.now += 0.1
+    assert len(members.find_dead()) == 1
 
 
 def test_a_dead_member_is_fenced_for_a_while_then_forgotten():

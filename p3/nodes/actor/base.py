@@ -117,6 +117,10 @@ class Actor:
         self._stop_requested.set()
 
     @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested.is_set()
+
+    @property
     def is_running(self) -> bool:
         return self.status is Status.RUNNING
 

@@ -151,6 +151,13 @@ class Coordinator(Actor):
         if old is not None and old.status is NodeStatus.READY:
             self._mark_changed()  # its old epoch leaves the table
         member = self.membership.register(identity, hello)
+        if not member.placed and hello.replica >= 0 and hello.replica_size > 1:
+            # a rank whose replica cannot be kept (declared down, or its rank taken): its
+            # shard cannot join another, so it is shut down, to come back fresh as a spare
+            log.warning("coordinator.rank_orphaned", node_id=hello.node_id, epoch=member.epoch)
+            self.membership.declare_dead(member, "orphaned rank")
+            wire.send(self._sock, m.Shutdown("abort"), identity)
+            return
         log.info(
             "coordinator.node_welcomed",
             node_id=member.node_id,
@@ -281,8 +288,21 @@ class Coordinator(Actor):
         50 ms to detection: 253-342 ms were seen after a kill -9 with 300 ms of silence
         allowed); every interval: refresh the edges' load."""
         interval_s = self.config.heartbeat_interval_s
+        period_s = interval_s / 4
+        woke_at, excused = time.monotonic(), False
         while True:
-            await asyncio.sleep(interval_s / 4)
+            await asyncio.sleep(period_s)
+            slept_at, woke_at = woke_at, time.monotonic()
+            stalled_s = woke_at - slept_at - period_s
+            if stalled_s > interval_s and not excused:
+                # this process did not run: the heartbeats of that time may wait unread in
+                # its socket, so judge no one until the receive loop has had its turn (one
+                # pass at most: a coordinator late every pass still judges)
+                log.warning("coordinator.stalled", stalled_s=round(stalled_s, 3))
+                self.membership.excuse(stalled_s)
+                excused = True
+                continue
+            excused = False
             for member, cause in self.membership.find_dead():
                 self._declare_dead(member, cause)
             for node_id in self.membership.forget_dead():

@@ -19,6 +19,7 @@ other members got), rather than waiting as a spare to be formed anew.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -59,6 +60,7 @@ class Member:
     dead_at: float = 0.0
     threads_granted: int = 0  # as last told (Threads); at Hello, its own
     adapters_changed: bool = False  # its heartbeat names other LoRA adapters than before
+    gaps: deque[float] = field(default_factory=lambda: deque(maxlen=JITTER_WINDOW))
 
     @property
     def is_live(self) -> bool:
@@ -86,6 +88,9 @@ class Member:
 
 
 JOINING_TIMEOUT_S = 10.0  # silence allowed between Welcome and Ready
+JITTER_WINDOW = 32  # heartbeat gaps a member's allowance is judged on (~3 s at 0.1 s)
+JITTER_FACTOR = 1.5  # silence allowed, as a multiple of the longest recent gap ...
+JITTER_CAP = 2.0  # ... at most this many times the configured timeout
 MAX_STEP_ALLOWANCE_S = 600.0  # what a node may claim its step needs, at most
 FORGET_DEAD_AFTER_S = 300.0  # a dead member's fence outlives any step it could still finish
 
@@ -199,7 +204,9 @@ class Membership:
         if member.heartbeat is not None and member.heartbeat.adapters != hb.adapters:
             member.adapters_changed = True
         member.heartbeat = hb
-        member.last_heard_at = self.clock()
+        now = self.clock()
+        member.gaps.append(now - member.last_heard_at)
+        member.last_heard_at = now
         if hb.draining and member.status is NodeStatus.READY:
             member.status = NodeStatus.DRAINING
         return before
@@ -209,6 +216,15 @@ class Membership:
         member.dead_epochs.add(member.epoch)
         member.cause = cause
         member.dead_at = self.clock()
+
+    def excuse(self, stalled_s: float) -> None:
+        """The coordinator itself did not run for stalled_s (its loop was late): silence over
+        that time says nothing of the members, and heartbeats sent meanwhile may still wait
+        in its socket. Every live member's silence restarts that much later."""
+        now = self.clock()
+        for member in self.members.values():
+            if member.is_live:
+                member.last_heard_at = min(now, member.last_heard_at + stalled_s)
 
     def forget_dead(self) -> list[str]:
         """Drop members dead for FORGET_DEAD_AFTER_S (the table must not grow with every id
@@ -262,10 +278,16 @@ class Membership:
 
     def _silence_allowed_s(self, member: Member) -> float:
         """A node still loading its model serves no one, so waiting for it costs no client
-        anything, while loading can starve its heartbeats for a few intervals on a small host."""
+        anything, while loading can starve its heartbeats for a few intervals on a small host.
+        A serving node gets the configured timeout, or more on a host that has shown it late:
+        JITTER_FACTOR x its longest recent gap, capped at JITTER_CAP x the timeout (a 2-core
+        host running five processes showed gaps of 0.5 s against 0.3 s allowed, and a node
+        declared dead for it takes its replica down)."""
+        timeout_s = self.heartbeat_timeout_s
         if member.status is NodeStatus.JOINING:
-            return max(self.heartbeat_timeout_s, JOINING_TIMEOUT_S)
-        return self.heartbeat_timeout_s
+            return max(timeout_s, JOINING_TIMEOUT_S)
+        jitter_s = JITTER_FACTOR * max(member.gaps, default=0.0)
+        return min(max(timeout_s, jitter_s), JITTER_CAP * timeout_s)
 
     def routes(self) -> list[m.Route]:
         """Every member of every whole, ready replica (edges route to rank 0 only)."""

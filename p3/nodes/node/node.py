@@ -181,6 +181,8 @@ class Node(Actor):
             if self.registered:
                 wire.send(self._coordinator, reports.heartbeat(self))
                 delay_s, backoff_s = self.heartbeat_interval_s, 0.05
+            elif self.stop_requested:
+                delay_s = 0.05  # going: no Hello (a lost replica's rank must not be placed)
             elif self._rejoin.may(self.stepper is not None and self.stepper.in_step):
                 wire.send(self._coordinator, reports.hello(self))
                 delay_s, backoff_s = backoff_s, min(backoff_s * 2, self.config.hello_backoff_max_s)
@@ -251,9 +253,18 @@ class Node(Actor):
             "node.fenced", node_id=self.name, epoch=fence.epoch, reason=fence.reason,
             num_aborted=len(aborted), rejoin_after_s=delay_s,
         )  # fmt: skip
-        if live:
+        if live and self._in_group():
+            # its shard is joined to peers the coordinator has shut down: it cannot serve a
+            # replica formed anew (it would ignore the Place), so it goes, to be started fresh
+            log.warning("node.replica_lost", node_id=self.name, epoch=fence.epoch)
+            self.registered = False
+            self.stop("abort")
+        elif live:
             self.registered = False
             self._kick.set()
+
+    def _in_group(self) -> bool:
+        return self.place is not None and self.place.tp_size * self.place.pp_size > 1
 
     def on_reregister(self, again: m.Reregister) -> None:
         if again.epoch != self.epoch or not self.registered:
