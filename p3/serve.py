@@ -112,8 +112,9 @@ def _common(args: argparse.Namespace) -> list[str]:
 
 
 def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
-    """Coordinator, nodes, edge, each ready before the next; the edge's port (the one it
-    bound when --port 0, which a restart binds again)."""
+    """The coordinator, then the nodes and the edge together (the edge is ready once the
+    nodes are and it has their routes; started after them it added a second to every start);
+    the edge's port (the one it bound when --port 0, which a restart binds again)."""
     common = _common(args)
     coordinator = Child(
         "coordinator",
@@ -160,9 +161,6 @@ def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
         for i in range(args.nodes)
     ]
     children.extend(nodes)
-    spares = len(models) * (per_model % (args.tp * args.pp))
-    wait_ready(nodes, args.ready_timeout, num_spare=spares)
-    print(kv_cache_summary(nodes))
     api_key = [f"--api-key={key}" for key in args.api_key or []]
     edge = Child(
         "edge",
@@ -173,7 +171,10 @@ def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
         ),
         ready_path="/ready",  # at the url it announces: port 0 is bound by the edge itself
     )  # fmt: skip
-    children.append(edge)
+    children.append(edge)  # started while the nodes load: ready once it has a route
+    spares = len(models) * (per_model % (args.tp * args.pp))
+    wait_ready(nodes, args.ready_timeout, num_spare=spares)
+    print(kv_cache_summary(nodes))
     wait_ready([edge], args.ready_timeout)
     port = urllib.parse.urlsplit(edge.info["url"]).port
     edge.argv = _flag_at(edge.argv, "--port", str(port))

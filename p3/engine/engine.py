@@ -212,22 +212,26 @@ class Engine:
                 kept.append(_abort_output(seq))
         return kept
 
-    def follow(self) -> int:
-        """A tensor-parallel follower: run the leader's steps until it stops; returns how many."""
+    def follow(self, leave_group: bool = True) -> int:
+        """A tensor-parallel follower: run the leader's steps until it stops; returns how many.
+        leave_group=False keeps the process group for another engine on the same shard."""
         if self.shard.is_leader:
             raise RuntimeError("the leader steps; only followers follow")
         num_steps = self.runner.follow()
-        close_shard(self.shard)
+        if leave_group:
+            close_shard(self.shard)
         return num_steps
 
-    def close(self) -> None:
-        """The leader releases its followers (their follow() returns); all leave the group.
-        Micro-batches still in flight are received first (their outputs are dropped)."""
+    def close(self, leave_group: bool = True) -> None:
+        """The leader releases its followers (their follow() returns); all leave the group
+        (unless leave_group=False). Micro-batches still in flight are received first (their
+        outputs are dropped)."""
         while self._in_flight:
             self.runner.finish(self._in_flight.popleft()[2])
         self.runner.stop_followers()
         self.grammars.close()
-        close_shard(self.shard)
+        if leave_group:
+            close_shard(self.shard)
 
     # -- state ----------------------------------------------------------------------------
 

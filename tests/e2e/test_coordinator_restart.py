@@ -163,7 +163,7 @@ async def test_a_tensor_parallel_replica_is_routed_again_after_a_coordinator_res
     try:
         url = cluster.url
         client = AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        body = {"model": model.name, "prompt": [300, 400, 500], "max_tokens": 500,
+        body = {"model": model.name, "prompt": [300, 400, 500], "max_tokens": 200,
                 "temperature": 0, "extra_body": {"ignore_eos": True}}  # fmt: skip
 
         async def run(started: asyncio.Event | None = None) -> list:

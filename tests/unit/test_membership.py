@@ -193,3 +193,13 @@ def test_a_dead_nodes_threads_are_lent_to_its_host_peers_until_it_is_back():
     members.declare_dead(a, "killed")
     members.declare_dead(members.members["b"], "killed")
     assert thread_grants(members.members.values(), 200.0)["d"] == 1  # capped at its own
+
+
+def test_gaps_while_loading_are_no_evidence_of_a_late_host():
+    members, clock = table()
+    member = members.register(b"n1", m.Hello(m.PROTOCOL_VERSION, "n1"))
+    clock.now += 2.0  # loading starved its heartbeats
+    members.record_heartbeat(member, m.Heartbeat("n1", member.epoch))
+    members.mark_ready(member, m.Ready("n1", member.epoch))
+    clock.now += 0.31
+    assert len(members.find_dead()) == 1

@@ -205,7 +205,8 @@ class Membership:
             member.adapters_changed = True
         member.heartbeat = hb
         now = self.clock()
-        member.gaps.append(now - member.last_heard_at)
+        if before is not NodeStatus.JOINING:  # loading starves heartbeats: no evidence
+            member.gaps.append(now - member.last_heard_at)
         member.last_heard_at = now
         if hb.draining and member.status is NodeStatus.READY:
             member.status = NodeStatus.DRAINING
