@@ -21,3 +21,14 @@ fi
 # Compile the C++ kernels for this machine and convert the default model now (about 2 min the
 # first time, then instant), so that `p3 serve` comes up in seconds rather than building them.
 .venv/bin/python -c "from p3.kernels import build; from p3.weights.files import ensure_default_model; build.warm() or print('p3: C++ kernels unavailable, torch fallback:', build.build_error()); ensure_default_model()"
+# What the deployment tests run for real: Prometheus (dashboards and alerts are evaluated in
+# it) and kubectl (kustomize renders the manifests). Debian packages, where apt-get and root
+# are there; elsewhere those tests skip, saying why.
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; }
+  } >/dev/null 2>&1 || echo "p3: could not install ${missing[*]} (their tests will skip)"
+fi
