@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from p3.kernels import attention, build
+import benchjson
 
 
 def make_case(batch, context, heads=9, kv_heads=3, head_dim=64, block_size=16, dtype=None):
+    import torch
+
     dtype = dtype or torch.bfloat16
     blocks_per_seq = -(-context // block_size)
     num_blocks = batch * blocks_per_seq
@@ -33,40 +33,54 @@ def make_case(batch, context, heads=9, kv_heads=3, head_dim=64, block_size=16, d
 
 def quantized(case):
     """The same case over an int8 cache: (args, k_scale, v_scale)."""
+    from p3.kernels import attention
+
     q, k_cache, v_cache, tables, lens, scale = case
     k8, k_scale = attention.quantize_kv(k_cache)
     v8, v_scale = attention.quantize_kv(v_cache)
     return (q, k8, v8, tables, lens, scale), k_scale, v_scale
 
 
-def time_us(fn, args, rounds=5, round_s=0.1):
-    """Best of a few rounds: the machine is shared, so the minimum is the honest figure."""
+def time_us(fn, args, rounds=5, round_s=0.1) -> list[float]:
+    """Each round's microseconds a call; the best is printed: the machine is shared, so the
+    minimum is the honest figure."""
     fn(*args)
-    best = float("inf")
+    times = []
     for _ in range(rounds):
         calls, started = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - started) < round_s:
             fn(*args)
             calls += 1
-        best = min(best, elapsed / calls * 1e6)
-    return best
+        times.append(elapsed / calls * 1e6)
+    return times
 
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--isa", default="", help="cap: portable, avx2, avx512 (default: best)")
     parser.add_argument("--float-avx2", action="store_true", help="AVX2 for the fp cache too")
     parser.add_argument("--batches", type=ints, default=[1, 32])
     parser.add_argument("--contexts", type=ints, default=[128, 1024])
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    benchjson.add_arguments(parser)
+    return parser
+
+
+def main() -> None:
+    import torch
+
+    from p3.kernels import attention, build
+
+    args = build_parser().parse_args()
+    report = benchjson.Report("attention", args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
     kernels = build.load()
@@ -93,9 +107,16 @@ def main() -> None:
                 def cpp8(*a, ks=k_scale, vs=v_scale):
                     return kernels.paged_decode(*a, k_scale=ks, v_scale=vs, isa=args.isa)
 
-                full = time_us(cpp, case, args.rounds)
-                int8 = time_us(cpp8, q8, args.rounds)
-                ref = time_us(attention.paged_decode_attention_torch, case, args.rounds)
+                full_s = time_us(cpp, case, args.rounds)
+                int8_s = time_us(cpp8, q8, args.rounds)
+                ref_s = time_us(attention.paged_decode_attention_torch, case, args.rounds)
+                full, int8, ref = min(full_s), min(int8_s), min(ref_s)
+                where = {"batch": batch, "context": context}
+                report.add("cpp_us", full_s, "us", "lower", **where)
+                report.add("int8_us", int8_s, "us", "lower", **where)
+                report.add("torch_us", ref_s, "us", "lower", **where)
+                ratios = [i / f for i, f in zip(int8_s, full_s, strict=True)]  # round by round
+                report.ratio("int8_over_cpp", ratios, "lower", "cpp_us", **where)
                 rows = 2 * case[1][0, 0].shape[0] * context * batch  # K and V rows, per kv head
                 full_bytes = rows * case[1].shape[-1] * case[1].element_size()
                 int8_bytes = rows * (case[1].shape[-1] + 4)
@@ -104,6 +125,7 @@ def main() -> None:
                     f" {int8:>9.1f} {int8_bytes / int8 / 1e3:>5.1f} {int8 / full:>7.2f}"
                     f" {ref:>9.1f}"
                 )
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ e.g. ../shared/tools/llama.cpp/bin/llama-bench) and p3's prefill beside its pp12
 throughput on N chat prompts x M new tokens against transformers at its best static batch
 (in the dtype p3's --dtype auto picks here); p3's load time from the converted cache; and
 decode as a share of the weight-bandwidth ceiling. Not a test: figures swing on 2 cores.
+With --json PATH, batch-1 decode and prefill keep their 3 samples each; the throughput runs
+measure once (a second pass would find its prompts in the prefix cache): pool several runs'
+files in scripts/compare_bench.py.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import benchjson
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -82,15 +85,16 @@ def bench_p3(model_dir, prompts, new_tokens, args) -> dict:
         "load_s": load_s,
         "tok_s": generated / elapsed,
         "elapsed_s": elapsed,
-        "batch1_tok_s": p3_batch1_decode(llm, prompts[0], new_tokens * 2),
-        "prefill_tok_s": p3_prefill(llm),
+        "batch1_samples": p3_batch1_decode(llm, prompts[0], new_tokens * 2),
+        "prefill_samples": p3_prefill(llm),
         "text0": outs[0].outputs[0].text,
         "weight_bytes": weight_bytes(llm.engine.runner.model),
     }
 
 
-def p3_prefill(llm, length: int = 128) -> float:
-    """A fresh 128-token prompt (nothing in the prefix cache) to its first token, as pp128."""
+def p3_prefill(llm, length: int = 128) -> list[float]:
+    """A fresh 128-token prompt (nothing in the prefix cache) to its first token, as pp128;
+    3 rates (the median is printed)."""
     from p3 import SamplingParams
 
     rates = []
@@ -99,7 +103,7 @@ def p3_prefill(llm, length: int = 128) -> float:
         started = time.perf_counter()
         llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1))
         rates.append(length / (time.perf_counter() - started))
-    return statistics.median(rates)
+    return rates
 
 
 def weight_bytes(model) -> int:
@@ -121,7 +125,7 @@ def weight_bytes(model) -> int:
     return total
 
 
-def p3_batch1_decode(llm, prompt, new_tokens) -> float:
+def p3_batch1_decode(llm, prompt, new_tokens) -> list[float]:
     from p3 import SamplingParams
 
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -131,7 +135,7 @@ def p3_batch1_decode(llm, prompt, new_tokens) -> float:
         for _text in llm.stream({"prompt_token_ids": prompt}, params):
             stamps.append(time.perf_counter())
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(rates)
+    return rates
 
 
 def bench_hf(source, prompts, new_tokens, batch_sizes, dtype) -> dict:
@@ -154,19 +158,21 @@ def bench_hf(source, prompts, new_tokens, batch_sizes, dtype) -> dict:
     return {"by_batch": results, "batch1_tok_s": hf_batch1_decode(model, prompts[0], new_tokens)}
 
 
-@torch.inference_mode()
 def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> int:
+    import torch
+
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-    )
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     return (out.shape[1] - width) * len(prompts)
 
 
@@ -182,7 +188,7 @@ def hf_batch1_decode(model, prompt, new_tokens) -> float:
     return (new_tokens - 1) / (full - one)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="default: the embedded GGUF")
     parser.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary")
@@ -191,7 +197,14 @@ def main() -> None:
     parser.add_argument("--hf-batches", default="8,16,32")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantization", default="auto")
-    args = parser.parse_args()
+    benchjson.add_arguments(parser)
+    return parser
+
+
+def main() -> None:
+    import torch
+
+    args = build_parser().parse_args()
     from p3.config import resolve_dtype
     from p3.kernels.dispatch import kernel_report
     from p3.tokenizer import Tokenizer
@@ -216,6 +229,8 @@ def main() -> None:
 
         llama = llama_bench(args.llama_bench, gguf, threads)
     p3 = bench_p3(model_dir, prompts, args.new_tokens, args)
+    p3["batch1_tok_s"] = statistics.median(p3["batch1_samples"])
+    p3["prefill_tok_s"] = statistics.median(p3["prefill_samples"])
     batches = [int(b) for b in args.hf_batches.split(",")]
     hf = bench_hf(
         gguf if gguf.suffix == ".gguf" else model_dir, prompts, args.new_tokens, batches, dtype
@@ -248,6 +263,27 @@ def main() -> None:
         f"{100 * p3['batch1_tok_s'] / ceiling:.0f}%"
     )
     print(f"sample: {p3['text0'][:80]!r}")
+    report = benchjson.Report("engine", args)
+    report.add("p3_load_s", p3["load_s"], "s", "lower")
+    report.add("p3_batch1_decode_tok_s", p3["batch1_samples"], "tok/s", "higher")
+    report.add("p3_prefill128_tok_s", p3["prefill_samples"], "tok/s", "higher")
+    report.add("p3_throughput_tok_s", p3["tok_s"], "tok/s", "higher")
+    for bs, tok_s in hf["by_batch"].items():
+        report.add("hf_throughput_tok_s", tok_s, "tok/s", "higher", batch=bs)
+    report.add("hf_batch1_decode_tok_s", hf["batch1_tok_s"], "tok/s", "higher")
+    report.ratio("p3_over_hf_best", p3["tok_s"] / best, "higher", "hf_throughput_tok_s")
+    report.ratio("p3_over_hf_batch1", [r / hf["batch1_tok_s"] for r in p3["batch1_samples"]],
+                 "higher", "hf_batch1_decode_tok_s")  # fmt: skip
+    report.ratio("p3_batch1_over_ceiling", [r / ceiling for r in p3["batch1_samples"]], "higher",
+                 "weight-bandwidth ceiling")  # fmt: skip
+    if llama:
+        report.add("llama_tg_tok_s", llama["tg"], "tok/s", "higher")
+        report.add("llama_pp_tok_s", llama["pp"], "tok/s", "higher")
+        report.ratio("p3_over_llama_tg", [r / llama["tg"] for r in p3["batch1_samples"]],
+                     "higher", "llama_tg_tok_s")  # fmt: skip
+        report.ratio("p3_over_llama_pp", [r / llama["pp"] for r in p3["prefill_samples"]],
+                     "higher", "llama_pp_tok_s")  # fmt: skip
+    report.write(args.json)
 
 
 if __name__ == "__main__":

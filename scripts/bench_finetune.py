@@ -24,7 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RSS = {"loaded": "loaded_rss_bytes", "training peak": "training_peak_rss_bytes"}
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import benchjson  # noqa: E402
 from make_finetune_example import make_example  # noqa: E402
+
+FIGURES = {  # summary key: (unit, which way is better, the same in every run)
+    "tokens_per_s": ("tokens/s", "higher", False),
+    "base_bytes": ("bytes", "lower", True),
+    "training_peak_rss_bytes": ("bytes", "lower", False),
+    "held_out_loss_after": ("nats", "lower", False),
+}
 
 
 def run_mode(mode: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
@@ -45,21 +53,28 @@ def curve_summary(curve: list[dict], points: int = 6) -> str:
     return ", ".join(f"{r['step']}: {r['loss']:.3f}" for r in picked)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="none,q8_0", help="comma-separated --quantization")
     parser.add_argument("--steps", type=int, default=40, help="training steps per mode")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
+    benchjson.add_arguments(parser, repeat=1)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
-    results = {}
+    results, runs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_example(Path(tmp) / "quillon.jsonl")
-        for mode in args.modes.split(","):
-            results[mode] = run_mode(mode, data, Path(tmp) / mode, args)
-            report(mode, results[mode])
+        for i in range(args.repeat):
+            for mode in args.modes.split(","):
+                results[mode] = run_mode(mode, data, Path(tmp) / f"{mode}-{i}", args)
+                runs.setdefault(mode, []).append(results[mode])
+                report(mode, results[mode])
     base = results.get("none")
     for mode, r in results.items():
         if base is not None and mode != "none":
@@ -69,6 +84,20 @@ def main() -> None:
                 if r.get(key) and base.get(key)
             }
             print(f"{mode} / none: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    write_json(args, runs)
+
+
+def write_json(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
+    out = benchjson.Report("finetune", args)
+    for mode, mine in runs.items():
+        for key, (unit, better, exact) in FIGURES.items():
+            if all(r.get(key) for r in mine):
+                out.add(key, [r[key] for r in mine], unit, better, exact, mode=mode)
+        if mode != "none" and "none" in runs:
+            pairs = zip(mine, runs["none"], strict=True)  # repeat by repeat
+            ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in pairs]
+            out.ratio("tokens_per_s_over_none", ratios, "higher", "tokens_per_s", mode=mode)
+    out.write(args.json)
 
 
 def report(mode: str, r: dict) -> None:

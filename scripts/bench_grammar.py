@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import TYPE_CHECKING
 
-from p3 import LLM, SamplingParams
-from p3.engine.sequence import Request
-from p3.structured import StructuredOutputsParams
+import benchjson
+
+if TYPE_CHECKING:
+    from p3 import LLM
 
 LONG = {
     "type": "object",
@@ -28,14 +30,22 @@ LONG = {
 }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--constrained", default="0,8,32")
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--rounds", type=int, default=3, help="the cases interleaved, this often")
-    args = p.parse_args()
+    benchjson.add_arguments(p)
+    return p
+
+
+def main() -> None:
+    from p3 import LLM
+
+    args = build_parser().parse_args()
+    report = benchjson.Report("grammar", args)
     llm = LLM(dtype=args.dtype, kv_cache_bytes=512 * 2**20)
     engine = llm.engine
     engine.grammars.tokenizer()  # built once, outside the timings
@@ -58,9 +68,20 @@ def main() -> None:
             f"{wait_s * 1e3:5.2f} ms",
             flush=True,
         )
+        where = {"batch": args.batch, "constrained": num}
+        report.add("step_ms", [r[0] * 1e3 for r in results[num]], "ms", "lower", **where)
+        report.add("mask_fill_ms", [r[1] * 1e3 for r in results[num]], "ms", "lower", **where)
+        report.add("mask_wait_ms", [r[2] * 1e3 for r in results[num]], "ms", "lower", **where)
+        ratios = [r[0] / b[0] for r, b in zip(results[num], results[cases[0]], strict=True)]
+        report.ratio("step_over_first_case", ratios, "lower", "step_ms", **where)
+    report.write(args.json)
 
 
 def run_case(llm: LLM, batch: int, num: int, steps: int, fills: list, waits: list):
+    from p3 import SamplingParams
+    from p3.engine.sequence import Request
+    from p3.structured import StructuredOutputsParams
+
     engine = llm.engine
     text = llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Write a long story about the sea, as JSON."}], True

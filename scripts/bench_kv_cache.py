@@ -18,7 +18,7 @@ import random
 import statistics
 import time
 
-import torch
+import benchjson
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -62,8 +62,9 @@ def agreement(expected: list[list[int]], got: list[list[int]]) -> tuple[float, i
     return same / sum(map(len, expected)), whole
 
 
-def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
-    """Median wall time of one decode step of `batch` sequences at depth ~context."""
+def decode_step_ms(llm, batch: int, context: int, steps: int) -> list[float]:
+    """Wall time of each decode step of `batch` sequences at depth ~context (the median is
+    printed)."""
     from p3 import SamplingParams
 
     engine = llm.engine
@@ -81,10 +82,10 @@ def decode_step_ms(llm, batch: int, context: int, steps: int) -> float:
         elapsed = time.perf_counter() - started
         if len(outs) == batch and all(len(o.new_token_ids) == 1 for o in outs):
             times.append(elapsed)
-    return 1e3 * statistics.median(times[1:])  # the first: the prefill's last chunk
+    return [1e3 * t for t in times[1:]]  # the first: the prefill's last chunk
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None)
     parser.add_argument("--dtype", default="float32")
@@ -94,7 +95,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
+    benchjson.add_arguments(parser)
+    return parser
+
+
+def main() -> None:
+    import torch
+
+    args = build_parser().parse_args()
+    report = benchjson.Report("kv_cache", args)
     torch.set_num_threads(args.threads)
     from p3.flags import parse_size
     from p3.weights.files import resolve_model
@@ -109,8 +118,13 @@ def main() -> None:
     for kv in ("auto", "int8"):
         llm = make_llm(model, args.dtype, args.quantization, kv, memory)
         answers[kv] = chat_answers(llm, args.new_tokens)
-        shallow = decode_step_ms(llm, args.batch, 1, args.new_tokens)
-        deep = decode_step_ms(llm, args.batch, args.context, args.new_tokens)
+        shallow_ms = decode_step_ms(llm, args.batch, 1, args.new_tokens)
+        deep_ms = decode_step_ms(llm, args.batch, args.context, args.new_tokens)
+        shallow, deep = statistics.median(shallow_ms), statistics.median(deep_ms)
+        where = {"kv_cache_dtype": kv, "batch": args.batch}
+        report.add("kv_blocks", llm.engine.num_kv_blocks, "blocks", "higher", True, **where)
+        report.add("decode_step_ms", deep_ms, "ms", "lower", context=args.context, **where)
+        report.add("decode_step_ms", shallow_ms, "ms", "lower", context=1, **where)
         line = (
             f"kv_cache_dtype {kv:>4}: {llm.engine.num_kv_blocks:>6} blocks in {args.memory}; "
             f"decode step x{args.batch} at context {args.context}: {deep:.1f} ms "
@@ -122,8 +136,10 @@ def main() -> None:
                 f"; greedy chat answers: {100 * share:.0f}% of tokens before the first "
                 f"divergence, {whole}/{len(QUESTIONS)} identical"
             )
+            report.add("greedy_agreement", share, "share", "higher", True, kv_cache_dtype=kv)
         print(line)
         del llm
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from p3 import LLM, SamplingParams
-from p3.engine.sequence import window_view
+import benchjson
+
+if TYPE_CHECKING:
+    from p3 import LLM
 
 
 def default_text() -> str:
@@ -36,6 +39,8 @@ def default_text() -> str:
 
 def scored(llm: LLM, requests: list[tuple[list[int], int]]) -> list[float]:
     """Negative log-likelihoods of each prompt's tokens from index `first` on."""
+    from p3 import SamplingParams
+
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     outs = llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], params)
     nll = []
@@ -49,6 +54,8 @@ def scored(llm: LLM, requests: list[tuple[list[int], int]]) -> list[float]:
 def windowed(tokens: list[int], sinks: int, window: int, start_at: int) -> list[tuple]:
     """One request per run of targets that share a view: its prompt is the view then the
     run's tokens; scored from the run's first target."""
+    from p3.engine.sequence import window_view
+
     requests, i = [], start_at
     while i < len(tokens):
         view = window_view(i, sinks, window)
@@ -61,14 +68,22 @@ def windowed(tokens: list[int], sinks: int, window: int, start_at: int) -> list[
     return requests
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None)
     p.add_argument("--text", type=Path, default=None)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--tokens", type=int, default=8192, help="of the text, at most")
-    args = p.parse_args()
+    benchjson.add_arguments(p)
+    return p
+
+
+def main() -> None:
+    from p3 import LLM
+
+    args = build_parser().parse_args()
+    report = benchjson.Report("long_context", args)  # perplexities: exact, batch-invariant
     llm = LLM(args.model, dtype="float32", kv_cache_bytes=2 * 2**30)
     text = args.text.read_text() if args.text else default_text()
     tokens = llm.tokenizer.encode(text, add_special_tokens=False)[: args.tokens]
@@ -93,6 +108,12 @@ def main() -> None:
         took = time.perf_counter() - started
         print(f"{name:32s} ppl {ppl:8.3f}  ({ppl / base:.3f}x streaming)  {len(nll)} targets, "
               f"{took:.1f} s")  # fmt: skip
+        method = name.split(" (")[0]
+        report.add("perplexity", ppl, "ppl", "lower", True, method=method)
+        report.ratio("perplexity_over_streaming", ppl / base, "lower", "perplexity", True,
+                     method=method)  # fmt: skip
+        report.add("seconds", took, "s", "lower", method=method)
+    report.write(args.json)
 
 
 if __name__ == "__main__":

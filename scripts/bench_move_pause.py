@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import random
 import signal
@@ -49,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import benchjson  # noqa: E402
 
 from chaos.workload import make_spec  # noqa: E402
 from p3.client import Client  # noqa: E402
@@ -310,7 +311,7 @@ def machine() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores, {' '.join(isa) or 'no avx2'}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--clients", type=int, default=8)
@@ -325,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lend-after", type=float, default=0.0,
                    help="s a node is dead before +lend nodes take its threads (p3's default: 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="the summary as one JSON line")
+    benchjson.add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     setup_logging("error")  # the moves' warnings: the pauses are what we print
     modes = args.modes.split(",")
@@ -337,23 +343,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.dtype}, load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
     kills = asyncio.run(run(args, modes))
     summary = {}
+    report = benchjson.Report("move_pause", args)
     for mode in sorted({k.mode for k in kills}):
         mine = [k for k in kills if k.mode == mode]
-        summary[mode] = {
-            "kills": len(mine),
-            "moved_pause_s": stats([g for k in mine for g in k.moved]),
-            "stayed_pause_s": stats([g for k in mine for g in k.stayed]),
-            "fresh_ttft_during_moves_s": stats([g for k in mine for g in k.fresh_ttft]),
-            "moved_context_tokens_per_kill": stats([k.moved_context for k in mine]),
+        samples = {
+            "moved_pause_s": [g for k in mine for g in k.moved],
+            "stayed_pause_s": [g for k in mine for g in k.stayed],
+            "fresh_ttft_during_moves_s": [g for k in mine for g in k.fresh_ttft],
         }
+        summary[mode] = {"kills": len(mine), **{what: stats(v) for what, v in samples.items()}}
+        summary[mode]["moved_context_tokens_per_kill"] = stats([k.moved_context for k in mine])
+        for what, values in samples.items():
+            if values:  # every pause, one sample each: their median and spread are the figure
+                report.add(what, values, "s", "lower", mode=mode)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for mode, s in summary.items():
-            print(f"{mode} (survivor's schedule):")
-            for what, figures in s.items():
-                print(f"  {what:32} {figures}")
+    for mode, s in summary.items():
+        print(f"{mode} (survivor's schedule):")
+        for what, figures in s.items():
+            print(f"  {what:32} {figures}")
+    report.write(args.json)
     return 0
 
 

@@ -26,12 +26,14 @@ import subprocess
 import sys
 import time
 
-import torch
+import benchjson
 
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 
 
 def run_rank(args: argparse.Namespace) -> None:
+    import torch
+
     from p3.config import EngineConfig
     from p3.engine.engine import Engine
     from p3.engine.parallel import comm_seconds, host_rendezvous, init_shard
@@ -80,6 +82,7 @@ def run_rank(args: argparse.Namespace) -> None:
             engine.step()
         results[batch] = {
             "step_s": statistics.median(times),
+            "step_samples_s": times,
             "total_s": sum(times),
             "tok_s": num_tokens / sum(times),
             "comm": comm,
@@ -112,6 +115,7 @@ def run_layout(layout: str, args: argparse.Namespace) -> list[dict]:
 
 def comm_micro(args: argparse.Namespace) -> None:
     """Two ranks: all-reduce latency and send/recv latency at decode-step sizes."""
+    import torch
     import torch.distributed as dist
 
     from p3.engine.parallel import host_rendezvous
@@ -147,6 +151,8 @@ def comm_micro(args: argparse.Namespace) -> None:
             "all_reduce_us": statistics.median(reduce_s) * 1e6,
             "all_reduce_p99_us": sorted(reduce_s)[int(0.99 * len(reduce_s))] * 1e6,
             "send_recv_us": statistics.median(p2p_s) * 1e6,
+            "all_reduce_samples_us": [t * 1e6 for t in reduce_s],
+            "send_recv_samples_us": [t * 1e6 for t in p2p_s],
         }
     if args.rank == 0:
         print(json.dumps(out), flush=True)
@@ -164,7 +170,7 @@ def run_micro() -> dict:
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=40)
@@ -173,7 +179,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    benchjson.add_arguments(parser)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.rank is not None:
         return comm_micro(args) if args.layout == "comm" else run_rank(args)
     print("decode step, default model (SmolLM2-135M, bf16), median over", args.steps, "steps")
@@ -181,6 +192,7 @@ def main() -> None:
         f"{'layout':>6} {'batch':>5} {'step ms':>8} {'tok/s':>7} {'vs tp1':>7} "
         "comm ms/step on the leader (share of its time)"
     )
+    report = benchjson.Report("parallel", args)
     reference = {}
     for layout in LAYOUTS:
         reports = run_layout(layout, args)
@@ -195,6 +207,13 @@ def main() -> None:
                 f"{layout:>6} {batch:>5} {step_ms:>8.2f} {res['tok_s']:>7.1f} "
                 f"{res['tok_s'] / reference[batch]:>6.2f}x {kinds} ({share:.0%})"
             )
+            where = {"layout": layout, "batch": batch}
+            step_samples_ms = [t * 1000 for t in res["step_samples_s"]]
+            report.add("decode_step_ms", step_samples_ms, "ms", "lower", **where)
+            report.add("tok_s", res["tok_s"], "tok/s", "higher", **where)
+            report.add("comm_share", share, "share", "lower", **where)
+            report.ratio("tok_s_over_tp1", res["tok_s"] / reference[batch], "higher",
+                         "tok_s[layout=tp1]", **where)  # fmt: skip
     print("\nraw gloo messages between two processes on this host (loopback), median over 200")
     print(f"{'rows':>5} {'bytes':>8} {'all-reduce us':>14} {'p99':>8} {'send/recv us':>13}")
     for rows, r in run_micro().items():
@@ -202,6 +221,9 @@ def main() -> None:
             f"{rows:>5} {r['bytes']:>8} {r['all_reduce_us']:>14.0f} {r['all_reduce_p99_us']:>8.0f} "
             f"{r['send_recv_us']:>13.0f}"
         )
+        report.add("all_reduce_us", r["all_reduce_samples_us"], "us", "lower", rows=rows)
+        report.add("send_recv_us", r["send_recv_samples_us"], "us", "lower", rows=rows)
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.model.tiny import make_tiny_chat_model  # noqa: E402  (the tests' tiny models)
+import benchjson  # noqa: E402
 
 SERVING = "p3 serving "
 
@@ -55,7 +55,7 @@ def skewed(rng: random.Random, median: float, sigma: float, low: int, high: int)
     return max(low, min(high, round(rng.lognormvariate(0, sigma) * median)))
 
 
-async def run(args: argparse.Namespace, url: str, model: str) -> None:
+async def run(args: argparse.Namespace, url: str, model: str) -> float:
     rng = random.Random(args.seed)
     jobs = []
     for _ in range(args.requests):
@@ -94,25 +94,35 @@ async def run(args: argparse.Namespace, url: str, model: str) -> None:
         print(f"  {node}: {n} tokens ({n / mean:.3f} of the mean)")
     print(f"tokens billed {billed}, processed {sum(tokens.values())}")
     print(f"coefficient of variation: {cv:.2%} (target < 5%)")
+    return cv
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--rate", type=float, default=40.0, help="requests per second")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    benchjson.add_arguments(parser, repeat=1)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from p3.weights.files import ensure_default_model
+    from tests.model.tiny import make_tiny_chat_model  # the tests' tiny models
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_chat_model(Path(tmp), ensure_default_model())
         proc, url = start(model_dir, args.replicas)
-        try:
-            asyncio.run(run(args, url, model_dir.name))
+        try:  # each repeat on the same cluster: the counts are differences
+            cvs = [asyncio.run(run(args, url, model_dir.name)) for _ in range(args.repeat)]
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    report = benchjson.Report("router", args)
+    report.add("tokens_cv", cvs, "share", "lower", replicas=args.replicas)
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+import benchjson
 
 from p3.client import Client
 from p3.nodes.actor.launch import READY_MARKER
@@ -42,6 +43,7 @@ class Run:
     itl_s: list[float] = field(default_factory=list)
     num_tokens: int = 0
     wall_s: float = 0.0
+    round_tok_s: list[float] = field(default_factory=list)  # the samples of tokens/s
 
     def arrived(self, started: float, last: float) -> float:
         """Text arrived: a TTFT if it is the first, else an inter-token gap. Returns now."""
@@ -120,13 +122,15 @@ async def bench(
     connector = aiohttp.TCPConnector(limit=0, force_close=force_close)
     async with aiohttp.ClientSession(connector=connector) as session:
         for _ in range(args.rounds):
-            started = time.perf_counter()
+            started, tokens_before = time.perf_counter(), run.num_tokens
             if kind == "rest":
                 jobs = [rest_one(session, url, i, args.max_tokens, run) for i in range(clients)]
             else:
                 jobs = [native_one(client, i, args.max_tokens, run) for i in range(clients)]
             await asyncio.gather(*jobs)
-            run.wall_s += time.perf_counter() - started
+            wall_s = time.perf_counter() - started
+            run.wall_s += wall_s
+            run.round_tok_s.append((run.num_tokens - tokens_before) / wall_s)
     return run
 
 
@@ -165,6 +169,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    report = benchjson.Report("serve", args)
     procs: list[subprocess.Popen] = []
     url, coordinator, keys = args.url, args.coordinator, args.keys
     if url is None:
@@ -172,17 +177,18 @@ async def main_async(args: argparse.Namespace) -> None:
         procs, coordinator, url = start_cluster(args.nodes, args.node_threads, keys)
     try:
         async with Client(coordinator, keys=keys) as client:
-            p3_rates = await bench_all(args, url, client)
+            p3_rates = await bench_all(args, url, client, report)
     finally:
         for proc in reversed(procs):
             proc.terminate()
         for proc in reversed(procs):
             proc.wait(timeout=30)
     if args.llama_server:
-        await bench_llama_server(args, p3_rates)
+        await bench_llama_server(args, p3_rates, report)
+    report.write(args.json)
 
 
-async def bench_llama_server(args: argparse.Namespace, p3_rates: dict[int, float]) -> None:
+async def bench_llama_server(args: argparse.Namespace, p3_rates: dict, report) -> None:
     """The same REST load against llama-server -np 32 on the default GGUF."""
     import os
 
@@ -205,6 +211,9 @@ async def bench_llama_server(args: argparse.Namespace, p3_rates: dict[int, float
             theirs = run.num_tokens / run.wall_s
             ours = p3_rates.get(clients, float("nan"))
             print(f"{clients:>7} {theirs:>19.1f} {ours:>9.1f} {ours / theirs:>9.2f}x")
+            report.add("tok_s", run.round_tok_s, "tok/s", "higher", path="llama", clients=clients)
+            report.ratio("p3_over_llama", ours / theirs, "higher", "tok_s[path=llama]",
+                         clients=clients)  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -237,7 +246,7 @@ def engine_ttft(llm, clients: int, args) -> list[float]:
     return ttft
 
 
-async def bench_all(args: argparse.Namespace, url: str, client: Client) -> dict[int, float]:
+async def bench_all(args: argparse.Namespace, url: str, client: Client, report) -> dict:
     """Every concurrency over REST and the native client; returns REST tokens/s by clients."""
     from p3.llm import LLM
 
@@ -264,6 +273,11 @@ async def bench_all(args: argparse.Namespace, url: str, client: Client) -> dict[
                 f"{pct(run.ttft_s, 0.5):>9.1f} {pct(run.ttft_s, 0.99):>9.1f} "
                 f"{pct(run.itl_s, 0.5):>8.2f} {pct(run.itl_s, 0.99):>8.2f}"
             )
+            where = {"path": kind, "clients": clients}
+            report.add("tok_s", run.round_tok_s, "tok/s", "higher", **where)
+            report.add("ttft_ms", [t * 1000 for t in run.ttft_s], "ms", "lower", **where)
+            report.add("itl_p50_ms", pct(run.itl_s, 0.5), "ms", "lower", **where)
+            report.add("itl_p99_ms", pct(run.itl_s, 0.99), "ms", "lower", **where)
         async with aiohttp.ClientSession() as session:
             after = await overhead_buckets(session, url)
         own = ", ".join(
@@ -273,6 +287,8 @@ async def bench_all(args: argparse.Namespace, url: str, client: Client) -> dict[
         )
         print(f"{'':>7} the edge's own time (its /metrics, ms): {own}")
         in_process = engine_ttft(llm, clients, args)
+        report.add("ttft_ms", [t * 1000 for t in in_process], "ms", "lower", path="engine",
+                   clients=clients)  # fmt: skip
         print(
             f"{clients:>7} {'engine':>6} {'':>8} {pct(in_process, 0.5):>9.1f} "
             f"{pct(in_process, 0.99):>9.1f}   (in this process, no sockets)"
@@ -286,7 +302,7 @@ async def bench_all(args: argparse.Namespace, url: str, client: Client) -> dict[
     return rates
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -297,7 +313,12 @@ def main() -> None:
     parser.add_argument("--coordinator", default=None, help="its coordinator (with --url)")
     parser.add_argument("--llama-server", default=None, help="llama.cpp's binary, to compare")
     parser.add_argument("--keys", default=None, help="with --url: the cluster's key directory")
-    asyncio.run(main_async(parser.parse_args()))
+    benchjson.add_arguments(parser)
+    return parser
+
+
+def main() -> None:
+    asyncio.run(main_async(build_parser().parse_args()))
 
 
 if __name__ == "__main__":
