@@ -173,6 +173,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from p3.hosts import run_command
+
+    return run_command(args.action, args.hosts_file, args.keys)
+
+
 def cmd_edge(args: argparse.Namespace, rest: list[str]) -> int:
     from p3.nodes.edge import edge
 
@@ -250,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--node", action="append", help="generate: a node by name (repeatable)")
     keys.add_argument("--edge", action="append", help="generate: an edge by name (repeatable)")
     keys.set_defaults(func=cmd_keys)
+
+    cluster = sub.add_parser(
+        "cluster", help="a cluster over hosts named in a TOML file, by ssh (p3/hosts.py)"
+    )
+    cluster.add_argument("action", choices=["up", "down", "status", "keys"])
+    cluster.add_argument("hosts_file", help="the hosts file (TOML)")
+    cluster.add_argument("--keys", default=None, help="the key directory (else the file's)")
+    cluster.set_defaults(func=cmd_cluster)
 
     edge = sub.add_parser("edge", help="the OpenAI HTTP edge (p3 edge --help)", add_help=False)
     edge.set_defaults(func=cmd_edge)
