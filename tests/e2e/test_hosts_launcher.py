@@ -72,6 +72,8 @@ def test_cluster_up_serves_status_lists_all_and_down_leaves_no_process(
             r"^  node-1 +ready ", shown, re.M
         )
 
+        assert all(is_p3(pid) for pid in pids.values())  # what the check after down tells apart
+
         keys = tmp_path / "node-0" / "keys"  # its own secret, and the public keys it must know
         held = sorted(str(p.relative_to(keys)) for p in keys.rglob("*") if p.is_file())
         assert held == ["coordinator/coordinator.key", "edge/edge-0.key", "node/node-0.key",
