@@ -15,9 +15,12 @@ from p3.flags import (
     add_cluster_args,
     add_engine_args,
     add_security_args,
+    add_status_args,
+    add_tracing_args,
     cluster_keys,
     engine_argv,
     engine_options,
+    port_number,
 )
 from p3.log import setup_logging
 from p3.nodes.actor.launch import watch_parent
@@ -123,11 +126,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         pp_size=args.pp,
         keys=cluster_keys(args, "p3 coordinator"),
         lend_threads_after_s=args.lend_threads_after,
+        status_host=args.status_host,
+        status_port=args.status_port,
     )
     return run_actor(Coordinator(config))
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from p3 import tracing
     from p3.nodes.actor.process import run_actor
     from p3.nodes.node.config import NodeConfig, default_node_id
     from p3.nodes.node.node import Node
@@ -147,7 +153,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         max_threads=args.max_threads,
         skip_tokenizer_init=args.skip_tokenizer_init,
         loras=tuple(args.lora),
+        status_host=args.status_host,
+        status_port=args.status_port,
     )
+    tracing.configure(args.otlp_endpoint, "p3-node", {"p3.node_id": config.node_id})
     return run_actor(Node(config))
 
 
@@ -197,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve, several_models=True)
     add_cluster_args(serve)
     add_security_args(serve, made_here=True)
+    add_tracing_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port")
     serve.add_argument(
@@ -214,12 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None, help="per node (default: cores/N)")
     serve.add_argument("--ready-timeout", type=float, default=300.0, help="per start-up stage")
     serve.add_argument("--stop-timeout", type=float, default=30.0)
+    serve.add_argument(
+        "--status-port-base", type=port_number, default=None,
+        help="status servers (/health, /ready, /metrics): the coordinator's on this port, "
+        "node i's on this + 1 + i (0: each on any free port; default: none)",
+    )  # fmt: skip
     serve.set_defaults(func=cmd_serve)
 
     coord = sub.add_parser("coordinator", help="the cluster's membership and routing table")
     coord.add_argument("--bind", default="tcp://127.0.0.1:5555", help="tcp://HOST:PORT")
     add_cluster_args(coord)
     add_security_args(coord)
+    add_status_args(coord)
     coord.set_defaults(func=cmd_coordinator)
 
     node = sub.add_parser("node", help="one replica's engine, registered with a coordinator")
@@ -241,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=default_of(NodeConfig, "drain_timeout_s"), help="s"
     )
     add_security_args(node)
+    add_status_args(node)
+    add_tracing_args(node)
     node.set_defaults(func=cmd_node)
 
     keys = sub.add_parser(

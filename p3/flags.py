@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from p3.config import EngineConfig, default_of
 from p3.nodes.coordinator.coordinator import CoordinatorConfig
@@ -212,6 +213,23 @@ def add_security_args(p: argparse.ArgumentParser, made_here: bool = False) -> No
     )
 
 
+def add_status_args(p: argparse.ArgumentParser) -> None:
+    """The process's status server (p3.status): GET /health, /ready and /metrics."""
+    p.add_argument(
+        "--status-port", type=port_number, default=None,
+        help="serve /health, /ready and /metrics on this port (0: any free one, announced as "
+        "status_url; default: no status server)",
+    )  # fmt: skip
+    p.add_argument("--status-host", default="127.0.0.1", help="the status server's host")
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
+    return port
+
+
 def cluster_keys(args: argparse.Namespace, what: str) -> str | None:
     """The key directory to run with; None with --insecure. Without either: refused."""
     if args.keys and args.insecure:
@@ -222,6 +240,27 @@ def cluster_keys(args: argparse.Namespace, what: str) -> str | None:
             "DIR`) unless --insecure says any process that reaches its sockets may join"
         )
     return args.keys
+
+
+def add_tracing_args(p: argparse.ArgumentParser) -> None:
+    """--otlp-endpoint URL: traces to an OpenTelemetry collector (p3.tracing); off without."""
+    p.add_argument(
+        "--otlp-endpoint",
+        type=otlp_endpoint,
+        default=None,
+        metavar="URL",
+        help="send a trace of each request (OTLP over HTTP/protobuf) to this collector, "
+        "e.g. http://127.0.0.1:4318 (/v1/traces is added when the URL has no path)",
+    )
+
+
+def otlp_endpoint(text: str) -> str:
+    """An http(s) collector URL; its path /v1/traces unless it names one (as the
+    OTEL_EXPORTER_OTLP_ENDPOINT variable is read)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"not an http:// or https:// URL: {text!r}")
+    return text if parts.path.strip("/") else text.rstrip("/") + "/v1/traces"
 
 
 def engine_options(args: argparse.Namespace) -> dict:

@@ -124,7 +124,7 @@ def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
             "--heartbeat-misses", str(args.heartbeat_misses),
             "--hung-after", str(args.hung_after), "--tp", str(args.tp), "--pp", str(args.pp),
             "--lend-threads-after", str(args.lend_threads_after),
-            *_keys(args),
+            *_keys(args), *_status(args, 0),
         ),
     )  # fmt: skip
     children.append(coordinator)
@@ -155,6 +155,8 @@ def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
                 str(len(os.sched_getaffinity(0))),
                 *model_of(i),
                 *_keys(args),
+                *_status(args, 1 + i),
+                *_tracing(args),
                 *engine_argv,
             ),
         )  # fmt: skip
@@ -168,6 +170,7 @@ def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
             *common, "edge", "--coordinator", address, "--host", args.host,
             "--port", str(args.port), *api_key, *[a for m in models if m for a in ("--model", m)],
             *(["--skip-tokenizer-init"] if args.skip_tokenizer_init else []), *_keys(args),
+            *_tracing(args),
         ),
         ready_path="/ready",  # at the url it announces: port 0 is bound by the edge itself
     )  # fmt: skip
@@ -175,6 +178,8 @@ def _start_cluster(args, engine_argv: list[str], children: list[Child]) -> int:
     spares = len(models) * (per_model % (args.tp * args.pp))
     wait_ready(nodes, args.ready_timeout, num_spare=spares)
     print(kv_cache_summary(nodes))
+    if args.status_port_base is not None:
+        print(status_summary([coordinator, *nodes]))
     wait_ready([edge], args.ready_timeout)
     port = urllib.parse.urlsplit(edge.info["url"]).port
     edge.argv = _flag_at(edge.argv, "--port", str(port))
@@ -195,14 +200,34 @@ def kv_cache_summary(nodes: list[Child]) -> str:
     )
 
 
+def status_summary(children: list[Child]) -> str:
+    """One line: each child's status server (/health, /ready, /metrics), as it announced it."""
+    urls = [f"{c.name} {c.info['status_url']}" for c in children if "status_url" in (c.info or {})]
+    return "p3 status: " + ", ".join(urls)
+
+
 def _flag_at(argv: list[str], flag: str, value: str) -> list[str]:
     """argv with flag's value replaced (by the port the first start was given)."""
     i = argv.index(flag)
     return [*argv[: i + 1], value, *argv[i + 2 :]]
 
 
+def _status(args: argparse.Namespace, offset: int) -> list[str]:
+    """--status-port-base N: the coordinator's status server on N, node i's on N + 1 + i; 0:
+    each on a free port (a restart binds another: read them from the P3_READY lines)."""
+    base = args.status_port_base
+    if base is None:
+        return []
+    return ["--status-port", str(base + offset if base else 0), "--status-host", args.host]
+
+
 def _keys(args: argparse.Namespace) -> list[str]:
     return ["--keys", args.keys] if args.keys else ["--insecure"]
+
+
+def _tracing(args: argparse.Namespace) -> list[str]:
+    """The edge and the nodes export traces where p3 serve was told to (p3.tracing)."""
+    return ["--otlp-endpoint", args.otlp_endpoint] if args.otlp_endpoint else []
 
 
 def _stop_on_signals() -> threading.Event:

@@ -33,6 +33,7 @@ the order above.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ from p3.engine.sequence import Sequence, Status
 MOVED_PACK_TOKENS = 64  # moved streams after the first share a step while they fit in this
 MOVE_SCHEDULES = ("serial", "queue", "fifo")
 MOVE_SCHEDULE_ENV = "P3_BENCH_MOVE_SCHEDULE"
+QUEUE_TIMES_KEPT = 4096
 
 
 @dataclass
@@ -83,6 +85,11 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prefix_cache_queries = 0  # prompt tokens looked up at admission, ever
+        self.num_prefix_cache_hits = 0  # of those, found in the prefix cache
+        # how long each sequence waited before its first admission, for the node's metrics
+        # to take (bounded: the oldest go when no one takes them)
+        self.queue_times_s: deque[float] = deque(maxlen=QUEUE_TIMES_KEPT)
 
     def add(self, seq: Sequence) -> None:
         """Fresh prompts queue in arrival order. A sequence that comes with outputs (a stream
@@ -242,10 +249,19 @@ class Scheduler:
         self.waiting.remove(seq)
         bm.share_prefix(seq, hits)
         bm.allocate(seq, num_new)
+        self._count_admission(seq, len(hits) * bm.block_size)
         seq.status = Status.RUNNING
         self.running.append(seq)
         batch.add(seq, num_new)
         return num_new
+
+    def _count_admission(self, seq: Sequence, num_hit_tokens: int) -> None:
+        if seq.prompt_logprobs is None:  # these never read the prefix cache
+            self.num_prefix_cache_queries += len(seq)
+            self.num_prefix_cache_hits += num_hit_tokens
+        if seq.queued_at is not None:  # its first admission
+            self.queue_times_s.append(time.monotonic() - seq.queued_at)
+            seq.queued_at = None
 
 
 def _moved(seq: Sequence) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -68,6 +69,7 @@ class Sequence:
         self.view_start: int | None = None  # the view: sinks, then tokens from here on
         self.block_size = block_size
         self.arrival = arrival
+        self.queued_at: float | None = time.monotonic()  # None once first admitted
         self.lane = 0  # the pipeline micro-batch it rides in (engine.py)
         self.status = Status.WAITING
         self.finish_reason: FinishReason | None = None

@@ -119,6 +119,10 @@ class Load(msgspec.Struct, array_like=True, frozen=True, gc=False):
     num_tokens_processed: int = 0  # prompt and output tokens run through the model, ever
     num_tokens_to_do: int = 0  # work left in flight: prompts not started, outputs still allowed
     num_threads: int = 0  # it computes with (more while peers on its host are down: Threads)
+    # prompt tokens looked up in its prefix cache, and of those found there, ever (vLLM's
+    # prefix_cache_queries / prefix_cache_hits)
+    num_prefix_cache_queries: int = 0
+    num_prefix_cache_hits: int = 0
 
 
 class Heartbeat(Msg, tag="heartbeat"):
@@ -280,6 +284,9 @@ class Submit(Msg, tag="submit"):
     resume: bytes = b""
     embed: bool = False  # the prompt's embedding (TokenDelta.embedding), nothing generated
     lora: AdapterName = ""  # the LoRA adapter it runs under, by name ("": the base model)
+    # the W3C traceparent of the edge's span for its request (p3.tracing; "": not traced). An
+    # older node ignores it (msgspec drops trailing fields it does not know), so no new version
+    traceparent: Annotated[str, Meta(max_length=128)] = ""
 
 
 class Cancel(Msg, tag="cancel"):

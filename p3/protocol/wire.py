@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import weakref
 from typing import Any
 
 import msgspec
@@ -39,8 +40,10 @@ class Decoder:
         self._decoder = msgspec.msgpack.Decoder(union)
         self.socket_name = socket_name
         self.num_dropped = 0
+        self.num_fenced = 0  # decoded, but from an epoch not live: ignored (fenced())
         self._logged_at = float("-inf")
         self._unlogged = 0
+        DECODERS.add(self)
 
     def decode(self, frame: bytes | memoryview, peer: bytes | None = None) -> Any | None:
         try:
@@ -56,6 +59,14 @@ class Decoder:
         if now - self._logged_at >= DROP_LOG_EVERY_S:
             log.warning("wire.frame_dropped", socket=self.socket_name, num=self._unlogged, **why)
             self._logged_at, self._unlogged = now, 0
+
+    def fenced(self) -> None:
+        """A frame that decoded but speaks for an epoch that is not live (declared dead, or
+        older than the one its sender registered since): ignored, counted."""
+        self.num_fenced += 1
+
+
+DECODERS: weakref.WeakSet[Decoder] = weakref.WeakSet()  # this process's, for its metrics
 
 
 def to_coordinator() -> Decoder:

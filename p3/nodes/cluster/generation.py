@@ -95,6 +95,7 @@ class Generation:
         self._quiet: dict[int, int] = {}  # sample index -> token timeouts in a row on its node
         self._busy: dict[int, int] = {}  # sample index -> busy refusals it waited out
         self.handed_over = False  # another edge adopted the stream
+        self.moves: list[FailureCode] = []  # why each sample that moved did, one per move
         self._moves = cluster.moves
 
     @property
@@ -233,6 +234,7 @@ class Generation:
             to=journal.node_id,
             num_tokens=sample.num_output_tokens,
         )
+        self.moves.append(code)
         if sample.num_output_tokens:
             num_tokens = len(journal.prompt_token_ids) + sample.num_output_tokens
             self._moves.add(journal.node_id or "", sample.request_id, num_tokens)

@@ -481,6 +481,7 @@ class Cluster:
 
     def on_node_tokens(self, node_id: str, tokens: m.Tokens) -> None:
         if tokens.epoch not in self.epochs.get(node_id, ()) or tokens.node_id != node_id:
+            self._decode_node.fenced()
             log.warning(
                 "edge.tokens_dropped",
                 node_id=node_id,

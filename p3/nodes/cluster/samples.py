@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from p3 import tracing
 from p3.outputs import FinishReason
 from p3.protocol import messages as m
 from p3.protocol.sampling import to_wire
@@ -67,6 +68,7 @@ class Journal:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     embed: bool = False  # the prompt's embedding, not a generation
     lora: str = ""  # the LoRA adapter it runs under: only replicas holding it take it
+    traceparent: str = ""  # its request's span (p3.tracing), where every node's span goes
 
     def submit_message(self) -> m.Submit:
         """Submit, or resubmit after a move: the outputs so far travel along, so the new node
@@ -82,6 +84,7 @@ class Journal:
             self.resume(self) if self.resume is not None else b"",
             self.embed,
             self.lora,
+            self.traceparent,
         )
 
 
@@ -178,15 +181,24 @@ def make_samples(
     lora: str = "",
 ) -> list[Sample]:
     """n samples per prompt, ids `<id>-<i>`, seeds child_seed(seed, i) from one effective seed;
-    lora: the adapter they run under ("": the base)."""
+    lora: the adapter they run under ("": the base). Traced, they carry the current span (the
+    edge's for this request), which is given their request id and model."""
     seed = effective_seed(params.seed)
     wire = to_wire(params)
+    traceparent = tracing.traceparent()  # the request's span, when traced
+    tracing.annotate(request_id=request_id, model=model)
     samples = []
     for p, prompt_ids in enumerate(prompts):
         for i in range(params.n):
             index = p * params.n + i
             journal = Journal(
-                f"{request_id}-{index}", model, prompt_ids, wire, child_seed(seed, i), lora=lora
+                f"{request_id}-{index}",
+                model,
+                prompt_ids,
+                wire,
+                child_seed(seed, i),
+                lora=lora,
+                traceparent=traceparent,
             )
             samples.append(Sample(index, journal, tokenizer, params))
     return samples

@@ -37,6 +37,7 @@ from p3.nodes.coordinator.threads import thread_grants
 from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.security import COORDINATOR, Door, Gate, Keyring
+from p3.status import CoordinatorMetrics, StatusServer, start_status
 
 log = get_logger(__name__)
 
@@ -53,6 +54,8 @@ class CoordinatorConfig:
     pp_size: int = 1  # pipeline stages per replica
     # a node dead this long lends its threads to the nodes left on its host (threads.py)
     lend_threads_after_s: float = 10.0
+    status_host: str = "127.0.0.1"  # its status server (p3.status): /health, /ready, /metrics
+    status_port: int | None = None  # None: none; 0: any free port
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0:
@@ -86,8 +89,11 @@ class Coordinator(Actor):
         self._changed_dead: list[str] = []
         self._changed = asyncio.Event()
         self._last_publish_at = 0.0
+        self.metrics = CoordinatorMetrics()
+        self.status_server: StatusServer | None = None
 
     async def setup(self) -> None:
+        cfg = self.config
         self._ctx = zmq.asyncio.Context()
         keys = self.config.keys
         keyring = Keyring(keys, COORDINATOR, COORDINATOR) if keys else None
@@ -98,14 +104,20 @@ class Coordinator(Actor):
         )
         self.address = wire.bound_address(self._sock)
         log.info("coordinator.listening", address=self.address)  # and so serving
+        self.status_server = await start_status(
+            self, cfg.status_host, cfg.status_port, self.serving.is_set, self.metrics
+        )
 
     def ready_info(self) -> dict:
-        return {"address": self.address}
+        status = {"status_url": self.status_server.url} if self.status_server else {}
+        return {"address": self.address, **status}
 
     def loops(self):
         return [self.receive(), self.monitor(), self.publish_changes()]
 
     async def teardown(self) -> None:
+        if self.status_server is not None:
+            await self.status_server.stop()
         self._sock.close(linger=0)
         if self._gate is not None:
             self._gate.stop()
@@ -274,6 +286,7 @@ class Coordinator(Actor):
             member.identity = identity
             return member
         if verdict is Verdict.FENCED:
+            self._decoder.fenced()
             log.info("coordinator.fenced", node_id=node_id, epoch=epoch, cause=member.cause)
             wire.send(self._sock, m.Fence(epoch, member.cause), identity)
         elif verdict is Verdict.UNKNOWN:
@@ -320,6 +333,7 @@ class Coordinator(Actor):
 
     def _declare_dead(self, member: Member, cause: str) -> None:
         group = self.membership.group_of(member)
+        self.metrics.observe_death(cause, self.membership.clock() - member.last_heard_at)
         self.membership.declare_dead(member, cause)
         log.warning(
             "coordinator.node_dead", node_id=member.node_id, epoch=member.epoch, cause=cause

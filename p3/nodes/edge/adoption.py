@@ -166,6 +166,7 @@ def _sample(submit: m.Submit, prepared, index: int) -> Sample:
         submit.seed,
         stream_id=submit.stream_id,
         lora=submit.lora,
+        traceparent=submit.traceparent,  # a move after adoption stays in the request's trace
     )
     return Sample(index, journal, prepared.tokenizer, prepared.params)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
+from p3 import tracing
 from p3.log import get_logger, log_exception
 from p3.nodes.cluster.generation import Generation, HandedOver, RequestFailed
 from p3.nodes.cluster.samples import Sample, make_samples
@@ -46,7 +47,8 @@ def error_response(error: ApiError) -> web.Response:
 def make_app(edge: Edge) -> web.Application:
     api = Api(edge)
     app = web.Application(
-        client_max_size=edge.config.max_body_bytes, middlewares=[api.errors, api.auth]
+        client_max_size=edge.config.max_body_bytes,
+        middlewares=[*tracing.edge_middlewares(), api.errors, api.auth],
     )
     app.router.add_post("/v1/chat/completions", api.on_chat)
     app.router.add_post("/v1/completions", api.on_completions)
@@ -204,6 +206,8 @@ class Api:
         except RequestFailed as failure:
             self._failed(failure)
             raise failure_error(failure) from None
+        finally:
+            self.metrics.observe_moves(generation.moves)
         self._finished(generation)
         return json_response(responder.response(choices, generation.samples))
 
@@ -228,8 +232,10 @@ class Api:
         found = self.replays.find(last_event_id)
         last = parse_event_id(last_event_id)
         unknown = found is None and last is not None and last.response_id not in self.replays
+        result = "replayed"
         if unknown and await adopt(self, last) is not None:  # another edge's: from its nodes
-            found = self.replays.find(last_event_id)
+            found, result = self.replays.find(last_event_id), "adopted"
+        self.metrics.stream_resumes.labels(result if found is not None else "not_found").inc()
         if found is None:
             raise ApiError(
                 404,
@@ -300,21 +306,26 @@ class Api:
             self.metrics.request_failure.labels("internal").inc()
             send(ApiError(500, f"internal error: {type(exc).__name__}", code="internal").body())
         finally:
+            self.metrics.observe_moves(generation.moves)
             replay.finish()
 
     def _finished(self, generation: Generation) -> None:
-        m = self.metrics
-        for sample in generation.samples:
-            m.request_success.labels(sample.finish_reason or "abort").inc()
-            m.generation_tokens.inc(sample.num_output_tokens)
-        m.prompt_tokens.inc(_num_prompt_tokens(generation.samples))
+        samples = generation.samples
+        tracing.annotate(
+            prompt_tokens=_num_prompt_tokens(samples),
+            completion_tokens=sum(s.num_output_tokens for s in samples),
+        )
+        m, model = self.metrics, generation.samples[0].journal.model
+        m.observe_finished(generation.samples, _num_prompt_tokens(generation.samples))
         if generation.first_token_s is not None:
-            m.ttft.observe(generation.first_token_s)
+            m.ttft.labels(model).observe(generation.first_token_s)
+        itl = m.itl.labels(model)
         for gap in generation.inter_token_s:
-            m.itl.observe(gap)
-        m.e2e.observe(time.perf_counter() - generation.started)
+            itl.observe(gap)
+        m.e2e.labels(model).observe(time.perf_counter() - generation.started)
 
     def _failed(self, failure: RequestFailed) -> None:
+        tracing.annotate(failure=failure.code)
         self.metrics.request_failure.labels(failure.code).inc()
         log.warning("edge.request_failed", code=failure.code, message=failure.message)
 

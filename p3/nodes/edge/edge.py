@@ -22,8 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
+from p3 import tracing
 from p3.config import default_of
-from p3.flags import add_security_args, cluster_keys
+from p3.flags import add_security_args, add_tracing_args, cluster_keys
 from p3.log import get_logger
 from p3.nodes.actor.base import Actor
 from p3.nodes.cluster.generation import DEFAULT_TIMEOUT_S
@@ -206,6 +207,7 @@ class Edge(Actor):
         if self._runner is not None:
             await self._runner.cleanup()
         self.cluster.close()
+        await asyncio.to_thread(tracing.shutdown)
 
 
 def _is_idle(handler: Any) -> bool:
@@ -269,6 +271,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"with --keys: the edge key it runs as (default {DEFAULT_EDGE_NAME})",
     )
     add_security_args(parser)
+    add_tracing_args(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
@@ -298,5 +301,6 @@ def main(args: argparse.Namespace) -> int:
     from p3.nodes.actor.process import run_actor
 
     edge = Edge(config_from_args(args))
+    tracing.configure(args.otlp_endpoint, "p3-edge", {"p3.edge_id": edge.edge_id})
     edge.preload()
     return run_actor(edge)

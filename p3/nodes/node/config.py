@@ -32,6 +32,8 @@ class NodeConfig:
     max_threads: int | None = None  # may compute with up to this many while host peers are down
     skip_tokenizer_init: bool = False  # announce no tokenizer: edges send token ids only
     loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters held from the start: (name, path)
+    status_host: str = "127.0.0.1"  # its status server (p3.status): /health, /ready, /metrics
+    status_port: int | None = None  # None: none; 0: any free port
 
     @property
     def model_name(self) -> str:

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.asyncio
 
+from p3 import tracing
 from p3.engine.engine import Engine
 from p3.engine.parallel import host_rendezvous, init_shard
 from p3.engine.sequence import Request, StepOutput
@@ -44,6 +45,7 @@ from p3.protocol import messages as m
 from p3.protocol import wire
 from p3.protocol.sampling import from_wire
 from p3.protocol.security import COORDINATOR, Door, Gate, Keyring, Member, routing_name
+from p3.status import NodeMetrics, StatusServer, start_status
 from p3.tokenizer import read_tokenizer_files, tokenizer_files_hash
 
 log = get_logger(__name__)
@@ -94,6 +96,9 @@ class Node(Actor):
         self._failure: BaseException | None = None  # set with state FAILED
         self._failed = asyncio.Event()
         self.adapters = NodeAdapters(config.node_id, self._send_edge)
+        self.traces = tracing.SampleTraces()
+        self.metrics = NodeMetrics(config.model_name)
+        self.status_server: StatusServer | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -128,6 +133,13 @@ class Node(Actor):
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGUSR1, self.faults.raise_next)
             loop.add_signal_handler(signal.SIGUSR2, self.faults.hang)
+        self.status_server = await start_status(
+            self, cfg.status_host, cfg.status_port, self._serves, self.metrics
+        )
+
+    def _serves(self) -> bool:
+        """Ready for /ready: the engine is loaded and the coordinator knows us."""
+        return self.state is NodeState.SERVING and self.registered
 
     def loops(self):
         return [
@@ -162,6 +174,9 @@ class Node(Actor):
                 wire.send(self._coordinator, m.Goodbye(self.name, self.epoch))
         if self.stepper is not None:
             await asyncio.to_thread(self.stepper.stop)
+        await asyncio.to_thread(tracing.shutdown)  # its samples' spans, ended above
+        if self.status_server is not None:
+            await self.status_server.stop()
         self._edges.close(linger=500)  # let the last Tokens and Goodbye leave
         self._coordinator.close(linger=500)
         if self._gate is not None:
@@ -340,6 +355,7 @@ class Node(Actor):
 
     def on_loaded(self, engine: Engine) -> None:
         self.engine = engine  # its tokenizer's files were read as it was built
+        self.metrics.queue_times_s = engine.scheduler.queue_times_s
         if self.state is NodeState.LOADING:
             self.state = NodeState.SERVING
         if self.registered:
@@ -352,9 +368,12 @@ class Node(Actor):
         if self.engine is not None:  # serving: the engine is built
             info["kv_cache_dtype"] = self.engine.config.kv_cache_dtype
             info["num_kv_blocks"] = self.engine.num_kv_blocks
+        if self.status_server is not None:
+            info["status_url"] = self.status_server.url
         return info
 
-    def on_step(self, step: int, outputs: list[StepOutput]) -> None:
+    def on_step(self, step: int, outputs: list[StepOutput], started_at: float) -> None:
+        self.traces.on_step(outputs, started_at, self.inflight)
         for (edge, epoch), deltas in self.inflight.batch(outputs).items():
             if not self._send_edge(edge, m.Tokens(self.name, epoch, step, deltas)):
                 self._forget_edge(edge)
@@ -419,6 +438,7 @@ class Node(Actor):
         if refusal is not None:
             code, reason = refusal
             log.info("node.rejected", request_id=submit.request_id, code=code, reason=reason)
+            self.traces.rejected(submit, edge, code, reason)
             self._send_edge(edge, m.Rejected(submit.request_id, reason, code))
             return
         num_prompt = len(submit.prompt_token_ids)
@@ -432,6 +452,7 @@ class Node(Actor):
             submit if submit.stream_id else None,
         )
         self.inflight.add(entry)
+        self.traces.submitted(submit, edge)
         self.stepper.wake()
 
     def _refusal(self, submit: m.Submit) -> tuple[m.RejectCode, str] | None:
@@ -440,6 +461,7 @@ class Node(Actor):
                 return "overloaded", "node is still loading its model"
             return "draining", "node is stopping"
         if not self.fenced_epoch < submit.epoch <= self.epoch:  # older: not fenced, re-registered
+            self._edge_decoder.fenced()
             return "stale_epoch", f"epoch {submit.epoch} is not a live epoch of this node"
         if submit.request_id in self.inflight or self.engine.holds(submit.request_id):
             # a sample moved back here before its cancel took effect (a hung step): the edge
@@ -503,6 +525,7 @@ class Node(Actor):
         self._note_if_idle()
 
     def _cancel_in_engine(self, entries) -> None:
+        self.traces.cancelled(entries)
         if self.engine is None or not entries:
             return
         for entry in entries:

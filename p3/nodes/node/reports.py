@@ -99,5 +99,7 @@ def heartbeat(node: Node) -> m.Heartbeat:
             num_tokens_processed=engine.num_tokens_processed,
             num_tokens_to_do=node.inflight.num_tokens_to_do,
             num_threads=stepper.threads_in_use,
+            num_prefix_cache_queries=engine.scheduler.num_prefix_cache_queries,
+            num_prefix_cache_hits=engine.scheduler.num_prefix_cache_hits,
         ),
     )

@@ -104,7 +104,7 @@ class StepThread:
         build: Callable[[], Engine],
         loop: asyncio.AbstractEventLoop,
         on_ready: Callable[[Engine], None],
-        on_outputs: Callable[[int, list[StepOutput]], None],
+        on_outputs: Callable[[int, list[StepOutput], float], None],  # step, outputs, its start
         on_fatal: Callable[[BaseException], None],
         on_released: Callable[[], None] | None = None,  # a follower's leader let it go
         faults: StepFaults | None = None,
@@ -205,7 +205,7 @@ class StepThread:
         self.last_step_at = time.monotonic()
         self.speed.record(self.engine.num_tokens_processed - before, self.last_step_at - started)
         if outputs and not self._stopping:
-            self._hand_to_loop(self._on_outputs, self.engine.num_steps, outputs)
+            self._hand_to_loop(self._on_outputs, self.engine.num_steps, outputs, started)
 
     def _hand_to_loop(self, callback: Callable, *args) -> None:
         try:
