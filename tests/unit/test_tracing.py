@@ -1,4 +1,5 @@
-"""Tracing off (no --otlp-endpoint) costs no import; the flag names a bad URL clearly."""
+"""Tracing off (no --otlp-endpoint) costs no import; the flag names a bad URL clearly; a
+node's sample spans for a move, a cancel and a refusal."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import sys
 
 import pytest
 
+from p3 import tracing
+from p3.engine.sequence import StepOutput
 from p3.flags import add_tracing_args
+from p3.nodes.node.inflight import InFlightTable
+from p3.protocol import messages as m
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,3 +77,43 @@ def test_otlp_endpoint_that_is_no_http_url_is_refused_by_name(capsys):
         "--otlp-endpoint: not an http:// or https:// URL: '127.0.0.1:4318'"
         in capsys.readouterr().err
     )
+
+
+@pytest.fixture
+def spans(monkeypatch):
+    """Spans as the SDK ends them, in memory (the exporter swapped for the SDK's own)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
+    return exporter
+
+
+def test_a_moved_sample_is_a_move_span_in_its_requests_trace(spans):
+    trace_id, parent_id = "ab" * 16, "cd" * 8
+    submit = m.Submit("req-1-0", [1, 2, 3], output_token_ids=[7, 8],
+                      traceparent=f"00-{trace_id}-{parent_id}-01")  # fmt: skip
+    traces = tracing.SampleTraces()
+    traces.submitted(submit, b"edge-0/x")
+    traces.on_step([StepOutput("req-1-0", [9], finish_reason="length")], 0.0, InFlightTable())
+    move = next(s for s in spans.get_finished_spans() if s.name == "p3.sample.move")
+    assert (f"{move.context.trace_id:032x}", f"{move.parent.span_id:016x}") == (trace_id, parent_id)
+    assert move.attributes["p3.moved"] and move.attributes["p3.resumed_at_token"] == 2
+    assert [e.name for e in move.events] == ["queued", "first_token", "finished"]
+
+
+def test_a_cancelled_or_refused_sample_ends_its_span_saying_so(spans):
+    traces = tracing.SampleTraces()
+    taken, refused = m.Submit("req-1-0", [1]), m.Submit("req-2-0", [1])
+    traces.submitted(taken, b"edge-0/x")
+    traces.rejected(refused, b"edge-0/x", "busy", "still running")
+    traces.cancelled([taken])
+    ended = {s.attributes["p3.request_id"]: [e.name for e in s.events]
+             for s in spans.get_finished_spans()}  # fmt: skip
+    assert ended == {"req-1-0": ["queued", "cancelled"], "req-2-0": ["rejected"]}
+    traces.on_step([StepOutput("req-1-0", [9], finish_reason="stop")], 0.0, InFlightTable())
+    assert len(spans.get_finished_spans()) == 2  # nothing after its end
