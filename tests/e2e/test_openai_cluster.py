@@ -62,8 +62,7 @@ async def test_metrics_count_requests_and_tokens(cluster):
         async with session.get(cluster.url + "/metrics") as r:
             text = await r.text()
     for name in (
-        'p3:request_success_total{model_name="',  # vLLM's labels: model_name on each
-        'finished_reason="length"}',
+        'p3:request_success_total{finished_reason="length",model_name="',  # as vLLM labels it
         "p3:prompt_tokens_total",
         "p3:generation_tokens_total",
         "p3:time_to_first_token_seconds_bucket",
