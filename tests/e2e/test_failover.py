@@ -115,8 +115,9 @@ async def test_the_survivor_computes_with_a_dead_peers_threads_until_it_is_back(
     once), the other takes its threads, and gives them back once the dead one is registered
     again (p3 serve restarts it)."""
     two_nodes = lending
-    own = await threads_now(two_nodes.url)
-    assert len(own) == 2 and all(own.values()), own
+    async with asyncio.timeout(10):  # a node's first heartbeat after its engine is built
+        while not (len(own := await threads_now(two_nodes.url)) == 2 and all(own.values())):
+            await asyncio.sleep(0.05)
     victim = await busiest_node(two_nodes.url)
     (survivor,) = set(own) - {victim["id"]}
     os.kill(victim["pid"], signal.SIGKILL)
