@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from p3.nodes.actor.launch import Child, LaunchError, wait_ready
+from p3.nodes.actor.launch import Child, LaunchError, dialable, wait_ready
 from p3.paths import p3_home
 from p3.protocol import security
 
@@ -354,21 +354,13 @@ class Watch(Child):
 
     def probe(self) -> None:
         if self.info and "url" in self.info:  # an edge on 0.0.0.0: dial the host's address
-            self.info["url"] = with_host(self.info["url"], self.member.address)
+            self.info["url"] = dialable(self.info["url"], self.member.address)
         super().probe()
 
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         self.proc.wait()
-
-
-def with_host(url: str, host: str) -> str:
-    """url (tcp:// or http://) with a listen-on-all host replaced by host."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.hostname not in ("0.0.0.0", "::", "*"):
-        return url
-    return parts._replace(netloc=f"{host}:{parts.port}").geturl()
 
 
 # -- up, down, status ------------------------------------------------------------------------
@@ -410,7 +402,7 @@ def up(cluster: Cluster) -> int:
         (coordinator,) = cluster.of("coordinator")
         watches.append(_started(cluster, coordinator, None, state))
         wait_ready(watches, cluster.ready_timeout_s)
-        state.coordinator = with_host(watches[0].info["address"], coordinator.address)
+        state.coordinator = dialable(watches[0].info["address"], coordinator.address)
         nodes = [_started(cluster, m, state.coordinator, state) for m in cluster.of("node")]
         edges = [_started(cluster, m, state.coordinator, state) for m in cluster.of("edge")]
         watches += nodes + edges

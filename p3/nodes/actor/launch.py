@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import deque
 from typing import TextIO
@@ -137,7 +138,7 @@ class Child:
         """GET ready_url once; 200 means ready."""
         if self.probed or self.info is None:
             return
-        url = self.ready_url or _dialable(f"{self.info.get('url', '')}{self.ready_path}")
+        url = self.ready_url or dialable(f"{self.info.get('url', '')}{self.ready_path}")
         with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url, timeout=1) as r:
             self.probed = r.status == 200
 
@@ -200,11 +201,13 @@ def _stages(children: list[Child]) -> list[list[Child]]:
     return stages
 
 
-def _dialable(url: str) -> str:
-    """url with a listen-on-all host (0.0.0.0, ::) made one to dial: this machine's loopback."""
-    for anywhere in ("//0.0.0.0:", "//[::]:"):
-        url = url.replace(anywhere, "//127.0.0.1:", 1)
-    return url
+def dialable(url: str, host: str = "127.0.0.1") -> str:
+    """url (tcp:// or http://) with a listen-on-all host (0.0.0.0, ::, *) replaced by host, one
+    to dial (default: this machine's loopback); other urls as they are."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname not in ("0.0.0.0", "::", "*") or parts.port is None:
+        return url
+    return parts._replace(netloc=f"{host}:{parts.port}").geturl()
 
 
 def free_port(host: str) -> int:

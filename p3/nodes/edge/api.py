@@ -311,12 +311,13 @@ class Api:
 
     def _finished(self, generation: Generation) -> None:
         samples = generation.samples
+        num_prompt_tokens = _num_prompt_tokens(samples)
         tracing.annotate(
-            prompt_tokens=_num_prompt_tokens(samples),
+            prompt_tokens=num_prompt_tokens,
             completion_tokens=sum(s.num_output_tokens for s in samples),
         )
-        m, model = self.metrics, generation.samples[0].journal.model
-        m.observe_finished(generation.samples, _num_prompt_tokens(generation.samples))
+        m, model = self.metrics, samples[0].journal.model
+        m.observe_finished(samples, num_prompt_tokens)
         if generation.first_token_s is not None:
             m.ttft.labels(model).observe(generation.first_token_s)
         itl = m.itl.labels(model)
