@@ -38,7 +38,6 @@ import subprocess
 import sys
 import time
 import tomllib
-import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
